@@ -1,0 +1,129 @@
+//! The two seams of the multiplexer: [`Backend`] is the hypervisor side (real Xen or the
+//! simulation), [`DeviceModel`] is what a backing ioreq server implements.
+
+use crate::ioreq::Ioreq;
+use crate::range::{Claim, IoRange};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Something went wrong talking to the hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackendError {
+    #[error("range {0} overlaps a range this server already has (EEXIST)")]
+    Overlap(IoRange),
+    #[error("server already has the maximum of {limit} {kind} ranges (ENOSPC)")]
+    TooManyRanges { kind: &'static str, limit: usize },
+    #[error("range {0} is not mapped by this server (ENOENT)")]
+    NotMapped(IoRange),
+    #[error("invalid range {0}")]
+    InvalidRange(IoRange),
+    #[error("vCPU {0} does not exist")]
+    NoSuchVcpu(u32),
+    #[error("slot of vCPU {vcpu}: {source}")]
+    Slot {
+        vcpu: u32,
+        #[source]
+        source: crate::slot::SlotError,
+    },
+    #[error("the hypervisor is gone")]
+    Disconnected,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a backend hands the multiplexer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// A synchronous request from `vcpu`; the slot is now INPROCESS and must be completed once
+    /// with [`Backend::complete`].
+    Request { vcpu: u32, req: Ioreq },
+    /// A write drained from the buffered ring: no completion.
+    Buffered(Ioreq),
+}
+
+/// The hypervisor as an ioreq server sees it: one server's claims, its request slots and its
+/// buffered ring.
+pub trait Backend {
+    /// vCPUs of the guest (one slot each).
+    fn nr_vcpus(&self) -> u32;
+    /// `map_io_range_to_ioreq_server` / `map_pcidev_to_ioreq_server`.
+    fn map_range(&mut self, range: IoRange) -> Result<(), BackendError>;
+    /// `unmap_io_range_from_ioreq_server` / `unmap_pcidev_from_ioreq_server`.
+    fn unmap_range(&mut self, range: IoRange) -> Result<(), BackendError>;
+    /// Waits up to `timeout` (`None` = forever) for work and appends it to `out`. Buffered
+    /// writes queued before a synchronous request come before it in `out`.
+    fn wait(
+        &mut self,
+        timeout: Option<Duration>,
+        out: &mut Vec<BackendEvent>,
+    ) -> Result<(), BackendError>;
+    /// Writes `data` (for reads) into the vCPU's slot, marks it IORESP_READY and notifies.
+    fn complete(&mut self, vcpu: u32, data: u64) -> Result<(), BackendError>;
+}
+
+/// A device model refused or failed a request.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DmError {
+    #[error("device model {0} is not connected")]
+    Disconnected(String),
+    #[error("device model {name} did not answer within {after:?}")]
+    Timeout { name: String, after: Duration },
+    #[error("device model {name}: {msg}")]
+    Failed { name: String, msg: String },
+}
+
+/// A claim was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClaimError {
+    #[error("{claim} requested by {requester} is already owned by {owner}")]
+    Conflict {
+        claim: String,
+        requester: String,
+        owner: String,
+    },
+    #[error("{claim} is not owned by {requester}")]
+    NotOwned { claim: String, requester: String },
+    #[error("{claim} requested by {requester} is outside its grant")]
+    NotGranted { claim: String, requester: String },
+    #[error("invalid claim {claim}: {why}")]
+    Invalid { claim: String, why: String },
+    #[error("hypervisor refused {claim}: {source}")]
+    Backend {
+        claim: String,
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// The DMOPs a device model issues, addressed to whoever stands in for Xen (the multiplexer).
+pub trait DmControl {
+    fn map(&mut self, claim: Claim) -> Result<(), ClaimError>;
+    fn unmap(&mut self, claim: Claim) -> Result<(), ClaimError>;
+}
+
+/// A backing ioreq server: QEMU, a vGPU model, a storage model...
+///
+/// The multiplexer hands it PIO, COPY (MMIO) and PCI_CONFIG ioreqs with Xen's semantics
+/// (PCI_CONFIG `addr` = SBDF << 32 | register, register up to 0xfff) for what it claimed.
+pub trait DeviceModel: Send {
+    /// A short name for logs and reports.
+    fn name(&self) -> &str;
+
+    /// Called once when the model joins: make the initial claims.
+    fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError>;
+
+    /// Serves one request. For reads, returns the value (its low `size` bytes count); for
+    /// writes the return value is ignored. The model may change its claims through `ctl`
+    /// (a BAR was programmed, say); they take effect before the next request.
+    fn handle(
+        &mut self,
+        vcpu: u32,
+        req: &Ioreq,
+        ctl: &mut dyn DmControl,
+    ) -> Result<u64, DmError>;
+
+    /// TIMEOFFSET and INVALIDATE broadcasts. The default does nothing (no mapcache).
+    fn broadcast(&mut self, _req: &Ioreq) -> Result<(), DmError> {
+        Ok(())
+    }
+}
