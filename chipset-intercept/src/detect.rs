@@ -3,11 +3,11 @@
 
 use crate::registers::*;
 use bdf_router::Sbdf;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The emulated chipset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Chipset {
     /// MCH 8086:29c0 at 00:00.0 and ICH9 LPC 8086:2918 at 00:1f.0.

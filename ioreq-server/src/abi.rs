@@ -54,7 +54,8 @@ pub const FLAG_DF: u8 = 0x40;
 /// Bit 7 is `_pad1`; Xen never sets it.
 pub const FLAG_PAD1: u8 = 0x80;
 
-/// `HVM_IOREQSRV_BUFIOREQ_*` (public/hvm/dm_op.h): how a server wants buffered ioreqs.
+/// `HVM_IOREQSRV_BUFIOREQ_*` (public/hvm/hvm_op.h, under `__XEN_TOOLS__`): how a server wants
+/// buffered ioreqs.
 pub const HVM_IOREQSRV_BUFIOREQ_OFF: u8 = 0;
 pub const HVM_IOREQSRV_BUFIOREQ_LEGACY: u8 = 1;
 pub const HVM_IOREQSRV_BUFIOREQ_ATOMIC: u8 = 2;

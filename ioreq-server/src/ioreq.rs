@@ -206,13 +206,11 @@ impl Ioreq {
             return Err(IoreqError::ZeroCount);
         }
         match self.ty {
-            IoreqType::Pio => {
-                if self.addr + u64::from(self.size) > 0x1_0000 {
-                    return Err(IoreqError::PortOutOfRange {
-                        addr: self.addr,
-                        size: self.size,
-                    });
-                }
+            IoreqType::Pio if self.addr.saturating_add(u64::from(self.size)) > 0x1_0000 => {
+                return Err(IoreqError::PortOutOfRange {
+                    addr: self.addr,
+                    size: self.size,
+                });
             }
             IoreqType::PciConfig => {
                 if self.count != 1 {

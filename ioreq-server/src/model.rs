@@ -2,7 +2,7 @@
 //! simulation), [`DeviceModel`] is what a backing ioreq server implements.
 
 use crate::ioreq::Ioreq;
-use crate::range::{Claim, IoRange};
+use crate::range::{Claim, IoRange, Position};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -99,6 +99,13 @@ pub enum ClaimError {
 pub trait DmControl {
     fn map(&mut self, claim: Claim) -> Result<(), ClaimError>;
     fn unmap(&mut self, claim: Claim) -> Result<(), ClaimError>;
+
+    /// Where a function this model claimed by position is now (packed SBDF), if firmware has
+    /// numbered the buses above it. A model that owns several functions uses it to tell which
+    /// one a PCI_CONFIG request is for.
+    fn locate(&self, _position: &Position) -> Option<u32> {
+        None
+    }
 }
 
 /// A backing ioreq server: QEMU, a vGPU model, a storage model...

@@ -40,6 +40,19 @@ pub const MAX_NR_IOREQ_SERVERS: usize = 8;
 /// `MAX_NR_IO_RANGES` (xen/common/ioreq.c).
 pub const MAX_NR_IO_RANGES: usize = 256;
 
+/// The range set already has its limit of ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeLimit;
+
+/// Why a range could not be removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveError {
+    /// `[s, e]` is not inside one range of the set.
+    NotMapped,
+    /// Removing it would split a range and exceed the limit.
+    Limit,
+}
+
 /// A range set the way Xen keeps one: sorted, adjacent ranges merged, a limit on the count.
 #[derive(Debug, Clone, Default)]
 pub struct XenRangeSet {
@@ -84,7 +97,7 @@ impl XenRangeSet {
     }
 
     /// Adds a range that overlaps nothing, merging with neighbours it touches.
-    pub fn add(&mut self, s: u64, e: u64, limit: usize) -> Result<(), ()> {
+    pub fn add(&mut self, s: u64, e: u64, limit: usize) -> Result<(), RangeLimit> {
         let i = self.ranges.partition_point(|&(_, end)| end < s);
         let touches_prev = i > 0 && self.ranges[i - 1].1.checked_add(1) == Some(s);
         let touches_next = i < self.ranges.len() && e.checked_add(1) == Some(self.ranges[i].0);
@@ -97,7 +110,7 @@ impl XenRangeSet {
             (false, true) => self.ranges[i].0 = s,
             (false, false) => {
                 if self.ranges.len() >= limit {
-                    return Err(());
+                    return Err(RangeLimit);
                 }
                 self.ranges.insert(i, (s, e));
             }
@@ -106,10 +119,10 @@ impl XenRangeSet {
     }
 
     /// Removes `[s, e]`, which must lie inside one range (splitting it if needed).
-    pub fn remove(&mut self, s: u64, e: u64, limit: usize) -> Result<(), bool> {
+    pub fn remove(&mut self, s: u64, e: u64, limit: usize) -> Result<(), RemoveError> {
         let i = self.ranges.partition_point(|&(_, end)| end < s);
         if i >= self.ranges.len() || self.ranges[i].0 > s || self.ranges[i].1 < e {
-            return Err(false);
+            return Err(RemoveError::NotMapped);
         }
         let (rs, re) = self.ranges[i];
         match (rs == s, re == e) {
@@ -120,7 +133,7 @@ impl XenRangeSet {
             (false, true) => self.ranges[i].1 = s - 1,
             (false, false) => {
                 if self.ranges.len() >= limit {
-                    return Err(true);
+                    return Err(RemoveError::Limit);
                 }
                 self.ranges[i].1 = s - 1;
                 self.ranges.insert(i + 1, (e + 1, re));
@@ -685,7 +698,7 @@ impl Backend for SimBackend {
                 return Err(BackendError::Overlap(r));
             }
             set.add(r.start, r.end, MAX_NR_IO_RANGES)
-                .map_err(|()| BackendError::TooManyRanges {
+                .map_err(|RangeLimit| BackendError::TooManyRanges {
                     kind: kind_name(r.kind),
                     limit: MAX_NR_IO_RANGES,
                 })
@@ -696,15 +709,12 @@ impl Backend for SimBackend {
         self.with_server(|srv, _| {
             srv.ranges[r.kind.index()]
                 .remove(r.start, r.end, MAX_NR_IO_RANGES)
-                .map_err(|full| {
-                    if full {
-                        BackendError::TooManyRanges {
-                            kind: kind_name(r.kind),
-                            limit: MAX_NR_IO_RANGES,
-                        }
-                    } else {
-                        BackendError::NotMapped(r)
-                    }
+                .map_err(|e| match e {
+                    RemoveError::Limit => BackendError::TooManyRanges {
+                        kind: kind_name(r.kind),
+                        limit: MAX_NR_IO_RANGES,
+                    },
+                    RemoveError::NotMapped => BackendError::NotMapped(r),
                 })
         })
     }
@@ -998,6 +1008,6 @@ mod tests {
         assert_eq!(r.ranges(), &[(0, 9), (20, 99)]);
         assert!(r.contains(20, 99) && !r.contains(9, 20));
         assert!(r.contains_linear(20, 99) && !r.contains_linear(9, 20));
-        assert_eq!(r.remove(5, 25, 4), Err(false));
+        assert_eq!(r.remove(5, 25, 4), Err(RemoveError::NotMapped));
     }
 }

@@ -1,0 +1,735 @@
+//! The multiplexer: takes each ioreq from the hypervisor, runs the chipset intercepts, routes
+//! the access and hands it to the device model that owns it, then completes the ioreq.
+//!
+//! One engine serves all vCPUs of a guest from one thread (like QEMU's ioreq loop), so a
+//! layout change an intercept makes is applied to the router and the hypervisor before the
+//! next request of any vCPU is looked at.
+
+use bdf_router::{
+    ConfigAccess, ConfigPath, EcamWindow, Moved, Router, Sbdf, ServerIdx, decode_ecam,
+};
+use chipset_intercept::{Chipset, InterceptConfig, InterceptTable, LayoutEvent};
+use ioreq_server::abi::{self, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT};
+use ioreq_server::{
+    Backend, BackendError, BackendEvent, Claim, ClaimError, DeviceModel, Dir, DmControl,
+    IoRange, Ioreq, IoreqType, Position, RangeKind, size_mask,
+};
+use serde::Serialize;
+use std::time::Duration;
+use thiserror::Error;
+use tracing::{debug, info, trace, warn};
+
+/// Index of the multiplexer itself in the router's server list: it owns the CF8/CFC ports
+/// and the ECAM windows.
+pub const MUX: ServerIdx = 0;
+/// Name the multiplexer has in claims and errors.
+pub const MUX_NAME: &str = "ioreq-mux";
+
+/// How the engine is set up.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub intercepts: InterceptConfig,
+    /// Skip detection and use this chipset.
+    pub chipset: Option<Chipset>,
+}
+
+/// The engine could not start.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("device model {model}: {source}")]
+    Attach {
+        model: String,
+        #[source]
+        source: ClaimError,
+    },
+    #[error("hypervisor: {0}")]
+    Backend(#[from] BackendError),
+}
+
+/// Counters the engine keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EngineStats {
+    /// Synchronous requests completed.
+    pub requests: u64,
+    /// Buffered writes handled.
+    pub buffered: u64,
+    pub pio: u64,
+    pub mmio: u64,
+    pub config_cf8: u64,
+    pub config_ecam: u64,
+    /// Accesses nobody owns: reads all ones, writes dropped.
+    pub master_aborts: u64,
+    /// ECAM accesses that are not configuration accesses (see `EcamReject`).
+    pub ecam_rejects: u64,
+    /// Ioreqs that failed validation.
+    pub malformed: u64,
+    /// Device-model calls that failed (answered as a master abort).
+    pub dm_errors: u64,
+    /// Configuration accesses that touched an intercepted register.
+    pub intercepted: u64,
+    /// TIMEOFFSET and INVALIDATE broadcasts.
+    pub broadcasts: u64,
+    /// Completions the hypervisor refused.
+    pub completion_errors: u64,
+    /// Hypervisor claims that failed.
+    pub backend_claim_errors: u64,
+}
+
+struct Slot {
+    name: String,
+    model: Box<dyn DeviceModel>,
+    served: u64,
+}
+
+/// What the engine has mapped with the hypervisor on its own account.
+#[derive(Debug, Default)]
+struct Mapped {
+    windows: Vec<EcamWindow>,
+    pci_segments: Vec<u16>,
+    /// PM blocks: (function, owner, ports).
+    pm: Vec<(Sbdf, ServerIdx, IoRange)>,
+}
+
+/// The multiplexer engine over a backend `B`.
+pub struct Engine<B: Backend> {
+    backend: B,
+    router: Router,
+    intercepts: InterceptTable,
+    chipset: Chipset,
+    models: Vec<Option<Slot>>,
+    mapped: Mapped,
+    stats: EngineStats,
+    events: Vec<BackendEvent>,
+    layout: Vec<LayoutEvent>,
+    history: Vec<LayoutEvent>,
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("chipset", &self.chipset)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The DMOPs of one device model, applied to the router and the hypervisor.
+struct Ctl<'a, B: Backend> {
+    owner: ServerIdx,
+    router: &'a mut Router,
+    backend: &'a mut B,
+    mapped: &'a mut Mapped,
+    stats: &'a mut EngineStats,
+}
+
+fn ensure_segment<B: Backend>(
+    backend: &mut B,
+    mapped: &mut Mapped,
+    segment: u16,
+) -> Result<(), BackendError> {
+    if mapped.pci_segments.contains(&segment) {
+        return Ok(());
+    }
+    // The engine takes whole segments from the hypervisor: CF8 accesses to any function
+    // reach it, unowned ones master-abort here exactly as Xen would, and bus renumbering
+    // never needs a new hypervisor claim (nor one of Xen's 256 range slots).
+    let base = u64::from(segment) << 16;
+    backend.map_range(IoRange::new(RangeKind::Pci, base, base | 0xffff))?;
+    mapped.pci_segments.push(segment);
+    Ok(())
+}
+
+impl<B: Backend> DmControl for Ctl<'_, B> {
+    fn map(&mut self, claim: Claim) -> Result<(), ClaimError> {
+        self.router.claim(self.owner, &claim)?;
+        let r = match &claim {
+            Claim::Range(r) if r.kind != RangeKind::Pci => self.backend.map_range(*r),
+            Claim::Range(r) => {
+                let (s0, s1) = ((r.start >> 16) as u16, (r.end >> 16) as u16);
+                (s0..=s1).try_for_each(|s| ensure_segment(self.backend, self.mapped, s))
+            }
+            Claim::Position(p) => ensure_segment(self.backend, self.mapped, p.segment),
+        };
+        if let Err(source) = r {
+            self.stats.backend_claim_errors += 1;
+            let _ = self.router.release(self.owner, &claim);
+            return Err(ClaimError::Backend {
+                claim: claim.to_string(),
+                source,
+            });
+        }
+        debug!(model = self.router.server_name(self.owner), %claim, "claimed");
+        Ok(())
+    }
+
+    fn unmap(&mut self, claim: Claim) -> Result<(), ClaimError> {
+        self.router.release(self.owner, &claim)?;
+        if let Claim::Range(r) = &claim {
+            if r.kind != RangeKind::Pci {
+                if let Err(e) = self.backend.unmap_range(*r) {
+                    self.stats.backend_claim_errors += 1;
+                    warn!(%claim, error = %e, "hypervisor refused an unmap");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn locate(&self, position: &Position) -> Option<u32> {
+        self.router
+            .positions()
+            .iter()
+            .find(|p| p.position == *position)
+            .and_then(|p| p.resolved)
+            .map(Sbdf::to_xen)
+    }
+}
+
+/// What answers a configuration access.
+enum ConfigTarget {
+    Model(ServerIdx),
+    Abort,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Attaches the models (each makes its claims), detects the chipset through them and
+    /// installs the intercepts.
+    pub fn new(
+        mut backend: B,
+        models: Vec<Box<dyn DeviceModel>>,
+        cfg: &EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let mut router = Router::new();
+        let mux = router.add_server(MUX_NAME);
+        debug_assert_eq!(mux, MUX);
+        let cf8 = IoRange::ports(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT + 3);
+        router
+            .claim(MUX, &Claim::Range(cf8))
+            .map_err(|source| EngineError::Attach {
+                model: MUX_NAME.into(),
+                source,
+            })?;
+        backend.map_range(cf8)?;
+        let mut e = Engine {
+            backend,
+            router,
+            intercepts: InterceptTable::default(),
+            chipset: Chipset::Unknown,
+            models: vec![None],
+            mapped: Mapped::default(),
+            stats: EngineStats::default(),
+            events: Vec::with_capacity(64),
+            layout: vec![],
+            history: vec![],
+        };
+        ensure_segment(&mut e.backend, &mut e.mapped, 0)?;
+        for m in models {
+            e.add_model(m)?;
+        }
+        e.chipset = match cfg.chipset {
+            Some(c) => c,
+            None => {
+                let c = chipset_intercept::detect(&mut |s| e.probe(s, 0, 4) as u32);
+                info!(chipset = %c, "chipset detected");
+                c
+            }
+        };
+        if e.chipset == Chipset::Unknown {
+            info!("unknown chipset: running as a plain router, no intercepts");
+        }
+        e.intercepts = chipset_intercept::build(e.chipset, &cfg.intercepts);
+        e.seed_intercepts();
+        Ok(e)
+    }
+
+    /// Adds a device model; it makes its claims now.
+    pub fn add_model(&mut self, mut model: Box<dyn DeviceModel>) -> Result<ServerIdx, EngineError> {
+        let name = model.name().to_string();
+        let idx = self.router.add_server(&name);
+        let mut ctl = Ctl {
+            owner: idx,
+            router: &mut self.router,
+            backend: &mut self.backend,
+            mapped: &mut self.mapped,
+            stats: &mut self.stats,
+        };
+        model.attach(&mut ctl).map_err(|source| EngineError::Attach {
+            model: name.clone(),
+            source,
+        })?;
+        info!(model = %name, index = idx, "device model attached");
+        self.models.push(Some(Slot {
+            name,
+            model,
+            served: 0,
+        }));
+        Ok(idx)
+    }
+
+    /// Removes a device model (it crashed or left): its claims are released.
+    pub fn remove_model(&mut self, idx: ServerIdx) -> Vec<Claim> {
+        let Some(slot) = self.models.get_mut(usize::from(idx)).and_then(Option::take) else {
+            return vec![];
+        };
+        let gone = self.router.release_all(idx);
+        for c in &gone {
+            if let Claim::Range(r) = c {
+                if r.kind != RangeKind::Pci {
+                    if let Err(e) = self.backend.unmap_range(*r) {
+                        warn!(claim = %c, error = %e, "hypervisor refused an unmap");
+                    }
+                }
+            }
+        }
+        self.mapped.pm.retain(|(_, o, _)| *o != idx);
+        info!(model = %slot.name, released = gone.len(), "device model removed");
+        gone
+    }
+
+    /// Reads intercepted registers the models see once, so the handlers start from the
+    /// model's values (a guest may have run before the multiplexer attached).
+    fn seed_intercepts(&mut self) {
+        let regs: Vec<_> = self
+            .intercepts
+            .snapshot()
+            .into_iter()
+            .filter(|(_, s, _)| s.phase != chipset_intercept::Phase::Instead)
+            .map(|(_, s, _)| s)
+            .collect();
+        for s in regs {
+            let mut off = s.offset & !3;
+            while off < s.offset + s.width {
+                let acc = ConfigAccess {
+                    sbdf: s.sbdf,
+                    reg: off,
+                    size: 4,
+                    path: ConfigPath::Cf8,
+                };
+                let v = self.probe(s.sbdf, off, 4);
+                let hits = self.intercepts.hits(&acc);
+                self.intercepts.after_read(&hits, &acc, v, &mut self.layout);
+                off += 4;
+            }
+        }
+        self.apply_layout();
+    }
+
+    /// A configuration read the engine makes on its own account (detection, header types).
+    fn probe(&mut self, sbdf: Sbdf, reg: u16, size: u8) -> u64 {
+        match self.router.config_owner(sbdf) {
+            Some(o) if o != MUX => {
+                let req = Ioreq::pci_config(sbdf.to_xen(), reg.into(), Dir::Read, size.into(), 0);
+                self.call(o, 0, &req)
+            }
+            _ => size_mask(size.into()),
+        }
+    }
+
+    pub fn chipset(&self) -> Chipset {
+        self.chipset
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    pub fn intercepts(&self) -> &InterceptTable {
+        &self.intercepts
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Every layout change so far, in order.
+    pub fn layout_history(&self) -> &[LayoutEvent] {
+        &self.history
+    }
+
+    /// (name, requests served) per device model.
+    pub fn served(&self) -> Vec<(String, u64)> {
+        self.models
+            .iter()
+            .flatten()
+            .map(|s| (s.name.clone(), s.served))
+            .collect()
+    }
+
+    /// Waits up to `timeout` for requests and serves them all. Returns how many.
+    pub fn poll(&mut self, timeout: Option<Duration>) -> Result<usize, BackendError> {
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        let r = self.backend.wait(timeout, &mut events);
+        let n = events.len();
+        for ev in events.drain(..) {
+            match ev {
+                BackendEvent::Request { vcpu, req } => {
+                    let v = self.handle(vcpu, &req);
+                    self.stats.requests += 1;
+                    if let Err(e) = self.backend.complete(vcpu, v) {
+                        self.stats.completion_errors += 1;
+                        warn!(vcpu, error = %e, "completion refused");
+                    }
+                }
+                BackendEvent::Buffered(req) => {
+                    self.stats.buffered += 1;
+                    self.handle(0, &req);
+                }
+            }
+        }
+        self.events = events;
+        r.map(|()| n)
+    }
+
+    /// Serves one ioreq and returns the value for the vCPU (reads) or 0.
+    pub fn handle(&mut self, vcpu: u32, req: &Ioreq) -> u64 {
+        if let Err(e) = req.validate() {
+            self.stats.malformed += 1;
+            warn!(vcpu, error = %e, ?req, "malformed ioreq answered as a master abort");
+            return abort_value(req);
+        }
+        match req.ty {
+            IoreqType::PciConfig => {
+                let (sbdf, reg) = abi::split_pci_config_addr(req.addr);
+                let acc = ConfigAccess {
+                    sbdf: Sbdf::from_xen(sbdf),
+                    reg: reg as u16,
+                    size: req.size as u8,
+                    path: ConfigPath::Cf8,
+                };
+                self.stats.config_cf8 += 1;
+                self.config(vcpu, &acc, req.dir, req.data)
+            }
+            IoreqType::Pio => {
+                self.stats.pio += 1;
+                self.pio(vcpu, req)
+            }
+            IoreqType::Copy => {
+                self.stats.mmio += 1;
+                self.mmio(vcpu, req)
+            }
+            IoreqType::TimeOffset | IoreqType::Invalidate => {
+                self.stats.broadcasts += 1;
+                for slot in self.models.iter_mut().flatten() {
+                    if let Err(e) = slot.model.broadcast(req) {
+                        warn!(model = %slot.name, error = %e, "broadcast failed");
+                    }
+                }
+                0
+            }
+        }
+    }
+
+    fn pio(&mut self, vcpu: u32, req: &Ioreq) -> u64 {
+        let (s, e) = (req.addr, req.addr + u64::from(req.size) - 1);
+        match self.router.port_owner(s, e) {
+            Some(MUX) => self.config_ports(vcpu, req),
+            Some(o) => self.call(o, vcpu, req),
+            None => {
+                self.stats.master_aborts += 1;
+                abort_value(req)
+            }
+        }
+    }
+
+    /// Raw accesses to 0xcf8..0xcff (Xen converts enabled CFC accesses itself; these are CF8
+    /// itself, CFC while CF8 is disabled, and backends that do not convert).
+    fn config_ports(&mut self, vcpu: u32, req: &Ioreq) -> u64 {
+        let port = req.addr;
+        if port == u64::from(PCI_CONFIG_ADDRESS_PORT) && req.size == 4 && req.count == 1 {
+            if req.dir == Dir::Write {
+                self.router.cf8().write(req.data);
+                return 0;
+            }
+            return u64::from(self.router.cf8_value());
+        }
+        if req.count == 1 && !req.data_is_ptr {
+            if let Some(acc) = self.router.cf8().decode(port, req.size, req.dir) {
+                self.stats.config_cf8 += 1;
+                return self.config(vcpu, &acc, req.dir, req.data);
+            }
+        }
+        self.stats.master_aborts += 1;
+        abort_value(req)
+    }
+
+    fn mmio(&mut self, vcpu: u32, req: &Ioreq) -> u64 {
+        if let Some(w) = self.router.ecam_window(req.addr).copied() {
+            return match decode_ecam(&w, req) {
+                Ok(d) => {
+                    self.stats.config_ecam += 1;
+                    let (lo, hi) = d.split_data(req.data);
+                    let a = self.config(vcpu, &d.first, req.dir, lo);
+                    let b = match d.second {
+                        Some(second) => self.config(vcpu, &second, req.dir, hi),
+                        None => 0,
+                    };
+                    if req.dir == Dir::Read { d.join_data(a, b) } else { 0 }
+                }
+                Err(why) => {
+                    self.stats.ecam_rejects += 1;
+                    trace!(vcpu, %why, addr = format_args!("{:#x}", req.addr), "ECAM access rejected: master abort");
+                    abort_value(req)
+                }
+            };
+        }
+        let (s, e) = req.byte_span();
+        match self.router.mmio_owner(s, e) {
+            Some(o) if o != MUX => self.call(o, vcpu, req),
+            _ => {
+                self.stats.master_aborts += 1;
+                abort_value(req)
+            }
+        }
+    }
+
+    fn target(&self, sbdf: Sbdf) -> ConfigTarget {
+        match self.router.config_owner(sbdf) {
+            Some(o) if o != MUX => ConfigTarget::Model(o),
+            _ => ConfigTarget::Abort,
+        }
+    }
+
+    /// One configuration access (never crosses a dword).
+    fn config(&mut self, vcpu: u32, acc: &ConfigAccess, dir: Dir, data: u64) -> u64 {
+        let hits = self.intercepts.hits(acc);
+        let target = self.target(acc.sbdf);
+        if !hits.is_empty() {
+            self.stats.intercepted += 1;
+        }
+        let all: u8 = ((1u16 << acc.size) - 1) as u8;
+        match dir {
+            Dir::Write => {
+                if self.router.needs_header_type(acc) {
+                    let h = self.probe(acc.sbdf, bdf_router::bridges::PCI_HEADER_TYPE, 1);
+                    if h != 0xff {
+                        self.router.learn_header_type(acc.sbdf, h as u8);
+                    }
+                }
+                let bytes = if hits.is_empty() {
+                    all
+                } else {
+                    self.intercepts.before_write(&hits, acc, data, &mut self.layout).bytes
+                };
+                match target {
+                    ConfigTarget::Model(o) if bytes != 0 => {
+                        self.forward_write(o, vcpu, acc, data, bytes);
+                    }
+                    ConfigTarget::Model(_) => {}
+                    ConfigTarget::Abort => {
+                        if bytes == all {
+                            self.stats.master_aborts += 1;
+                        }
+                    }
+                }
+                let moved = self.router.observe_write(acc, data);
+                if !moved.is_empty() {
+                    log_moves(&self.router, &moved);
+                }
+                if !hits.is_empty() {
+                    self.intercepts.after_write(&hits, acc, data, &mut self.layout);
+                }
+                if !self.layout.is_empty() {
+                    self.apply_layout();
+                }
+                0
+            }
+            Dir::Read => {
+                let needs_model = hits.is_empty() || self.intercepts.read_needs_model(&hits, acc);
+                let model_value = match target {
+                    ConfigTarget::Model(o) if needs_model => {
+                        let req = Ioreq::pci_config(
+                            acc.sbdf.to_xen(),
+                            acc.reg.into(),
+                            Dir::Read,
+                            acc.size.into(),
+                            0,
+                        );
+                        self.call(o, vcpu, &req)
+                    }
+                    _ => {
+                        if needs_model && hits.is_empty() {
+                            self.stats.master_aborts += 1;
+                        }
+                        size_mask(acc.size.into())
+                    }
+                };
+                let v = if hits.is_empty() {
+                    model_value
+                } else {
+                    self.intercepts.after_read(&hits, acc, model_value, &mut self.layout)
+                };
+                self.router.observe_read(acc, v);
+                if !self.layout.is_empty() {
+                    self.apply_layout();
+                }
+                v
+            }
+        }
+    }
+
+    /// Sends the bytes of a write the model may see, as naturally aligned pieces.
+    fn forward_write(&mut self, o: ServerIdx, vcpu: u32, acc: &ConfigAccess, data: u64, bytes: u8) {
+        let all: u8 = ((1u16 << acc.size) - 1) as u8;
+        if bytes == all {
+            let req = Ioreq::pci_config(acc.sbdf.to_xen(), acc.reg.into(), Dir::Write, acc.size.into(), data);
+            self.call(o, vcpu, &req);
+            return;
+        }
+        let mut i = 0u16;
+        while i < u16::from(acc.size) {
+            if bytes & (1 << i) == 0 {
+                i += 1;
+                continue;
+            }
+            let reg = acc.reg + i;
+            let two = reg % 2 == 0 && i + 1 < u16::from(acc.size) && bytes & (1 << (i + 1)) != 0;
+            let size: u32 = if two { 2 } else { 1 };
+            let piece = (data >> (8 * i)) & size_mask(size);
+            let req = Ioreq::pci_config(acc.sbdf.to_xen(), reg.into(), Dir::Write, size, piece);
+            self.call(o, vcpu, &req);
+            i += size as u16;
+        }
+    }
+
+    /// Calls a device model; a failure is answered as a master abort.
+    fn call(&mut self, o: ServerIdx, vcpu: u32, req: &Ioreq) -> u64 {
+        let Some(slot) = self.models.get_mut(usize::from(o)).and_then(Option::as_mut) else {
+            self.stats.master_aborts += 1;
+            return abort_value(req);
+        };
+        slot.served += 1;
+        let mut ctl = Ctl {
+            owner: o,
+            router: &mut self.router,
+            backend: &mut self.backend,
+            mapped: &mut self.mapped,
+            stats: &mut self.stats,
+        };
+        match slot.model.handle(vcpu, req, &mut ctl) {
+            Ok(v) => {
+                if req.dir == Dir::Read {
+                    v & req.size_mask()
+                } else {
+                    0
+                }
+            }
+            Err(e) => {
+                self.stats.dm_errors += 1;
+                warn!(model = %slot.name, vcpu, error = %e, "device model failed; master abort");
+                abort_value(req)
+            }
+        }
+    }
+
+    /// Applies the layout events the intercepts emitted, in order, to the router and the
+    /// hypervisor.
+    fn apply_layout(&mut self) {
+        let events = std::mem::take(&mut self.layout);
+        for ev in events {
+            info!(event = %ev, "layout change");
+            match &ev {
+                LayoutEvent::Ecam { old, new } => self.apply_ecam(*old, *new),
+                LayoutEvent::PmBlock { function, old: _, new } => self.apply_pm(*function, *new),
+                LayoutEvent::MmioHole { .. } => {}
+                LayoutEvent::Refused { .. } => {}
+            }
+            self.history.push(ev);
+        }
+    }
+
+    fn apply_ecam(&mut self, old: Option<EcamWindow>, new: Option<EcamWindow>) {
+        if let Some(o) = old {
+            if let Some(i) = self.mapped.windows.iter().position(|w| *w == o) {
+                self.mapped.windows.remove(i);
+                let _ = self.router.replace_window(Some(o), None);
+                if let Err(e) = self.backend.unmap_range(IoRange::mmio(o.base, o.size())) {
+                    self.stats.backend_claim_errors += 1;
+                    warn!(window = %o, error = %e, "hypervisor refused to unmap the old ECAM window");
+                }
+            }
+        }
+        let Some(n) = new else { return };
+        if let Err(e) = self.router.replace_window(None, Some(n)) {
+            warn!(window = %n, error = %e, "ECAM window refused; it stays disabled");
+            self.history.push(LayoutEvent::Refused {
+                register: "ECAM window",
+                value: n.base,
+                why: e.to_string(),
+            });
+            return;
+        }
+        if let Err(e) = self.backend.map_range(IoRange::mmio(n.base, n.size())) {
+            self.stats.backend_claim_errors += 1;
+            warn!(window = %n, error = %e, "hypervisor refused the ECAM window; it stays disabled");
+            let _ = self.router.replace_window(Some(n), None);
+            return;
+        }
+        if let Err(e) = ensure_segment(&mut self.backend, &mut self.mapped, n.segment) {
+            self.stats.backend_claim_errors += 1;
+            warn!(segment = n.segment, error = %e, "hypervisor refused the segment");
+        }
+        self.mapped.windows.push(n);
+    }
+
+    fn apply_pm(&mut self, function: Sbdf, new: Option<IoRange>) {
+        if let Some(i) = self.mapped.pm.iter().position(|(f, _, _)| *f == function) {
+            let (_, owner, r) = self.mapped.pm.remove(i);
+            if self.router.release(owner, &Claim::Range(r)).is_ok() {
+                if let Err(e) = self.backend.unmap_range(r) {
+                    self.stats.backend_claim_errors += 1;
+                    warn!(ports = %r, error = %e, "hypervisor refused to unmap the PM block");
+                }
+            }
+        }
+        let Some(r) = new else { return };
+        let Some(owner) = self.router.config_owner(function).filter(|o| *o != MUX) else {
+            warn!(%function, "PM block of a function nobody owns: not claimed");
+            return;
+        };
+        let mut ctl = Ctl {
+            owner,
+            router: &mut self.router,
+            backend: &mut self.backend,
+            mapped: &mut self.mapped,
+            stats: &mut self.stats,
+        };
+        match ctl.map(Claim::Range(r)) {
+            Ok(()) => self.mapped.pm.push((function, owner, r)),
+            Err(e) => {
+                warn!(ports = %r, error = %e, "PM block not claimed");
+                self.history.push(LayoutEvent::Refused {
+                    register: "PM block",
+                    value: r.start,
+                    why: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+fn log_moves(router: &Router, moved: &[Moved]) {
+    for m in moved {
+        info!(
+            model = router.server_name(m.owner),
+            position = %m.position,
+            from = ?m.from.map(|s| s.to_string()),
+            to = ?m.to.map(|s| s.to_string()),
+            "device moved with bus numbering"
+        );
+    }
+}
+
+/// Master-abort semantics: a read returns all ones, a write is dropped.
+fn abort_value(req: &Ioreq) -> u64 {
+    if req.dir == Dir::Read { size_mask(req.size) } else { 0 }
+}

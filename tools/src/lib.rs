@@ -1,0 +1,9 @@
+//! The ioreq-mux engine and the pieces of its command-line tool.
+//!
+//! The engine takes ioreqs from a [`ioreq_server::Backend`], runs the chipset intercepts, routes
+//! each access with [`bdf_router`] and hands it to the owning [`ioreq_server::DeviceModel`].
+
+pub mod engine;
+pub mod models;
+pub mod qemu_import;
+pub mod trace;

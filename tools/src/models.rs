@@ -1,0 +1,631 @@
+//! Built-in device models: emulated PCI functions (endpoints and bridges) with real
+//! configuration-space semantics, BARs that claim their range when decoding is enabled, and
+//! a simple register file behind each BAR.
+//!
+//! Header layouts are from the PCI Local Bus spec 3.0, 6.1-6.2 (type 0) and the PCI-to-PCI
+//! Bridge Architecture spec 1.2, 3.2 (type 1); the PCI Express capability from the PCIe base
+//! spec 4.0, 7.5.3; the Device Serial Number extended capability from 7.9.3.
+
+use ioreq_server::{
+    Claim, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, Position, RangeKind,
+    abi, size_mask,
+};
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub const PCI_VENDOR_ID: usize = 0x00;
+pub const PCI_DEVICE_ID: usize = 0x02;
+pub const PCI_COMMAND: usize = 0x04;
+pub const PCI_STATUS: usize = 0x06;
+pub const PCI_REVISION_ID: usize = 0x08;
+pub const PCI_CLASS_PROG: usize = 0x09;
+pub const PCI_HEADER_TYPE: usize = 0x0e;
+pub const PCI_BASE_ADDRESS_0: usize = 0x10;
+pub const PCI_SUBSYSTEM_VENDOR_ID: usize = 0x2c;
+pub const PCI_CAPABILITY_LIST: usize = 0x34;
+pub const PCI_INTERRUPT_PIN: usize = 0x3d;
+/// Command register bits: I/O space, memory space, bus master, parity, SERR, INTx disable.
+pub const PCI_COMMAND_IO: u16 = 0x1;
+pub const PCI_COMMAND_MEMORY: u16 = 0x2;
+pub const PCI_COMMAND_WMASK: u16 = 0x1 | 0x2 | 0x4 | 0x40 | 0x100 | 0x400;
+/// Status bit 4: capabilities list present.
+pub const PCI_STATUS_CAP_LIST: u16 = 0x10;
+/// BAR bit 0: I/O space; bits 2:1 = 10b: 64-bit memory; bit 3: prefetchable.
+pub const PCI_BASE_ADDRESS_SPACE_IO: u32 = 0x1;
+pub const PCI_BASE_ADDRESS_MEM_TYPE_64: u32 = 0x4;
+pub const PCI_BASE_ADDRESS_MEM_PREFETCH: u32 = 0x8;
+/// Type-1 header: bus numbers, I/O and memory windows.
+pub const PCI_PRIMARY_BUS: usize = 0x18;
+pub const PCI_IO_BASE: usize = 0x1c;
+pub const PCI_MEMORY_BASE: usize = 0x20;
+pub const PCI_PREF_MEMORY_BASE: usize = 0x24;
+pub const PCI_PREF_BASE_UPPER32: usize = 0x28;
+pub const PCI_BRIDGE_CONTROL: usize = 0x3e;
+/// Capability IDs: PCI Express (0x10); extended capability: Device Serial Number (0x0003).
+pub const PCI_CAP_ID_EXP: u8 = 0x10;
+pub const PCI_EXT_CAP_ID_DSN: u16 = 0x0003;
+/// PCIe device/port types (PCIe capabilities register bits 7:4).
+pub const PCI_EXP_TYPE_ENDPOINT: u16 = 0x0;
+pub const PCI_EXP_TYPE_ROOT_PORT: u16 = 0x4;
+pub const PCI_EXP_TYPE_UPSTREAM: u16 = 0x5;
+pub const PCI_EXP_TYPE_DOWNSTREAM: u16 = 0x6;
+pub const PCI_EXP_TYPE_PCI_BRIDGE: u16 = 0x7;
+/// Where the built-in models put the PCIe capability and the first extended capability.
+pub const PCIE_CAP_OFFSET: usize = 0x40;
+pub const EXT_CAP_OFFSET: usize = 0x100;
+/// Size of the PCI Express capability structure (version 2).
+pub const PCIE_CAP_SIZE: usize = 0x3c;
+
+/// What a BAR decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BarKind {
+    Io,
+    Mem32,
+    Mem64,
+}
+
+/// A BAR: kind and size (a power of two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BarSpec {
+    pub kind: BarKind,
+    pub size: u64,
+    #[serde(default)]
+    pub prefetchable: bool,
+}
+
+/// Which kind of header and PCIe port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FunctionKind {
+    #[default]
+    Endpoint,
+    RootPort,
+    UpstreamPort,
+    DownstreamPort,
+    /// PCIe-to-PCI bridge.
+    PciBridge,
+}
+
+impl FunctionKind {
+    pub fn is_bridge(self) -> bool {
+        self != FunctionKind::Endpoint
+    }
+
+    fn pcie_type(self) -> u16 {
+        match self {
+            FunctionKind::Endpoint => PCI_EXP_TYPE_ENDPOINT,
+            FunctionKind::RootPort => PCI_EXP_TYPE_ROOT_PORT,
+            FunctionKind::UpstreamPort => PCI_EXP_TYPE_UPSTREAM,
+            FunctionKind::DownstreamPort => PCI_EXP_TYPE_DOWNSTREAM,
+            FunctionKind::PciBridge => PCI_EXP_TYPE_PCI_BRIDGE,
+        }
+    }
+}
+
+/// Everything needed to build a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub vendor: u16,
+    pub device: u16,
+    /// Base class, subclass, programming interface (24 bits).
+    #[serde(default)]
+    pub class: u32,
+    #[serde(default)]
+    pub revision: u8,
+    #[serde(default)]
+    pub kind: FunctionKind,
+    /// Header type bit 7.
+    #[serde(default)]
+    pub multifunction: bool,
+    #[serde(default)]
+    pub bars: Vec<BarSpec>,
+    /// Add a PCI Express capability at 0x40 and a Device Serial Number extended capability at
+    /// 0x100 (4 KiB config space); without it the function has 256 bytes.
+    #[serde(default)]
+    pub pcie: bool,
+    #[serde(default)]
+    pub subsystem_vendor: u16,
+    #[serde(default)]
+    pub subsystem: u16,
+    /// Serial number for the DSN capability.
+    #[serde(default)]
+    pub serial: u64,
+}
+
+impl FunctionSpec {
+    pub fn endpoint(vendor: u16, device: u16, class: u32) -> Self {
+        FunctionSpec {
+            vendor,
+            device,
+            class,
+            revision: 0,
+            kind: FunctionKind::Endpoint,
+            multifunction: false,
+            bars: vec![],
+            pcie: true,
+            subsystem_vendor: 0,
+            subsystem: 0,
+            serial: 0,
+        }
+    }
+
+    pub fn bridge(vendor: u16, device: u16, kind: FunctionKind) -> Self {
+        FunctionSpec {
+            kind,
+            class: 0x060400,
+            ..Self::endpoint(vendor, device, 0x060400)
+        }
+    }
+
+    pub fn with_bar(mut self, kind: BarKind, size: u64) -> Self {
+        self.bars.push(BarSpec {
+            kind,
+            size,
+            prefetchable: false,
+        });
+        self
+    }
+}
+
+/// Where a decoding BAR is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BarDecode {
+    reg: usize,
+    range: IoRange,
+}
+
+/// One emulated PCI function.
+#[derive(Debug, Clone)]
+pub struct PciFunction {
+    config: Vec<u8>,
+    wmask: Vec<u8>,
+    /// (register offset, spec) per BAR.
+    bars: Vec<(usize, BarSpec)>,
+    kind: FunctionKind,
+}
+
+fn put16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+impl PciFunction {
+    pub fn new(spec: &FunctionSpec) -> Self {
+        let size = if spec.pcie { 0x1000 } else { 0x100 };
+        let mut c = vec![0u8; size];
+        let mut w = vec![0u8; size];
+        put16(&mut c, PCI_VENDOR_ID, spec.vendor);
+        put16(&mut c, PCI_DEVICE_ID, spec.device);
+        c[PCI_REVISION_ID] = spec.revision;
+        c[PCI_CLASS_PROG] = spec.class as u8;
+        c[PCI_CLASS_PROG + 1] = (spec.class >> 8) as u8;
+        c[PCI_CLASS_PROG + 2] = (spec.class >> 16) as u8;
+        c[PCI_HEADER_TYPE] =
+            u8::from(spec.kind.is_bridge()) | if spec.multifunction { 0x80 } else { 0 };
+        put16(&mut w, PCI_COMMAND, PCI_COMMAND_WMASK);
+        w[0x0c] = 0xff; // cache line size
+        w[0x0d] = 0xff; // latency timer
+        w[0x3c] = 0xff; // interrupt line
+        c[PCI_INTERRUPT_PIN] = 1;
+        let mut bars = vec![];
+        let max_bars = if spec.kind.is_bridge() { 2 } else { 6 };
+        let mut reg = PCI_BASE_ADDRESS_0;
+        for b in spec.bars.iter().take(max_bars) {
+            if reg >= PCI_BASE_ADDRESS_0 + 4 * max_bars {
+                break;
+            }
+            let size = b.size.max(if b.kind == BarKind::Io { 4 } else { 16 }).next_power_of_two();
+            let low = match b.kind {
+                BarKind::Io => PCI_BASE_ADDRESS_SPACE_IO,
+                BarKind::Mem32 => 0,
+                BarKind::Mem64 => PCI_BASE_ADDRESS_MEM_TYPE_64,
+            } | if b.prefetchable { PCI_BASE_ADDRESS_MEM_PREFETCH } else { 0 };
+            put32(&mut c, reg, low);
+            let mask = !(size - 1);
+            put32(&mut w, reg, mask as u32 & if b.kind == BarKind::Io { !0x3 } else { !0xf });
+            bars.push((reg, BarSpec { size, ..*b }));
+            if b.kind == BarKind::Mem64 {
+                put32(&mut w, reg + 4, (mask >> 32) as u32);
+                reg += 8;
+            } else {
+                reg += 4;
+            }
+        }
+        if spec.kind.is_bridge() {
+            // Bus numbers, secondary latency, I/O and memory windows, bridge control.
+            for r in PCI_PRIMARY_BUS..PCI_PRIMARY_BUS + 4 {
+                w[r] = 0xff;
+            }
+            w[PCI_IO_BASE] = 0xf0;
+            w[PCI_IO_BASE + 1] = 0xf0;
+            c[PCI_IO_BASE] = 0x01;
+            c[PCI_IO_BASE + 1] = 0x01;
+            put32(&mut w, PCI_MEMORY_BASE, 0xfff0_fff0);
+            put32(&mut w, PCI_PREF_MEMORY_BASE, 0xfff0_fff0);
+            put32(&mut c, PCI_PREF_MEMORY_BASE, 0x0001_0001);
+            put32(&mut w, PCI_PREF_BASE_UPPER32, 0xffff_ffff);
+            put32(&mut w, PCI_PREF_BASE_UPPER32 + 4, 0xffff_ffff);
+            put16(&mut w, 0x30, 0xffff); // I/O base/limit upper 16
+            put16(&mut w, PCI_BRIDGE_CONTROL, 0x0fff);
+        } else {
+            put16(&mut c, PCI_SUBSYSTEM_VENDOR_ID, spec.subsystem_vendor);
+            put16(&mut c, PCI_SUBSYSTEM_VENDOR_ID + 2, spec.subsystem);
+        }
+        if spec.pcie {
+            put16(&mut c, PCI_STATUS, PCI_STATUS_CAP_LIST);
+            c[PCI_CAPABILITY_LIST] = PCIE_CAP_OFFSET as u8;
+            c[PCIE_CAP_OFFSET] = PCI_CAP_ID_EXP;
+            c[PCIE_CAP_OFFSET + 1] = 0;
+            // Capability version 2, device/port type in bits 7:4.
+            put16(&mut c, PCIE_CAP_OFFSET + 2, 0x2 | (spec.kind.pcie_type() << 4));
+            // Device control is writable (bits 14:0).
+            put16(&mut w, PCIE_CAP_OFFSET + 8, 0x7fff);
+            // Extended capability header: ID, version 1 in bits 19:16, next 0.
+            put32(&mut c, EXT_CAP_OFFSET, u32::from(PCI_EXT_CAP_ID_DSN) | (1 << 16));
+            put32(&mut c, EXT_CAP_OFFSET + 4, spec.serial as u32);
+            put32(&mut c, EXT_CAP_OFFSET + 8, (spec.serial >> 32) as u32);
+        }
+        PciFunction {
+            config: c,
+            wmask: w,
+            bars,
+            kind: spec.kind,
+        }
+    }
+
+    /// Size of the configuration space (256 or 4096).
+    pub fn config_size(&self) -> usize {
+        self.config.len()
+    }
+
+    pub fn kind(&self) -> FunctionKind {
+        self.kind
+    }
+
+    /// Reads `size` bytes at `reg`; past the configuration space, all ones (the access is
+    /// not claimed by a function, PCIe base spec 4.0, 7.2.2.2).
+    pub fn read(&self, reg: usize, size: usize) -> u64 {
+        if reg + size > self.config.len() {
+            return size_mask(size as u32);
+        }
+        let mut v = 0u64;
+        for i in 0..size {
+            v |= u64::from(self.config[reg + i]) << (8 * i);
+        }
+        v
+    }
+
+    /// Writes through the write mask.
+    pub fn write(&mut self, reg: usize, size: usize, data: u64) {
+        if reg + size > self.config.len() {
+            return;
+        }
+        for i in 0..size {
+            let b = (data >> (8 * i)) as u8;
+            let m = self.wmask[reg + i];
+            self.config[reg + i] = (self.config[reg + i] & !m) | (b & m);
+        }
+    }
+
+    /// The BARs that decode now: enabled in the command register, programmed, not being sized.
+    fn decoding(&self) -> Vec<BarDecode> {
+        let cmd = self.read(PCI_COMMAND, 2) as u16;
+        let mut out = vec![];
+        for &(reg, spec) in &self.bars {
+            let low = get32(&self.config, reg);
+            let (enabled, base) = match spec.kind {
+                BarKind::Io => (cmd & PCI_COMMAND_IO != 0, u64::from(low & !0x3)),
+                BarKind::Mem32 => (cmd & PCI_COMMAND_MEMORY != 0, u64::from(low & !0xf)),
+                BarKind::Mem64 => (
+                    cmd & PCI_COMMAND_MEMORY != 0,
+                    u64::from(low & !0xf) | (u64::from(get32(&self.config, reg + 4)) << 32),
+                ),
+            };
+            let kind = if spec.kind == BarKind::Io {
+                RangeKind::Port
+            } else {
+                RangeKind::Mmio
+            };
+            // Like QEMU's pci_bar_address(): a BAR whose range would reach the top of its
+            // space (what sizing writes) does not decode.
+            let limit = match spec.kind {
+                BarKind::Io => 0xffff,
+                BarKind::Mem32 => 0xffff_fffe,
+                BarKind::Mem64 => (1u64 << 52) - 1,
+            };
+            let Some(last) = base.checked_add(spec.size - 1) else {
+                continue;
+            };
+            if !enabled || base == 0 || last > limit {
+                continue;
+            }
+            out.push(BarDecode {
+                reg,
+                range: IoRange::new(kind, base, last),
+            });
+        }
+        out
+    }
+}
+
+/// Where a model's function lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Placement {
+    /// A fixed function (bus 0 devices, or when bus numbers are known).
+    Bdf(u32),
+    /// Behind bridges; follows bus numbering.
+    Position(Position),
+}
+
+impl Placement {
+    pub fn claim(&self) -> Claim {
+        match self {
+            Placement::Bdf(s) => Claim::Range(IoRange::pci(*s)),
+            Placement::Position(p) => Claim::Position(p.clone()),
+        }
+    }
+}
+
+/// What a model saw: for tests and the Xen end-to-end log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub model: String,
+    pub vcpu: u32,
+    pub req: Ioreq,
+    /// The value returned (reads).
+    pub value: u64,
+}
+
+/// A shared log of deliveries.
+pub type DeliveryLog = Arc<Mutex<Vec<Delivery>>>;
+
+/// A device model made of emulated functions, fixed port/MMIO register ranges and the BARs
+/// of its functions. Register space reads return `0xcafe0000 | (address & 0xffff)` until
+/// written; writes stick (per 4-byte word).
+#[derive(Debug)]
+pub struct EmulatedModel {
+    name: String,
+    functions: Vec<(Placement, PciFunction)>,
+    fixed: Vec<IoRange>,
+    /// Active BAR claims per function: (function index, BAR register, range).
+    bar_claims: Vec<(usize, usize, IoRange)>,
+    memory: HashMap<(RangeKind, u64), u64>,
+    log: Option<DeliveryLog>,
+}
+
+impl EmulatedModel {
+    pub fn new(name: &str) -> Self {
+        EmulatedModel {
+            name: name.to_string(),
+            functions: vec![],
+            fixed: vec![],
+            bar_claims: vec![],
+            memory: HashMap::new(),
+            log: None,
+        }
+    }
+
+    pub fn with_function(mut self, at: Placement, spec: &FunctionSpec) -> Self {
+        self.functions.push((at, PciFunction::new(spec)));
+        self
+    }
+
+    /// A fixed range the model claims from the start.
+    pub fn with_range(mut self, r: IoRange) -> Self {
+        self.fixed.push(r);
+        self
+    }
+
+    pub fn with_log(mut self, log: DeliveryLog) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// Ranges the model's BARs decode now.
+    pub fn bar_ranges(&self) -> Vec<IoRange> {
+        self.bar_claims.iter().map(|c| c.2).collect()
+    }
+
+    fn function_for(&self, sbdf: u32, ctl: &dyn DmControl) -> Option<usize> {
+        self.functions.iter().position(|(p, _)| match p {
+            Placement::Bdf(s) => *s == sbdf,
+            Placement::Position(pos) => ctl.locate(pos) == Some(sbdf),
+        })
+    }
+
+    /// Re-claims BAR ranges of function `f` after a write that may have changed them.
+    fn update_bars(&mut self, f: usize, ctl: &mut dyn DmControl) -> Result<(), DmError> {
+        let now = self.functions[f].1.decoding();
+        let mut keep = vec![];
+        for c in std::mem::take(&mut self.bar_claims) {
+            if c.0 == f && !now.iter().any(|d| d.reg == c.1 && d.range == c.2) {
+                if let Err(e) = ctl.unmap(Claim::Range(c.2)) {
+                    tracing::warn!(model = %self.name, error = %e, "BAR unmap failed");
+                }
+            } else {
+                keep.push(c);
+            }
+        }
+        self.bar_claims = keep;
+        for d in now {
+            if self.bar_claims.iter().any(|c| c.0 == f && c.1 == d.reg && c.2 == d.range) {
+                continue;
+            }
+            match ctl.map(Claim::Range(d.range)) {
+                Ok(()) => self.bar_claims.push((f, d.reg, d.range)),
+                // A BAR placed over someone else's range does not decode; the guest sees
+                // all ones there. Firmware does that transiently while sizing.
+                Err(e) => tracing::debug!(model = %self.name, error = %e, "BAR not claimed"),
+            }
+        }
+        Ok(())
+    }
+
+    fn region_access(&mut self, req: &Ioreq) -> u64 {
+        let kind = if req.ty == IoreqType::Pio {
+            RangeKind::Port
+        } else {
+            RangeKind::Mmio
+        };
+        let word = req.addr & !3;
+        let shift = 8 * (req.addr & 3) as u32;
+        match req.dir {
+            Dir::Read => {
+                let mut v = 0u64;
+                for i in 0..u64::from(req.size).div_ceil(4).max(1) {
+                    let w = word + 4 * i;
+                    let cur = self
+                        .memory
+                        .get(&(kind, w))
+                        .copied()
+                        .unwrap_or(0xcafe_0000 | (w & 0xffff));
+                    v |= cur << (32 * i);
+                }
+                (v >> shift) & size_mask(req.size)
+            }
+            Dir::Write => {
+                for i in 0..u64::from(req.size).div_ceil(4).max(1) {
+                    let w = word + 4 * i;
+                    let cur = self
+                        .memory
+                        .get(&(kind, w))
+                        .copied()
+                        .unwrap_or(0xcafe_0000 | (w & 0xffff));
+                    let part = req.data >> (32 * i);
+                    let (mask, val) = if i == 0 {
+                        (size_mask(req.size.min(4)) << shift, (part << shift) & 0xffff_ffff)
+                    } else {
+                        (size_mask(req.size - 4), part)
+                    };
+                    let new = (cur & !mask) | (val & mask);
+                    self.memory.insert((kind, w), new & 0xffff_ffff);
+                }
+                0
+            }
+        }
+    }
+}
+
+impl DeviceModel for EmulatedModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ioreq_server::ClaimError> {
+        for (p, _) in &self.functions {
+            ctl.map(p.claim())?;
+        }
+        for r in &self.fixed {
+            ctl.map(Claim::Range(*r))?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, vcpu: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError> {
+        let value = match req.ty {
+            IoreqType::PciConfig => {
+                let (sbdf, reg) = abi::split_pci_config_addr(req.addr);
+                match self.function_for(sbdf, ctl) {
+                    None => size_mask(req.size),
+                    Some(f) => {
+                        let (reg, size) = (reg as usize, req.size as usize);
+                        if req.dir == Dir::Read {
+                            self.functions[f].1.read(reg, size)
+                        } else {
+                            self.functions[f].1.write(reg, size, req.data);
+                            let touches = |lo: usize, hi: usize| reg < hi && lo < reg + size;
+                            if touches(PCI_COMMAND, PCI_COMMAND + 2) || touches(0x10, 0x28) {
+                                self.update_bars(f, ctl)?;
+                            }
+                            0
+                        }
+                    }
+                }
+            }
+            IoreqType::Pio | IoreqType::Copy => self.region_access(req),
+            IoreqType::TimeOffset | IoreqType::Invalidate => 0,
+        };
+        if let Some(log) = &self.log {
+            if let Ok(mut l) = log.lock() {
+                l.push(Delivery {
+                    model: self.name.clone(),
+                    vcpu,
+                    req: *req,
+                    value,
+                });
+            }
+        }
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bar_sizing_and_readback() {
+        let spec = FunctionSpec::endpoint(0x1af4, 0x1337, 0xff0000)
+            .with_bar(BarKind::Mem32, 0x1000)
+            .with_bar(BarKind::Io, 0x20)
+            .with_bar(BarKind::Mem64, 0x4000);
+        let mut f = PciFunction::new(&spec);
+        assert_eq!(f.read(0, 4), 0x1337_1af4);
+        f.write(0x10, 4, 0xffff_ffff);
+        assert_eq!(f.read(0x10, 4), 0xffff_f000);
+        f.write(0x14, 4, 0xffff_ffff);
+        assert_eq!(f.read(0x14, 4), 0xffff_ffe1);
+        f.write(0x18, 4, 0xffff_ffff);
+        f.write(0x1c, 4, 0xffff_ffff);
+        assert_eq!(f.read(0x18, 4), 0xffff_c004);
+        assert_eq!(f.read(0x1c, 4), 0xffff_ffff);
+        // Read-only IDs stay.
+        f.write(0, 4, 0);
+        assert_eq!(f.read(0, 2), 0x1af4);
+        // Extended config space: the DSN capability header at 0x100.
+        assert_eq!(f.read(0x100, 4), 0x0001_0003);
+        assert_eq!(f.read(0x34, 1), 0x40);
+        assert_eq!(f.read(0x40, 1), 0x10);
+        // A conventional function ends at 256 bytes.
+        let g = PciFunction::new(&FunctionSpec {
+            pcie: false,
+            ..spec.clone()
+        });
+        assert_eq!(g.read(0x100, 4), 0xffff_ffff);
+    }
+
+    #[test]
+    fn bars_decode_only_when_enabled_and_placed() {
+        let spec = FunctionSpec::endpoint(1, 2, 0).with_bar(BarKind::Mem32, 0x1000).with_bar(BarKind::Io, 0x40);
+        let mut f = PciFunction::new(&spec);
+        f.write(0x10, 4, 0xfe00_0000);
+        f.write(0x14, 4, 0xc000);
+        assert!(f.decoding().is_empty(), "command register still 0");
+        f.write(PCI_COMMAND, 2, u64::from(PCI_COMMAND_MEMORY));
+        assert_eq!(f.decoding().len(), 1);
+        assert_eq!(f.decoding()[0].range, IoRange::new(RangeKind::Mmio, 0xfe00_0000, 0xfe00_0fff));
+        f.write(PCI_COMMAND, 2, 3);
+        assert_eq!(f.decoding()[1].range, IoRange::ports(0xc000, 0xc03f));
+    }
+
+    #[test]
+    fn bridge_bus_numbers_are_writable() {
+        let mut f = PciFunction::new(&FunctionSpec::bridge(0x1b36, 0x000c, FunctionKind::RootPort));
+        assert_eq!(f.read(PCI_HEADER_TYPE, 1), 1);
+        f.write(0x18, 4, 0x00ff_0100);
+        assert_eq!(f.read(0x18, 4), 0x00ff_0100);
+        assert_eq!(f.read(PCIE_CAP_OFFSET + 2, 2), 0x42);
+    }
+}
