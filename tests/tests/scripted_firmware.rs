@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 //! A scripted firmware on a Q35 topology served by two device models: it programs PCIEXBAR
 //! and PMBASE, numbers bridges, enumerates root ports, a switch and a PCIe-to-PCI bridge,
 //! moves PCIEXBAR and renumbers a bus. Every access is checked to reach the right model with

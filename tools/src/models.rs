@@ -245,9 +245,7 @@ impl PciFunction {
         }
         if spec.kind.is_bridge() {
             // Bus numbers, secondary latency, I/O and memory windows, bridge control.
-            for r in PCI_PRIMARY_BUS..PCI_PRIMARY_BUS + 4 {
-                w[r] = 0xff;
-            }
+            w[PCI_PRIMARY_BUS..PCI_PRIMARY_BUS + 4].fill(0xff);
             w[PCI_IO_BASE] = 0xf0;
             w[PCI_IO_BASE + 1] = 0xf0;
             c[PCI_IO_BASE] = 0x01;
