@@ -76,10 +76,67 @@ pub struct EngineStats {
     pub backend_claim_errors: u64,
 }
 
+/// What a model may claim (from the configuration's `owns` of a process server). A range
+/// claim must lie inside a granted range of its kind; a position claim must be granted as is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    pub ranges: Vec<IoRange>,
+    pub positions: Vec<Position>,
+}
+
+impl Grant {
+    pub fn allows(&self, claim: &Claim) -> bool {
+        match claim {
+            Claim::Range(r) => self
+                .ranges
+                .iter()
+                .any(|g| g.kind == r.kind && g.start <= r.start && r.end <= g.end),
+            Claim::Position(p) => self.positions.contains(p),
+        }
+    }
+}
+
+/// Messages from outside the engine thread (the control socket of out-of-process models),
+/// applied between requests so they never race a vCPU's access.
+pub enum Control {
+    /// A model joined: it is attached (and makes its initial claims) on the engine thread.
+    Add {
+        model: Box<dyn DeviceModel>,
+        grant: Option<Grant>,
+        reply: crossbeam_channel::Sender<Result<ServerIdx, String>>,
+    },
+    /// A claim a model makes outside a request.
+    Map {
+        model: ServerIdx,
+        claim: Claim,
+        reply: crossbeam_channel::Sender<Result<(), ClaimError>>,
+    },
+    /// A claim a model drops outside a request.
+    Unmap {
+        model: ServerIdx,
+        claim: Claim,
+        reply: crossbeam_channel::Sender<Result<(), ClaimError>>,
+    },
+    /// The model went away: its claims are released.
+    Remove { model: ServerIdx },
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Control::Add { model, .. } => write!(f, "Add({})", model.name()),
+            Control::Map { model, claim, .. } => write!(f, "Map({model}, {claim})"),
+            Control::Unmap { model, claim, .. } => write!(f, "Unmap({model}, {claim})"),
+            Control::Remove { model } => write!(f, "Remove({model})"),
+        }
+    }
+}
+
 struct Slot {
     name: String,
     model: Box<dyn DeviceModel>,
     served: u64,
+    grant: Option<Grant>,
 }
 
 /// What the engine has mapped with the hypervisor on its own account.
@@ -103,6 +160,7 @@ pub struct Engine<B: Backend> {
     events: Vec<BackendEvent>,
     layout: Vec<LayoutEvent>,
     history: Vec<LayoutEvent>,
+    control: Option<(crossbeam_channel::Sender<Control>, crossbeam_channel::Receiver<Control>)>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -117,6 +175,7 @@ impl<B: Backend> std::fmt::Debug for Engine<B> {
 /// The DMOPs of one device model, applied to the router and the hypervisor.
 struct Ctl<'a, B: Backend> {
     owner: ServerIdx,
+    grant: Option<&'a Grant>,
     router: &'a mut Router,
     backend: &'a mut B,
     mapped: &'a mut Mapped,
@@ -142,6 +201,14 @@ fn ensure_segment<B: Backend>(
 
 impl<B: Backend> DmControl for Ctl<'_, B> {
     fn map(&mut self, claim: Claim) -> Result<(), ClaimError> {
+        if let Some(g) = self.grant {
+            if !g.allows(&claim) {
+                return Err(ClaimError::NotGranted {
+                    claim: claim.to_string(),
+                    requester: self.router.server_name(self.owner).to_string(),
+                });
+            }
+        }
         self.router.claim(self.owner, &claim)?;
         let r = match &claim {
             Claim::Range(r) if r.kind != RangeKind::Pci => self.backend.map_range(*r),
@@ -222,6 +289,7 @@ impl<B: Backend> Engine<B> {
             events: Vec::with_capacity(64),
             layout: vec![],
             history: vec![],
+            control: None,
         };
         ensure_segment(&mut e.backend, &mut e.mapped, 0)?;
         for m in models {
@@ -244,27 +312,95 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Adds a device model; it makes its claims now.
-    pub fn add_model(&mut self, mut model: Box<dyn DeviceModel>) -> Result<ServerIdx, EngineError> {
+    pub fn add_model(&mut self, model: Box<dyn DeviceModel>) -> Result<ServerIdx, EngineError> {
+        self.add_model_granted(model, None)
+    }
+
+    /// Adds a device model that may only claim what `grant` allows (`None`: anything free).
+    pub fn add_model_granted(
+        &mut self,
+        mut model: Box<dyn DeviceModel>,
+        grant: Option<Grant>,
+    ) -> Result<ServerIdx, EngineError> {
         let name = model.name().to_string();
         let idx = self.router.add_server(&name);
         let mut ctl = Ctl {
             owner: idx,
+            grant: grant.as_ref(),
             router: &mut self.router,
             backend: &mut self.backend,
             mapped: &mut self.mapped,
             stats: &mut self.stats,
         };
-        model.attach(&mut ctl).map_err(|source| EngineError::Attach {
-            model: name.clone(),
-            source,
-        })?;
+        if let Err(source) = model.attach(&mut ctl) {
+            self.router.release_all(idx);
+            self.models.push(None);
+            return Err(EngineError::Attach {
+                model: name.clone(),
+                source,
+            });
+        }
         info!(model = %name, index = idx, "device model attached");
         self.models.push(Some(Slot {
             name,
             model,
             served: 0,
+            grant,
         }));
         Ok(idx)
+    }
+
+    /// The sending end of the engine's control channel (created on first use). Messages are
+    /// applied at the start of every [`Engine::poll`].
+    pub fn control(&mut self) -> crossbeam_channel::Sender<Control> {
+        self.control
+            .get_or_insert_with(crossbeam_channel::unbounded)
+            .0
+            .clone()
+    }
+
+    fn drain_control(&mut self) {
+        let Some((_, rx)) = &self.control else { return };
+        let msgs: Vec<Control> = rx.try_iter().collect();
+        for m in msgs {
+            match m {
+                Control::Add { model, grant, reply } => {
+                    let r = self.add_model_granted(model, grant).map_err(|e| e.to_string());
+                    let _ = reply.send(r);
+                }
+                Control::Map { model, claim, reply } => {
+                    let _ = reply.send(self.model_ctl(model, |ctl| ctl.map(claim)));
+                }
+                Control::Unmap { model, claim, reply } => {
+                    let _ = reply.send(self.model_ctl(model, |ctl| ctl.unmap(claim)));
+                }
+                Control::Remove { model } => {
+                    self.remove_model(model);
+                }
+            }
+        }
+    }
+
+    fn model_ctl(
+        &mut self,
+        idx: ServerIdx,
+        f: impl FnOnce(&mut dyn DmControl) -> Result<(), ClaimError>,
+    ) -> Result<(), ClaimError> {
+        let Some(slot) = self.models.get(usize::from(idx)).and_then(Option::as_ref) else {
+            return Err(ClaimError::Invalid {
+                claim: String::new(),
+                why: format!("no model {idx}"),
+            });
+        };
+        let mut ctl = Ctl {
+            owner: idx,
+            grant: slot.grant.as_ref(),
+            router: &mut self.router,
+            backend: &mut self.backend,
+            mapped: &mut self.mapped,
+            stats: &mut self.stats,
+        };
+        f(&mut ctl)
     }
 
     /// Removes a device model (it crashed or left): its claims are released.
@@ -366,6 +502,7 @@ impl<B: Backend> Engine<B> {
 
     /// Waits up to `timeout` for requests and serves them all. Returns how many.
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<usize, BackendError> {
+        self.drain_control();
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         let r = self.backend.wait(timeout, &mut events);
@@ -610,6 +747,7 @@ impl<B: Backend> Engine<B> {
         slot.served += 1;
         let mut ctl = Ctl {
             owner: o,
+            grant: slot.grant.as_ref(),
             router: &mut self.router,
             backend: &mut self.backend,
             mapped: &mut self.mapped,
@@ -698,6 +836,7 @@ impl<B: Backend> Engine<B> {
         };
         let mut ctl = Ctl {
             owner,
+            grant: None,
             router: &mut self.router,
             backend: &mut self.backend,
             mapped: &mut self.mapped,
