@@ -2,12 +2,15 @@
 //! turns MMIO into configuration accesses.
 
 use crate::address::{ConfigAccess, Sbdf};
-use crate::bridges::{BridgeInfo, BridgeTracker, PCI_HEADER_TYPE, PCI_PRIMARY_BUS, PCI_SUBORDINATE_BUS};
+use crate::bridges::{
+    BridgeInfo, BridgeTracker, PCI_CLASS_BRIDGE_PCI, PCI_HEADER_TYPE, PCI_HEADER_TYPE_BRIDGE,
+    PCI_PRIMARY_BUS, PCI_SUBORDINATE_BUS,
+};
 use crate::ecam::{Cf8Latch, EcamWindow};
 use crate::tables::{BdfTable, McfgLayout, RangeMap, ServerIdx};
 use ioreq_server::{Claim, ClaimError, IoRange, Position, RangeKind};
 use serde::Serialize;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Largest PCI range one claim may cover (16 segments' worth of functions).
 pub const MAX_PCI_CLAIM: u64 = 16 << 16;
@@ -345,7 +348,9 @@ impl Router {
             if let Some(s) = to {
                 match self.table.get(s) {
                     Some(o) if o != c.owner => {
-                        warn!(
+                        // Firmware does this transiently (SeaBIOS parks every root port at
+                        // bus 0xff before numbering): counted, not an error.
+                        debug!(
                             position = %c.position,
                             at = %s,
                             owner = self.server_name(o),
@@ -387,13 +392,20 @@ impl Router {
         self.bridges.learn_header_type(sbdf, header);
     }
 
-    /// Watches a completed read: learns header types.
+    /// Watches a completed read: learns header types, from the header type register or from
+    /// a PCI-to-PCI bridge class code.
     pub fn observe_read(&mut self, acc: &ConfigAccess, value: u64) {
+        // A function that did not answer reads all ones: that says nothing.
+        if value == ioreq_server::size_mask(acc.size.into()) {
+            return;
+        }
+        let byte_at = |reg: u16| (value >> (8 * u32::from(reg - acc.reg))) as u8;
         if acc.overlaps(PCI_HEADER_TYPE, 1) {
-            let byte = (value >> (8 * u32::from(PCI_HEADER_TYPE - acc.reg))) as u8;
-            // A function that did not answer reads all ones: that is no header.
-            if value != ioreq_server::size_mask(acc.size.into()) {
-                self.bridges.learn_header_type(acc.sbdf, byte);
+            self.bridges.learn_header_type(acc.sbdf, byte_at(PCI_HEADER_TYPE));
+        } else if acc.overlaps(0x0a, 2) && acc.reg <= 0x0a && self.bridges.header_type(acc.sbdf).is_none() {
+            let class = u16::from_le_bytes([byte_at(0x0a), byte_at(0x0b)]);
+            if class == PCI_CLASS_BRIDGE_PCI {
+                self.bridges.learn_header_type(acc.sbdf, PCI_HEADER_TYPE_BRIDGE);
             }
         }
     }
@@ -521,6 +533,17 @@ mod tests {
         let gone = r.release_all(n);
         assert_eq!(gone.len(), 1);
         assert_eq!(r.config_owner(s("05:00.0")), None);
+    }
+
+    #[test]
+    fn a_bridge_class_code_marks_a_type1_header() {
+        let mut r = Router::new();
+        r.observe_read(&acc("00:02.0", 0x0a, 2), 0x0604);
+        assert!(!r.needs_header_type(&acc("00:02.0", 0x19, 1)));
+        r.observe_read(&acc("00:03.0", 0x08, 4), 0x0200_0000);
+        assert!(r.needs_header_type(&acc("00:03.0", 0x19, 1)), "a NIC teaches nothing");
+        r.observe_read(&acc("00:04.0", 0x08, 4), 0x0604_0001);
+        assert!(!r.needs_header_type(&acc("00:04.0", 0x19, 1)));
     }
 
     #[test]

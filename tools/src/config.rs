@@ -95,6 +95,15 @@ pub struct ServerConfig {
     /// Command line that starts a process server (optional).
     #[serde(default)]
     pub command: Vec<String>,
+    /// Replay (`kind = "trace"`): the QEMU device types (as QEMU's trace names them, e.g.
+    /// "nvme") this server stands for; `"*"` = every device no other server lists. Replay checks
+    /// each access reached the server standing for the device QEMU routed it to.
+    #[serde(default)]
+    pub qemu_devices: Vec<String>,
+    /// Replay: configuration dwords (at register 0) a trace server answers when asked outside
+    /// the trace, e.g. by chipset detection: `{ "00:00.0" = 0x29c08086 }`.
+    #[serde(default)]
+    pub ids: BTreeMap<String, u32>,
 }
 
 /// The whole file.
@@ -124,6 +133,9 @@ pub struct Server {
     pub functions: Vec<(Placement, FunctionSpec)>,
     pub uid: Option<u32>,
     pub command: Vec<String>,
+    pub qemu_devices: Vec<String>,
+    /// (function, dword 0) pairs.
+    pub ids: Vec<(Sbdf, u32)>,
 }
 
 impl Server {
@@ -317,6 +329,14 @@ impl Config {
                     msg: format!("{who}: built-in functions need kind = \"emulated\""),
                 });
             }
+            let mut ids = vec![];
+            for (at, v) in &s.ids {
+                let f: Sbdf = at.parse().map_err(|e| ConfigError::Syntax {
+                    file: path.to_path_buf(),
+                    msg: format!("{who}: ids.\"{at}\": {e}"),
+                })?;
+                ids.push((f, *v));
+            }
             servers.push(Server {
                 name: s.name.clone(),
                 kind: s.kind,
@@ -324,6 +344,8 @@ impl Config {
                 functions,
                 uid: s.uid,
                 command: s.command.clone(),
+                qemu_devices: s.qemu_devices.clone(),
+                ids,
             });
         }
         Ok(Config {

@@ -1,0 +1,114 @@
+//! The `ioreq-mux` command: serve a guest on Xen, replay recorded traces, import QEMU traces,
+//! inspect a layout, run benchmarks, or run a device model out of process.
+
+use clap::{Parser, Subcommand};
+use ioreq_mux::{inspect, qemu_import, replay};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "ioreq-mux", version, about = "Xen ioreq-server multiplexer with chipset intercepts and ECAM routing")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve a Xen HVM guest as its ioreq server, in front of the configured device models.
+    Serve(ioreq_mux::serve::ServeArgs),
+    /// Replay a trace through the simulated hypervisor, the multiplexer and simulated device
+    /// models; exit 0 only when every access matched the recording.
+    Replay(replay::ReplayArgs),
+    /// Convert a QEMU `log` trace (memory_region_ops + pci_cfg events) into a replayable trace.
+    ImportQemuTrace(qemu_import::ImportArgs),
+    /// Print the layout (ECAM windows, bus tree with owners, PM block, MMIO hole) from a
+    /// topology, optionally after replaying a trace.
+    Inspect(inspect::InspectArgs),
+    /// Measure the multiplexer against Xen-style dispatch and the machine's floors.
+    Bench(ioreq_mux::bench::BenchArgs),
+    /// Run a built-in device model in its own process, connected to a multiplexer.
+    Dm(ioreq_mux::dm::DmArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IOREQ_MUX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(a) => ioreq_mux::serve::run(&a),
+        Cmd::Dm(a) => ioreq_mux::dm::run(&a),
+        Cmd::Replay(a) => {
+            init_logging();
+            let progress = !a.json && std::io::stderr().is_terminal();
+            match replay::replay(&a.trace, &a.topology, a.show, a.limit, progress) {
+                Ok(r) => {
+                    if a.json {
+                        match serde_json::to_string(&r) {
+                            Ok(j) => println!("{j}"),
+                            Err(e) => {
+                                eprintln!("ioreq-mux replay: {e}");
+                                return ExitCode::from(1);
+                            }
+                        }
+                    } else {
+                        println!("{r}");
+                    }
+                    if r.divergences == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+                }
+                Err(e) => {
+                    eprintln!("ioreq-mux replay: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::ImportQemuTrace(a) => {
+            init_logging();
+            match qemu_import::run(&a) {
+                Ok(stats) => {
+                    if a.json {
+                        match serde_json::to_string(&stats) {
+                            Ok(j) => println!("{j}"),
+                            Err(e) => {
+                                eprintln!("ioreq-mux import-qemu-trace: {e}");
+                                return ExitCode::from(1);
+                            }
+                        }
+                    } else {
+                        println!("{stats}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ioreq-mux import-qemu-trace: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Inspect(a) => {
+            init_logging();
+            match inspect::run(&a) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ioreq-mux inspect: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Bench(a) => {
+            init_logging();
+            ioreq_mux::bench::run(&a)
+        }
+    }
+}

@@ -1,0 +1,676 @@
+//! `ioreq-mux replay`: a recorded guest's accesses through the simulated hypervisor, the
+//! multiplexer and simulated device models, checked access by access against what the real
+//! machine did.
+//!
+//! Per access: the value returned to the vCPU equals the recorded one; the access reached the
+//! server standing for the device QEMU routed it to (`qemu_devices` in the topology), as a
+//! PCI_CONFIG request for the recorded function and register when it was a configuration
+//! access; intercepted registers answered with the recorded values; and (at the end) every
+//! ioreq was completed exactly once (the simulation's invariant checker).
+//!
+//! Trace servers answer with the recorded value. Like a real device model, each claims its
+//! BARs when the guest maps them: the trace's BAR events (QEMU's `pci_update_mappings_*`,
+//! recorded right after the configuration write that caused them) become map/unmap claims of
+//! the server that stands for that device, before the next access.
+
+use crate::config::{Config, ConfigError, Server, ServerKind};
+use crate::engine::{Control, Engine, EngineError, EngineStats, MUX_NAME};
+use crate::trace::{
+    self, Access, BarEventKind, Record, Space, StrId, StringTable, TraceError, TraceReader,
+};
+use bdf_router::Sbdf;
+use chipset_intercept::Phase;
+use ioreq_server::bufioreq::BufioreqMode;
+use ioreq_server::sim::{Issued, SimBackend, SimError, SimHypervisor, SimStats};
+use ioreq_server::{
+    Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType,
+    RangeKind, abi, size_mask,
+};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// vCPUs the simulated guest has (the traces use 2).
+pub const REPLAY_VCPUS: u32 = 8;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// The trace (`ioreq-mux import-qemu-trace` output).
+    pub trace: PathBuf,
+    /// The topology: servers, what each owns, intercept settings (TOML).
+    #[arg(long)]
+    pub topology: PathBuf,
+    /// Print one JSON object on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// How many divergences to show in full.
+    #[arg(long, default_value_t = 10)]
+    pub show: usize,
+    /// Stop after this many accesses.
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{path}: {source}")]
+    Trace {
+        path: PathBuf,
+        #[source]
+        source: TraceError,
+    },
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("simulation: {0}")]
+    Sim(#[from] SimError),
+    #[error("topology: {0}")]
+    Topology(String),
+}
+
+/// One way the replay differed from the recording.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Divergence {
+    /// Index (1-based) of the access among all accesses.
+    pub access: u64,
+    pub what: String,
+    pub recorded: String,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    pub trace: String,
+    pub topology: String,
+    /// Guest accesses replayed (repeats counted one by one).
+    pub accesses: u64,
+    /// Trace records read.
+    pub records: u64,
+    pub divergences: u64,
+    pub first_divergences: Vec<Divergence>,
+    /// Accesses each server answered (`ioreq-mux` = the multiplexer itself: CF8, intercepted
+    /// registers, master aborts).
+    pub per_server: BTreeMap<String, u64>,
+    /// Accesses by kind and configuration path.
+    pub by_kind: BTreeMap<String, u64>,
+    pub layout_events: Vec<String>,
+    /// BAR claims that could not be made (a range someone already had).
+    pub claim_failures: Vec<String>,
+    pub chipset: String,
+    pub engine: EngineStats,
+    pub sim: SimStats,
+    pub invariant_violations: Vec<String>,
+    pub elapsed_s: f64,
+}
+
+/// What the access being replayed recorded, shared with the trace servers.
+#[derive(Debug, Default)]
+struct Cursor {
+    active: bool,
+    /// The recorded access is a write.
+    write: bool,
+    data: u64,
+    /// First register of a recorded configuration access.
+    reg: Option<u16>,
+    deliveries: Vec<(u16, Ioreq)>,
+}
+
+type Shared = Arc<Mutex<Cursor>>;
+
+fn lock(c: &Shared) -> MutexGuard<'_, Cursor> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A simulated device model answering with the recorded values.
+struct TraceModel {
+    name: String,
+    id: u16,
+    claims: Vec<Claim>,
+    ids: Vec<(Sbdf, u32)>,
+    cursor: Shared,
+}
+
+impl DeviceModel for TraceModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
+        for c in &self.claims {
+            ctl.map(c.clone())?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, _vcpu: u32, req: &Ioreq, _ctl: &mut dyn DmControl) -> Result<u64, DmError> {
+        let mut c = lock(&self.cursor);
+        // Outside the trace (detection, seeding) or a read the engine makes during a recorded
+        // write (a header-type probe): answer what is known of the recorded machine.
+        if !c.active || (c.write && req.dir == Dir::Read) {
+            if req.ty == IoreqType::PciConfig && req.dir == Dir::Read {
+                let (sbdf, reg) = abi::split_pci_config_addr(req.addr);
+                let f = Sbdf::from_xen(sbdf);
+                let v = self.ids.iter().find(|(s, _)| *s == f).map(|(_, v)| *v);
+                return Ok(match v {
+                    Some(v) if reg < 4 => u64::from(v) >> (8 * reg),
+                    // Unknown registers read as their reset value, taken to be 0.
+                    _ => 0,
+                });
+            }
+            return Ok(0);
+        }
+        c.deliveries.push((self.id, *req));
+        let mut v = c.data;
+        if let (IoreqType::PciConfig, Some(r0)) = (req.ty, c.reg) {
+            let (_, reg) = abi::split_pci_config_addr(req.addr);
+            v >>= 8 * (reg.saturating_sub(u32::from(r0)).min(7));
+        }
+        Ok(v)
+    }
+}
+
+/// A BAR QEMU has mapped now.
+#[derive(Debug, Clone, Copy)]
+struct LiveBar {
+    space: Space,
+    base: u64,
+    last: u64,
+    device: StrId,
+    /// Server that claimed it, if the claim went through.
+    claimed_by: Option<u16>,
+}
+
+struct Harness<'a> {
+    engine: Engine<SimBackend>,
+    hv: SimHypervisor,
+    cursor: Shared,
+    /// Server index in the engine (router) by our model id.
+    engine_idx: Vec<u16>,
+    names: Vec<String>,
+    /// Per model id: QEMU device types it stands for; the default ("*") server.
+    devices: Vec<Vec<String>>,
+    default_server: Option<u16>,
+    /// Device type string id -> model id, resolved lazily.
+    by_device: BTreeMap<StrId, Option<u16>>,
+    bars: Vec<LiveBar>,
+    /// Intercepted registers the model never sees: (function, offset, width).
+    hidden: Vec<(Sbdf, u16, u16)>,
+    report: ReplayReport,
+    /// Accesses answered: [multiplexer, model 0, model 1, ...].
+    served: Vec<u64>,
+    /// Accesses by kind: config-cf8, config-ecam, pio, mmio.
+    kinds: [u64; 4],
+    show: usize,
+    strings: StringTable,
+    _life: std::marker::PhantomData<&'a ()>,
+}
+
+impl Harness<'_> {
+    fn string(&self, id: StrId) -> String {
+        self.strings.get(id).unwrap_or("?").to_string()
+    }
+
+    fn name_of(&self, m: Option<u16>) -> String {
+        match m {
+            Some(m) => self.names[usize::from(m)].clone(),
+            None => MUX_NAME.to_string(),
+        }
+    }
+
+    fn diverge(&mut self, n: u64, what: String, a: &Access) {
+        self.report.divergences += 1;
+        if self.report.first_divergences.len() < self.show {
+            self.report.first_divergences.push(Divergence {
+                access: n,
+                what,
+                recorded: self.describe(a),
+            });
+        }
+    }
+
+    fn describe(&self, a: &Access) -> String {
+        let region = a.region.map(|r| self.string(r)).unwrap_or_else(|| "-".into());
+        let mut s = format!(
+            "vcpu {} {} {} {:#x} size {} value {:#x} region '{}'",
+            a.vcpu, a.space, a.dir, a.addr, a.size, a.data, region
+        );
+        if let Some(c) = a.config {
+            let dev = c.device.map(|d| self.string(d)).unwrap_or_else(|| "none".into());
+            s.push_str(&format!(" [config {} {} @{:#x} -> {}]", c.path, c.bdf, c.reg, dev));
+        }
+        s
+    }
+
+    /// The model standing for a QEMU device type.
+    fn server_for(&mut self, device: StrId) -> Option<u16> {
+        if let Some(v) = self.by_device.get(&device) {
+            return *v;
+        }
+        let name = self.string(device);
+        let v = self
+            .devices
+            .iter()
+            .position(|d| d.iter().any(|x| *x == name))
+            .map(|i| i as u16)
+            .or(self.default_server);
+        self.by_device.insert(device, v);
+        v
+    }
+
+    fn control(&mut self, msg: impl FnOnce(crossbeam_channel::Sender<Result<(), ClaimError>>) -> Control) -> Result<(), String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.engine.control().send(msg(tx));
+        self.engine
+            .poll(Some(Duration::ZERO))
+            .map_err(|e| e.to_string())?;
+        match rx.try_recv() {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("engine did not answer".into()),
+        }
+    }
+
+    fn bar(&mut self, ev: &trace::BarEvent) {
+        let last = ev.base.saturating_add(ev.size.max(1) - 1);
+        let kind = if ev.space == Space::Port { RangeKind::Port } else { RangeKind::Mmio };
+        let range = IoRange::new(kind, ev.base, last);
+        let Some(device) = ev.device else { return };
+        match ev.kind {
+            BarEventKind::Map => {
+                let owner = self.server_for(device);
+                let mut claimed_by = None;
+                if let Some(m) = owner {
+                    let idx = self.engine_idx[usize::from(m)];
+                    let covered = match kind {
+                        RangeKind::Port => self.engine.router().port_owner(range.start, range.end),
+                        _ => self.engine.router().mmio_owner(range.start, range.end),
+                    };
+                    if covered == Some(idx) {
+                        // The server already has this range (its fixed claims cover it).
+                        self.bars.push(LiveBar { space: ev.space, base: ev.base, last, device, claimed_by: None });
+                        return;
+                    }
+                    match self.control(|reply| Control::Map { model: idx, claim: Claim::Range(range), reply }) {
+                        Ok(()) => claimed_by = Some(m),
+                        Err(e) => {
+                            if self.report.claim_failures.len() < 50 {
+                                self.report.claim_failures.push(format!("{} {}: {e}", self.string(device), range));
+                            }
+                        }
+                    }
+                }
+                self.bars.push(LiveBar { space: ev.space, base: ev.base, last, device, claimed_by });
+            }
+            BarEventKind::Unmap => {
+                if let Some(i) = self
+                    .bars
+                    .iter()
+                    .position(|b| b.space == ev.space && b.base == ev.base && b.last == last && b.device == device)
+                {
+                    let b = self.bars.remove(i);
+                    if let Some(m) = b.claimed_by {
+                        let idx = self.engine_idx[usize::from(m)];
+                        if let Err(e) = self.control(|reply| Control::Unmap { model: idx, claim: Claim::Range(range), reply }) {
+                            self.report.claim_failures.push(format!("unmap {range}: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_hidden(&self, bdf: Sbdf, reg: u16, size: u8) -> bool {
+        self.hidden
+            .iter()
+            .any(|&(f, off, w)| f == bdf && reg >= off && reg + u16::from(size) <= off + w)
+    }
+
+    /// Replays one access; returns false on a fatal simulation error.
+    fn access(&mut self, n: u64, a: &Access) -> Result<(), ReplayError> {
+        let ty = if a.space == Space::Port { IoreqType::Pio } else { IoreqType::Copy };
+        let dir = if a.dir == trace::Dir::Read { Dir::Read } else { Dir::Write };
+        let size = u32::from(a.size);
+        let mut req = Ioreq::new(ty, dir, a.addr, size, if dir == Dir::Write { a.data } else { 0 });
+        req.count = a.rep.max(1);
+        {
+            let mut c = lock(&self.cursor);
+            c.active = true;
+            c.write = dir == Dir::Write;
+            c.data = a.data;
+            c.reg = a.config.map(|c| c.reg);
+            c.deliveries.clear();
+        }
+        let vcpu = u32::from(a.vcpu);
+        let got = match self.hv.issue(vcpu, &req, false)? {
+            Issued::Done(v) => v,
+            Issued::Pending => {
+                self.engine
+                    .poll(Some(Duration::ZERO))
+                    .map_err(|e| ReplayError::Topology(e.to_string()))?;
+                match self.hv.collect(vcpu)? {
+                    Some(v) => v,
+                    None => {
+                        self.diverge(n, "the engine did not complete the ioreq".into(), a);
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let deliveries = std::mem::take(&mut lock(&self.cursor).deliveries);
+        let handler = deliveries.first().map(|d| d.0);
+        self.served[handler.map_or(0, |m| usize::from(m) + 1)] += 1;
+        let kind = match (a.space, a.config.map(|c| c.path)) {
+            (_, Some(trace::ConfigPath::Cf8)) => 0,
+            (_, Some(trace::ConfigPath::Ecam)) => 1,
+            (Space::Port, None) => 2,
+            (Space::Mmio, None) => 3,
+        };
+        self.kinds[kind] += 1;
+
+        if dir == Dir::Read {
+            let mask = size_mask(size);
+            if got & mask != a.data & mask {
+                let name = self.name_of(handler);
+                self.diverge(n, format!("read returned {:#x}, recorded {:#x} (answered by {name})", got & mask, a.data & mask), a);
+                return Ok(());
+            }
+        }
+        // Routing.
+        match a.config {
+            Some(c) => {
+                let bdf = Sbdf::from_devfn(0, c.bdf.bus, c.bdf.devfn());
+                if self.is_hidden(bdf, c.reg, a.size) {
+                    if handler.is_some() {
+                        let name = self.name_of(handler);
+                        self.diverge(n, format!("intercepted register reached {name}"), a);
+                    }
+                    return Ok(());
+                }
+                let want = match c.device {
+                    Some(d) => self.server_for(d),
+                    None => None,
+                };
+                match (handler, want, c.device) {
+                    (None, None, None) => {}
+                    (Some(h), _, None) if Some(h) == self.default_server => {}
+                    (Some(h), Some(w), Some(_)) if h == w => {
+                        let (sbdf, reg) = abi::split_pci_config_addr(deliveries[0].1.addr);
+                        if Sbdf::from_xen(sbdf) != bdf || reg != u32::from(c.reg) {
+                            let name = self.name_of(handler);
+                            self.diverge(n, format!("{name} got {} @{reg:#x}, QEMU routed {bdf} @{:#x}", Sbdf::from_xen(sbdf), c.reg), a);
+                        }
+                    }
+                    (h, w, _) => {
+                        let (name, w) = (self.name_of(h), self.name_of(w));
+                        self.diverge(n, format!("answered by {name}, expected {w}"), a);
+                    }
+                }
+            }
+            None => {
+                // Ports 0xcf8..0xcff outside a configuration access are the multiplexer's.
+                let own = a.space == Space::Port && (0xcf8..=0xcff).contains(&a.addr);
+                let want = if own {
+                    None
+                } else {
+                    let dev = self
+                        .bars
+                        .iter()
+                        .rev()
+                        .find(|b| b.space == a.space && b.base <= a.addr && a.addr <= b.last)
+                        .map(|b| b.device);
+                    match dev {
+                        Some(d) => self.server_for(d),
+                        None => self.default_server,
+                    }
+                };
+                if handler != want {
+                    let (name, w) = (self.name_of(handler), self.name_of(want));
+                    self.diverge(n, format!("answered by {name}, expected {w}"), a);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replays a trace against a topology.
+pub fn replay(trace_path: &Path, topology: &Path, show: usize, limit: Option<u64>, progress: bool) -> Result<ReplayReport, ReplayError> {
+    replay_engine(trace_path, topology, show, limit, progress).map(|(r, _)| r)
+}
+
+/// Replays a trace and also returns the engine as the trace left it (for `inspect`).
+pub fn replay_engine(
+    trace_path: &Path,
+    topology: &Path,
+    show: usize,
+    limit: Option<u64>,
+    progress: bool,
+) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
+    let cfg = Config::load(topology)?;
+    let mut reader = TraceReader::open(trace_path).map_err(|source| ReplayError::Trace {
+        path: trace_path.to_path_buf(),
+        source,
+    })?;
+    let start = Instant::now();
+    let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
+    let backend = hv.create_server(BufioreqMode::Atomic)?;
+    let cursor: Shared = Arc::new(Mutex::new(Cursor::default()));
+    let mut models: Vec<Box<dyn DeviceModel>> = vec![];
+    let mut names = vec![];
+    let mut devices = vec![];
+    let mut default_server = None;
+    for (i, s) in cfg.servers.iter().enumerate() {
+        let id = i as u16;
+        names.push(s.name.clone());
+        if s.qemu_devices.iter().any(|d| d == "*") {
+            if default_server.is_some() {
+                return Err(ReplayError::Topology("more than one server has qemu_devices = [\"*\"]".into()));
+            }
+            default_server = Some(id);
+        }
+        devices.push(s.qemu_devices.clone());
+        models.push(build_model(s, id, &cursor)?);
+    }
+    let engine = Engine::new(backend, models, &cfg.engine)?;
+    engine.backend().set_enabled(true)?;
+    let names_in_engine = engine.router().server_names().to_vec();
+    let engine_idx = names
+        .iter()
+        .map(|n| names_in_engine.iter().position(|m| m == n).map(|p| p as u16).ok_or_else(|| ReplayError::Topology(format!("server {n} missing"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let hidden = engine
+        .intercepts()
+        .snapshot()
+        .into_iter()
+        .filter(|(_, s, _)| s.phase == Phase::Instead)
+        .map(|(_, s, _)| (s.sbdf, s.offset, s.width))
+        .collect();
+    let chipset = engine.chipset().to_string();
+    let mut h = Harness {
+        engine,
+        hv: hv.clone(),
+        cursor,
+        engine_idx,
+        names,
+        devices,
+        default_server,
+        by_device: BTreeMap::new(),
+        bars: vec![],
+        hidden,
+        report: ReplayReport {
+            trace: trace_path.display().to_string(),
+            topology: topology.display().to_string(),
+            accesses: 0,
+            records: 0,
+            divergences: 0,
+            first_divergences: vec![],
+            per_server: BTreeMap::new(),
+            by_kind: BTreeMap::new(),
+            layout_events: vec![],
+            claim_failures: vec![],
+            chipset,
+            engine: EngineStats::default(),
+            sim: SimStats::default(),
+            invariant_violations: vec![],
+            elapsed_s: 0.0,
+        },
+        served: vec![0; cfg.servers.len() + 1],
+        kinds: [0; 4],
+        show,
+        strings: reader.strings().clone(),
+        _life: std::marker::PhantomData,
+    };
+    let bar = progress.then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed} {human_pos} accesses replayed ({per_sec}) {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b
+    });
+    let limit = limit.unwrap_or(u64::MAX);
+    'records: loop {
+        let rec = match reader.next_record() {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(source) => {
+                return Err(ReplayError::Trace {
+                    path: trace_path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        h.report.records += 1;
+        if reader.strings().len() != h.strings.len() {
+            h.strings = reader.strings().clone();
+        }
+        match rec {
+            Record::Access { access, repeat } => {
+                for _ in 0..repeat {
+                    if h.report.accesses >= limit {
+                        break 'records;
+                    }
+                    h.report.accesses += 1;
+                    let n = h.report.accesses;
+                    h.access(n, &access)?;
+                }
+                if let Some(b) = &bar {
+                    if h.report.records % 4096 == 0 {
+                        b.set_position(h.report.accesses);
+                        b.set_message(format!("{} divergences", h.report.divergences));
+                    }
+                }
+            }
+            Record::Bar(ev) => h.bar(&ev),
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    lock(&h.cursor).active = false;
+    for (i, n) in h.served.iter().enumerate() {
+        let name = if i == 0 { MUX_NAME.to_string() } else { h.names[i - 1].clone() };
+        h.report.per_server.insert(name, *n);
+    }
+    for (k, n) in ["config-cf8", "config-ecam", "pio", "mmio"].iter().zip(h.kinds) {
+        h.report.by_kind.insert(k.to_string(), n);
+    }
+    h.report.layout_events = h.engine.layout_history().iter().map(|e| e.to_string()).collect();
+    h.report.engine = h.engine.stats().clone();
+    match h.hv.check() {
+        Ok(s) => h.report.sim = s,
+        Err(v) => {
+            h.report.sim = h.hv.stats();
+            h.report.divergences += v.len() as u64;
+            h.report.invariant_violations = v;
+        }
+    }
+    h.report.elapsed_s = start.elapsed().as_secs_f64();
+    Ok((h.report, h.engine))
+}
+
+/// The engine for a topology alone (no trace), as `inspect` shows it before any access.
+pub fn topology_engine(topology: &Path) -> Result<Engine<SimBackend>, ReplayError> {
+    let cfg = Config::load(topology)?;
+    let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
+    let backend = hv.create_server(BufioreqMode::Atomic)?;
+    let cursor: Shared = Arc::new(Mutex::new(Cursor::default()));
+    let models = cfg
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| build_model(s, i as u16, &cursor))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Engine::new(backend, models, &cfg.engine)?)
+}
+
+fn build_model(s: &Server, id: u16, cursor: &Shared) -> Result<Box<dyn DeviceModel>, ReplayError> {
+    match s.kind {
+        ServerKind::Trace => Ok(Box::new(TraceModel {
+            name: s.name.clone(),
+            id,
+            claims: s.claims.clone(),
+            ids: s.ids.clone(),
+            cursor: cursor.clone(),
+        })),
+        ServerKind::Emulated => Ok(Box::new(s.emulated_model())),
+        ServerKind::Process => Err(ReplayError::Topology(format!(
+            "server {}: process servers are not supported by replay yet",
+            s.name
+        ))),
+    }
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "replay of {} with {}", self.trace, self.topology)?;
+        writeln!(f, "chipset: {}", self.chipset)?;
+        writeln!(
+            f,
+            "{} accesses ({} records) in {:.2} s: {:.0} accesses/s",
+            self.accesses,
+            self.records,
+            self.elapsed_s,
+            self.accesses as f64 / self.elapsed_s.max(1e-9)
+        )?;
+        writeln!(f, "by kind:")?;
+        for (k, v) in &self.by_kind {
+            writeln!(f, "  {k:12} {v:>10}")?;
+        }
+        writeln!(f, "per server:")?;
+        for (k, v) in &self.per_server {
+            writeln!(f, "  {k:12} {v:>10}")?;
+        }
+        writeln!(f, "layout changes, in order:")?;
+        for e in &self.layout_events {
+            writeln!(f, "  {e}")?;
+        }
+        let e = &self.engine;
+        writeln!(
+            f,
+            "engine: {} requests, {} master aborts, {} ECAM rejects, {} intercepted, {} model errors",
+            e.requests, e.master_aborts, e.ecam_rejects, e.intercepted, e.dm_errors
+        )?;
+        writeln!(
+            f,
+            "hypervisor: {} sent, {} completed, {} unclaimed, {} CF8 conversions",
+            self.sim.sent, self.sim.completed, self.sim.unclaimed, self.sim.cf8_converted
+        )?;
+        if !self.claim_failures.is_empty() {
+            writeln!(f, "BAR claims refused ({}):", self.claim_failures.len())?;
+            for c in self.claim_failures.iter().take(10) {
+                writeln!(f, "  {c}")?;
+            }
+        }
+        for v in &self.invariant_violations {
+            writeln!(f, "invariant violated: {v}")?;
+        }
+        for d in &self.first_divergences {
+            writeln!(f, "divergence at access {}: {}\n    recorded: {}", d.access, d.what, d.recorded)?;
+        }
+        write!(f, "divergences: {}", self.divergences)
+    }
+}
