@@ -246,7 +246,10 @@ mod tests {
 
     #[test]
     fn parse_forms() {
-        assert_eq!("00:1f.3".parse::<Sbdf>().unwrap(), Sbdf::new(0, 0, 0x1f, 3).unwrap());
+        assert_eq!(
+            "00:1f.3".parse::<Sbdf>().unwrap(),
+            Sbdf::new(0, 0, 0x1f, 3).unwrap()
+        );
         assert_eq!(
             "ffff:ff:1f.7".parse::<Sbdf>().unwrap(),
             Sbdf::from_xen(u32::MAX)
@@ -259,7 +262,10 @@ mod tests {
             "00:20.0".parse::<Sbdf>(),
             Err(AddressError::DeviceOutOfRange(0x20))
         );
-        assert_eq!(Sbdf::new(0, 0, 32, 0), Err(AddressError::DeviceOutOfRange(32)));
+        assert_eq!(
+            Sbdf::new(0, 0, 32, 0),
+            Err(AddressError::DeviceOutOfRange(32))
+        );
     }
 
     #[test]
@@ -268,7 +274,10 @@ mod tests {
             "00:01.8".parse::<Sbdf>(),
             Err(AddressError::FunctionOutOfRange(8))
         );
-        assert_eq!(Sbdf::new(0, 0, 1, 9), Err(AddressError::FunctionOutOfRange(9)));
+        assert_eq!(
+            Sbdf::new(0, 0, 1, 9),
+            Err(AddressError::FunctionOutOfRange(9))
+        );
     }
 
     #[test]
@@ -293,7 +302,14 @@ mod tests {
 
     #[test]
     fn error_bad_number() {
-        for bad in ["0g:00.0", "100:00.0", "10000:00:00.0", ":00.0", "00:00.x", "00:00.10"] {
+        for bad in [
+            "0g:00.0",
+            "100:00.0",
+            "10000:00:00.0",
+            ":00.0",
+            "00:00.x",
+            "00:00.10",
+        ] {
             assert!(
                 matches!(bad.parse::<Sbdf>(), Err(AddressError::BadNumber { .. })),
                 "{bad}"

@@ -99,7 +99,8 @@ impl BridgeTracker {
 
     /// Records a function's header layout (from a read of 0x0e, or a probe).
     pub fn learn_header_type(&mut self, sbdf: Sbdf, header: u8) {
-        self.header_types.insert(sbdf, header & PCI_HEADER_TYPE_MASK);
+        self.header_types
+            .insert(sbdf, header & PCI_HEADER_TYPE_MASK);
     }
 
     /// Is the function at `sbdf` a bridge we follow?

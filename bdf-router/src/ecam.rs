@@ -282,8 +282,14 @@ mod tests {
         let w = q35();
         // bus 7, device 0x1f, function 5, register 0x104
         let a = 0xb000_0000 + (7 << 20) + (0x1f << 15) + (5 << 12) + 0x104;
-        assert_eq!(w.decode(a), Some((Sbdf::new(0, 7, 0x1f, 5).unwrap(), 0x104)));
-        assert_eq!(w.address_of(Sbdf::new(0, 7, 0x1f, 5).unwrap(), 0x104), Some(a));
+        assert_eq!(
+            w.decode(a),
+            Some((Sbdf::new(0, 7, 0x1f, 5).unwrap(), 0x104))
+        );
+        assert_eq!(
+            w.address_of(Sbdf::new(0, 7, 0x1f, 5).unwrap(), 0x104),
+            Some(a)
+        );
         assert_eq!(w.decode(0xc000_0000), None);
         assert_eq!(w.decode(0xafff_ffff), None);
     }
@@ -322,10 +328,16 @@ mod tests {
         let mut r = mmio(0xb000_0001, 3);
         assert_eq!(decode_ecam(&w, &r), Err(EcamReject::Size(3)));
         r.size = 2;
-        assert!(matches!(decode_ecam(&w, &r), Err(EcamReject::Unaligned { .. })));
+        assert!(matches!(
+            decode_ecam(&w, &r),
+            Err(EcamReject::Unaligned { .. })
+        ));
         r.addr = 0xb000_0004;
         r.size = 8;
-        assert!(matches!(decode_ecam(&w, &r), Err(EcamReject::Unaligned { .. })));
+        assert!(matches!(
+            decode_ecam(&w, &r),
+            Err(EcamReject::Unaligned { .. })
+        ));
         r = mmio(0xb000_0000, 4);
         r.count = 2;
         assert_eq!(decode_ecam(&w, &r), Err(EcamReject::Rep(2)));
@@ -342,7 +354,10 @@ mod tests {
         assert_eq!(d.first.size, 4);
         assert_eq!(d.second.unwrap().reg, 0xffc);
         assert_eq!(d.first.sbdf, Sbdf::new(0, 1, 0, 0).unwrap());
-        assert_eq!(d.split_data(0x1122_3344_5566_7788), (0x5566_7788, 0x1122_3344));
+        assert_eq!(
+            d.split_data(0x1122_3344_5566_7788),
+            (0x5566_7788, 0x1122_3344)
+        );
         assert_eq!(d.join_data(0x5566_7788, 0x1122_3344), 0x1122_3344_5566_7788);
     }
 

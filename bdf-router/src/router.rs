@@ -143,9 +143,7 @@ impl Router {
                 .or_else(|| {
                     self.mmio
                         .overlapping(n.base, n.last())
-                        .map(|(s, e, o)| {
-                            format!("mmio {s:#x}-{e:#x} of {}", self.server_name(o))
-                        })
+                        .map(|(s, e, o)| format!("mmio {s:#x}-{e:#x} of {}", self.server_name(o)))
                 });
             if let Some(what) = clash {
                 if let Some(o) = old {
@@ -199,19 +197,33 @@ impl Router {
         Ok(())
     }
 
-    fn claim_range(&mut self, owner: ServerIdx, claim: &Claim, r: &IoRange) -> Result<(), ClaimError> {
+    fn claim_range(
+        &mut self,
+        owner: ServerIdx,
+        claim: &Claim,
+        r: &IoRange,
+    ) -> Result<(), ClaimError> {
         self.check_range(claim, r)?;
         match r.kind {
             RangeKind::Port | RangeKind::Mmio => {
                 if r.kind == RangeKind::Mmio {
-                    if let Some(w) = self.layout.windows().iter().find(|w| w.overlaps(r.start, r.end)) {
+                    if let Some(w) = self
+                        .layout
+                        .windows()
+                        .iter()
+                        .find(|w| w.overlaps(r.start, r.end))
+                    {
                         return Err(ClaimError::Invalid {
                             claim: claim.to_string(),
                             why: format!("overlaps ECAM window {w}, which the multiplexer decodes"),
                         });
                     }
                 }
-                let map = if r.kind == RangeKind::Port { &mut self.ports } else { &mut self.mmio };
+                let map = if r.kind == RangeKind::Port {
+                    &mut self.ports
+                } else {
+                    &mut self.mmio
+                };
                 match map.insert(r.start, r.end, owner) {
                     Ok(()) => Ok(()),
                     Err((_, _, other)) => Err(self.conflict(claim, owner, other)),
@@ -234,7 +246,12 @@ impl Router {
         }
     }
 
-    fn claim_position(&mut self, owner: ServerIdx, claim: &Claim, p: &Position) -> Result<(), ClaimError> {
+    fn claim_position(
+        &mut self,
+        owner: ServerIdx,
+        claim: &Claim,
+        p: &Position,
+    ) -> Result<(), ClaimError> {
         if p.path.is_empty() {
             return Err(ClaimError::Invalid {
                 claim: claim.to_string(),
@@ -268,11 +285,20 @@ impl Router {
         };
         match claim {
             Claim::Range(r) => match r.kind {
-                RangeKind::Port => self.ports.remove(r.start, r.end, owner).then_some(()).ok_or_else(not_owned),
-                RangeKind::Mmio => self.mmio.remove(r.start, r.end, owner).then_some(()).ok_or_else(not_owned),
+                RangeKind::Port => self
+                    .ports
+                    .remove(r.start, r.end, owner)
+                    .then_some(())
+                    .ok_or_else(not_owned),
+                RangeKind::Mmio => self
+                    .mmio
+                    .remove(r.start, r.end, owner)
+                    .then_some(())
+                    .ok_or_else(not_owned),
                 RangeKind::Pci => {
                     self.check_range(claim, r)?;
-                    let all = (r.start..=r.end).all(|v| self.raw.get(Sbdf::from_xen(v as u32)) == Some(owner));
+                    let all = (r.start..=r.end)
+                        .all(|v| self.raw.get(Sbdf::from_xen(v as u32)) == Some(owner));
                     if !all {
                         return Err(not_owned());
                     }
@@ -310,7 +336,12 @@ impl Router {
         for (s, e) in self.mmio.remove_owner(owner) {
             gone.push(Claim::Range(IoRange::new(RangeKind::Mmio, s, e)));
         }
-        let raw: Vec<Sbdf> = self.raw.iter().filter(|(_, o)| *o == owner).map(|(s, _)| s).collect();
+        let raw: Vec<Sbdf> = self
+            .raw
+            .iter()
+            .filter(|(_, o)| *o == owner)
+            .map(|(s, _)| s)
+            .collect();
         for s in raw {
             self.raw.set(s, None);
             self.table.set(s, None);
@@ -344,7 +375,9 @@ impl Router {
         let mut moved = vec![];
         for i in 0..self.positions.len() {
             let c = &self.positions[i];
-            let mut to = self.bridges.resolve(c.position.segment, c.position.root_bus, &c.position.path);
+            let mut to =
+                self.bridges
+                    .resolve(c.position.segment, c.position.root_bus, &c.position.path);
             if let Some(s) = to {
                 match self.table.get(s) {
                     Some(o) if o != c.owner => {
@@ -401,11 +434,16 @@ impl Router {
         }
         let byte_at = |reg: u16| (value >> (8 * u32::from(reg - acc.reg))) as u8;
         if acc.overlaps(PCI_HEADER_TYPE, 1) {
-            self.bridges.learn_header_type(acc.sbdf, byte_at(PCI_HEADER_TYPE));
-        } else if acc.overlaps(0x0a, 2) && acc.reg <= 0x0a && self.bridges.header_type(acc.sbdf).is_none() {
+            self.bridges
+                .learn_header_type(acc.sbdf, byte_at(PCI_HEADER_TYPE));
+        } else if acc.overlaps(0x0a, 2)
+            && acc.reg <= 0x0a
+            && self.bridges.header_type(acc.sbdf).is_none()
+        {
             let class = u16::from_le_bytes([byte_at(0x0a), byte_at(0x0b)]);
             if class == PCI_CLASS_BRIDGE_PCI {
-                self.bridges.learn_header_type(acc.sbdf, PCI_HEADER_TYPE_BRIDGE);
+                self.bridges
+                    .learn_header_type(acc.sbdf, PCI_HEADER_TYPE_BRIDGE);
             }
         }
     }
@@ -483,7 +521,8 @@ mod tests {
         let mut r = Router::new();
         let q = r.add_server("qemu");
         let v = r.add_server("vgpu");
-        r.claim(q, &Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xff))).unwrap();
+        r.claim(q, &Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xff)))
+            .unwrap();
         let e = r
             .claim(v, &Claim::Range(IoRange::pci(s("00:10.0").to_xen())))
             .unwrap_err();
@@ -491,8 +530,11 @@ mod tests {
             e.to_string(),
             "pci 0000:00:10.0 requested by vgpu is already owned by qemu"
         );
-        r.claim(q, &Claim::Range(IoRange::ports(0x600, 0x67f))).unwrap();
-        let e = r.claim(v, &Claim::Range(IoRange::ports(0x67f, 0x680))).unwrap_err();
+        r.claim(q, &Claim::Range(IoRange::ports(0x600, 0x67f)))
+            .unwrap();
+        let e = r
+            .claim(v, &Claim::Range(IoRange::ports(0x67f, 0x680)))
+            .unwrap_err();
         assert!(matches!(e, ClaimError::Conflict { ref owner, .. } if owner == "qemu"));
         assert_eq!(r.config_owner(s("00:1f.7")), Some(q));
         assert_eq!(r.config_owner(s("01:00.0")), None);
@@ -515,7 +557,8 @@ mod tests {
         let mut r = Router::new();
         let q = r.add_server("qemu");
         let n = r.add_server("nvme");
-        r.claim(q, &Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xff))).unwrap();
+        r.claim(q, &Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xff)))
+            .unwrap();
         // Registered before firmware numbered anything: unresolved, not lost.
         r.claim(n, &pos(&[2 << 3 | 1, 0])).unwrap();
         assert_eq!(r.positions()[0].resolved, None);
@@ -541,7 +584,10 @@ mod tests {
         r.observe_read(&acc("00:02.0", 0x0a, 2), 0x0604);
         assert!(!r.needs_header_type(&acc("00:02.0", 0x19, 1)));
         r.observe_read(&acc("00:03.0", 0x08, 4), 0x0200_0000);
-        assert!(r.needs_header_type(&acc("00:03.0", 0x19, 1)), "a NIC teaches nothing");
+        assert!(
+            r.needs_header_type(&acc("00:03.0", 0x19, 1)),
+            "a NIC teaches nothing"
+        );
         r.observe_read(&acc("00:04.0", 0x08, 4), 0x0604_0001);
         assert!(!r.needs_header_type(&acc("00:04.0", 0x19, 1)));
     }
@@ -562,12 +608,16 @@ mod tests {
     fn ecam_windows_cannot_cover_claimed_mmio_or_be_claimed() {
         let mut r = Router::new();
         let q = r.add_server("qemu");
-        r.claim(q, &Claim::Range(IoRange::mmio(0xc000_0000, 0x1000))).unwrap();
+        r.claim(q, &Claim::Range(IoRange::mmio(0xc000_0000, 0x1000)))
+            .unwrap();
         let w = EcamWindow::new(0, 0xc000_0000, 0, 0x3f).unwrap();
         assert!(r.replace_window(None, Some(w)).is_err());
         let w = EcamWindow::new(0, 0xb000_0000, 0, 0xff).unwrap();
         r.replace_window(None, Some(w)).unwrap();
-        assert!(r.claim(q, &Claim::Range(IoRange::mmio(0xbfff_f000, 0x1000))).is_err());
+        assert!(
+            r.claim(q, &Claim::Range(IoRange::mmio(0xbfff_f000, 0x1000)))
+                .is_err()
+        );
         // Move it; the old window stops decoding.
         let w2 = EcamWindow::new(0, 0xe000_0000, 0, 0x3f).unwrap();
         r.replace_window(Some(w), Some(w2)).unwrap();

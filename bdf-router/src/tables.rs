@@ -43,12 +43,10 @@ impl BdfTable {
     pub fn iter(&self) -> impl Iterator<Item = (Sbdf, ServerIdx)> + '_ {
         self.segs.iter().enumerate().flat_map(|(s, t)| {
             t.iter().flat_map(move |t| {
-                t.iter().enumerate().filter(|(_, o)| **o != NONE).map(move |(i, o)| {
-                    (
-                        Sbdf::from_devfn(s as u16, (i >> 8) as u8, i as u8),
-                        *o,
-                    )
-                })
+                t.iter()
+                    .enumerate()
+                    .filter(|(_, o)| **o != NONE)
+                    .map(move |(i, o)| (Sbdf::from_devfn(s as u16, (i >> 8) as u8, i as u8), *o))
             })
         })
     }
@@ -75,7 +73,12 @@ impl RangeMap {
     }
 
     /// Adds `[s, e]` for `owner`, or returns the range in the way.
-    pub fn insert(&mut self, s: u64, e: u64, owner: ServerIdx) -> Result<(), (u64, u64, ServerIdx)> {
+    pub fn insert(
+        &mut self,
+        s: u64,
+        e: u64,
+        owner: ServerIdx,
+    ) -> Result<(), (u64, u64, ServerIdx)> {
         if let Some(c) = self.overlapping(s, e) {
             return Err(c);
         }

@@ -249,10 +249,10 @@ impl InterceptTable {
             let first = spec.offset & !3;
             let last = (spec.offset + spec.width - 1) & !3;
             for dw in (first..=last).step_by(4) {
-                self.by_dword
-                    .entry((spec.sbdf, dw))
-                    .or_default()
-                    .push(Hit { intercept: i, reg: r });
+                self.by_dword.entry((spec.sbdf, dw)).or_default().push(Hit {
+                    intercept: i,
+                    reg: r,
+                });
             }
             if !self.functions.contains(&spec.sbdf) {
                 self.functions.push(spec.sbdf);
@@ -319,7 +319,13 @@ impl InterceptTable {
     }
 
     /// After the model handled a write: After handlers learn it.
-    pub fn after_write(&mut self, hits: &HitList, acc: &ConfigAccess, data: u64, out: &mut Vec<LayoutEvent>) {
+    pub fn after_write(
+        &mut self,
+        hits: &HitList,
+        acc: &ConfigAccess,
+        data: u64,
+        out: &mut Vec<LayoutEvent>,
+    ) {
         for h in hits.iter() {
             let spec = *self.spec(h);
             if spec.phase == Phase::After {
@@ -412,7 +418,11 @@ mod tests {
         // A 1-byte write to 0x61 changes bits 15:8 only, which are read-only here.
         assert_eq!(s.merge_write(0xb000_0000, &acc(0x61, 1), 0xff), 0xb000_0000);
         // A 1-byte write to 0x63 sets bits 31:26 (base and the two address-mask bits).
-        assert_eq!(s.merge_write(0xb000_0000, &acc(0x63, 1), 0xe1), 0xe000_0000, "bit 24 is reserved");
+        assert_eq!(
+            s.merge_write(0xb000_0000, &acc(0x63, 1), 0xe1),
+            0xe000_0000,
+            "bit 24 is reserved"
+        );
         // A dword to 0x64 sets bits 35:32, ignoring 63:36.
         assert_eq!(s.merge_write(0, &acc(0x64, 4), 0xffff_ffff), 0xf_0000_0000);
         // The byte at 0x60 (enable, length).

@@ -121,7 +121,10 @@ mod tests {
         let a = acc("00:1f.0", 0x44, 1);
         let hits = t.hits(&a);
         t.after_write(&hits, &a, 0x80, &mut ev);
-        assert!(ev.iter().any(|e| matches!(e, LayoutEvent::PmBlock { new: Some(_), .. })));
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, LayoutEvent::PmBlock { new: Some(_), .. }))
+        );
         // Unrelated accesses have no hits.
         assert!(t.hits(&acc("00:00.0", 0x5c, 4)).is_empty());
         assert!(t.hits(&acc("00:02.0", 0x60, 4)).is_empty());
@@ -133,6 +136,11 @@ mod tests {
     #[test]
     fn unknown_chipset_has_no_intercepts() {
         assert!(build(Chipset::Unknown, &InterceptConfig::default()).is_empty());
-        assert_eq!(build(Chipset::I440fx, &InterceptConfig::default()).intercepts().len(), 1);
+        assert_eq!(
+            build(Chipset::I440fx, &InterceptConfig::default())
+                .intercepts()
+                .len(),
+            1
+        );
     }
 }

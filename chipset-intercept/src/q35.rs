@@ -93,13 +93,18 @@ impl Intercept for Pciexbar {
         self.value
     }
 
-    fn update(&mut self, _reg: usize, new: u64, p: &mut Platform, out: &mut Vec<LayoutEvent>) -> bool {
+    fn update(
+        &mut self,
+        _reg: usize,
+        new: u64,
+        p: &mut Platform,
+        out: &mut Vec<LayoutEvent>,
+    ) -> bool {
         self.value = new;
-        let want = match pciexbar_window(new, self.segment)
-            .and_then(|w| match w {
-                Some(w) => check_window(&w, p).map(|()| Some(w)),
-                None => Ok(None),
-            }) {
+        let want = match pciexbar_window(new, self.segment).and_then(|w| match w {
+            Some(w) => check_window(&w, p).map(|()| Some(w)),
+            None => Ok(None),
+        }) {
             Ok(w) => w,
             Err(why) => {
                 warn!(value = format_args!("{new:#x}"), %why, "PCIEXBAR refused; ECAM window disabled");
@@ -233,7 +238,13 @@ impl Intercept for PmBlockIntercept {
         self.values.get(reg).copied().unwrap_or(0)
     }
 
-    fn update(&mut self, reg: usize, new: u64, _p: &mut Platform, out: &mut Vec<LayoutEvent>) -> bool {
+    fn update(
+        &mut self,
+        reg: usize,
+        new: u64,
+        _p: &mut Platform,
+        out: &mut Vec<LayoutEvent>,
+    ) -> bool {
         if let Some(v) = self.values.get_mut(reg) {
             *v = new;
         }
@@ -315,7 +326,13 @@ impl Intercept for MmioHole {
         self.values.get(reg).copied().unwrap_or(0)
     }
 
-    fn update(&mut self, reg: usize, new: u64, p: &mut Platform, out: &mut Vec<LayoutEvent>) -> bool {
+    fn update(
+        &mut self,
+        reg: usize,
+        new: u64,
+        p: &mut Platform,
+        out: &mut Vec<LayoutEvent>,
+    ) -> bool {
         if let Some(v) = self.values.get_mut(reg) {
             *v = new;
         }
@@ -345,7 +362,10 @@ mod tests {
     #[test]
     fn pciexbar_lengths_and_bases() {
         let w = pciexbar_window(0xb000_0001, 0).unwrap().unwrap();
-        assert_eq!((w.base, w.end_bus, w.size()), (0xb000_0000, 0xff, 256 << 20));
+        assert_eq!(
+            (w.base, w.end_bus, w.size()),
+            (0xb000_0000, 0xff, 256 << 20)
+        );
         // 128 MiB: bit 27 is an address bit.
         let w = pciexbar_window(0xb800_0003, 0).unwrap().unwrap();
         assert_eq!((w.base, w.end_bus), (0xb800_0000, 0x7f));
@@ -372,12 +392,30 @@ mod tests {
         assert!(run(&mut x, 0, 0xb000_0000, &mut p).is_empty());
         let e = run(&mut x, 0, 0xb000_0001, &mut p);
         let w1 = EcamWindow::new(0, 0xb000_0000, 0, 0xff).unwrap();
-        assert_eq!(e, vec![LayoutEvent::Ecam { old: None, new: Some(w1) }]);
+        assert_eq!(
+            e,
+            vec![LayoutEvent::Ecam {
+                old: None,
+                new: Some(w1)
+            }]
+        );
         let e = run(&mut x, 0, 0xe000_0005, &mut p);
         let w2 = EcamWindow::new(0, 0xe000_0000, 0, 0x3f).unwrap();
-        assert_eq!(e, vec![LayoutEvent::Ecam { old: Some(w1), new: Some(w2) }]);
+        assert_eq!(
+            e,
+            vec![LayoutEvent::Ecam {
+                old: Some(w1),
+                new: Some(w2)
+            }]
+        );
         let e = run(&mut x, 0, 0xe000_0004, &mut p);
-        assert_eq!(e, vec![LayoutEvent::Ecam { old: Some(w2), new: None }]);
+        assert_eq!(
+            e,
+            vec![LayoutEvent::Ecam {
+                old: Some(w2),
+                new: None
+            }]
+        );
     }
 
     #[test]
@@ -418,12 +456,19 @@ mod tests {
     fn ich9_pm_block_follows_base_and_acpi_en() {
         let mut p = Platform::default();
         let mut pm = PmBlockIntercept::ich9(Phase::After);
-        assert!(run(&mut pm, 0, 0x601 & ICH9_PMBASE_MASK | 1, &mut p).is_empty(), "not enabled");
+        assert!(
+            run(&mut pm, 0, 0x601 & ICH9_PMBASE_MASK | 1, &mut p).is_empty(),
+            "not enabled"
+        );
         let e = run(&mut pm, 1, 0x80, &mut p);
         let f = bus0(ICH9_LPC_DEVFN);
         assert_eq!(
             e,
-            vec![LayoutEvent::PmBlock { function: f, old: None, new: Some(IoRange::ports(0x600, 0x67f)) }]
+            vec![LayoutEvent::PmBlock {
+                function: f,
+                old: None,
+                new: Some(IoRange::ports(0x600, 0x67f))
+            }]
         );
         let e = run(&mut pm, 0, 0xb001 & ICH9_PMBASE_MASK, &mut p);
         assert_eq!(
@@ -445,7 +490,10 @@ mod tests {
         run(&mut pm, 1, 0x80, &mut p);
         for base in [0u64, 0xc80, 0x0] {
             let e = run(&mut pm, 0, base, &mut p);
-            assert!(e.iter().any(|e| matches!(e, LayoutEvent::Refused { .. })), "{base:#x}: {e:?}");
+            assert!(
+                e.iter().any(|e| matches!(e, LayoutEvent::Refused { .. })),
+                "{base:#x}: {e:?}"
+            );
             assert_eq!(pm.block(), None);
         }
         // The PIIX4 block is 64 bytes.
@@ -462,7 +510,13 @@ mod tests {
         assert!(run(&mut h, 0, 0, &mut p).is_empty());
         assert_eq!(p.tolud, None);
         let e = run(&mut h, 0, 0x8000, &mut p);
-        assert_eq!(e, vec![LayoutEvent::MmioHole { tolud: Some(0x8000_0000), touud: None }]);
+        assert_eq!(
+            e,
+            vec![LayoutEvent::MmioHole {
+                tolud: Some(0x8000_0000),
+                touud: None
+            }]
+        );
         run(&mut h, 1, 0x1400, &mut p);
         assert_eq!(p.touud, Some(0x1_4000_0000));
     }

@@ -133,7 +133,9 @@ impl RawIoreq {
 /// Errors in a raw `ioreq_t` image that make it impossible to interpret.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AbiError {
-    #[error("unknown ioreq type {0} (known: 0 PIO, 1 COPY, 2 PCI_CONFIG, 7 TIMEOFFSET, 8 INVALIDATE)")]
+    #[error(
+        "unknown ioreq type {0} (known: 0 PIO, 1 COPY, 2 PCI_CONFIG, 7 TIMEOFFSET, 8 INVALIDATE)"
+    )]
     UnknownType(u8),
     #[error("unknown ioreq state {0} (known: 0 NONE, 1 READY, 2 INPROCESS, 3 IORESP_READY)")]
     UnknownState(u8),
@@ -228,12 +230,22 @@ mod tests {
     fn cf8_decode_follows_xen() {
         // 00:02.1 register 0x18, byte 1 through port 0xcfd.
         let cf8 = CF8_ENABLE | (2 << 11) | (1 << 8) | 0x18;
-        assert_eq!(cf8_decode(cf8, 0xcfd, 1), Some((pack_sbdf(0, 0, 2, 1), 0x19)));
+        assert_eq!(
+            cf8_decode(cf8, 0xcfd, 1),
+            Some((pack_sbdf(0, 0, 2, 1), 0x19))
+        );
         assert_eq!(cf8_decode(cf8 & !CF8_ENABLE, 0xcfc, 4), None);
-        assert_eq!(cf8_decode(cf8, 0xcfe, 4), None, "crosses the end of the data window");
+        assert_eq!(
+            cf8_decode(cf8, 0xcfe, 4),
+            None,
+            "crosses the end of the data window"
+        );
         assert_eq!(cf8_decode(cf8, 0xcf8, 4), None);
         // The low two bits of CF8 are ignored.
-        assert_eq!(cf8_decode(cf8 | 3, 0xcfc, 4), Some((pack_sbdf(0, 0, 2, 1), 0x18)));
+        assert_eq!(
+            cf8_decode(cf8 | 3, 0xcfc, 4),
+            Some((pack_sbdf(0, 0, 2, 1), 0x18))
+        );
     }
 
     #[test]

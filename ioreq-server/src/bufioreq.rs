@@ -88,7 +88,9 @@ impl BufSlot {
 /// Why an ioreq cannot go through the ring (it must then be sent synchronously).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum BufferError {
-    #[error("ioreq cannot be buffered (only single PIO/COPY/TIMEOFFSET writes below 1 MiB without a pointer)")]
+    #[error(
+        "ioreq cannot be buffered (only single PIO/COPY/TIMEOFFSET writes below 1 MiB without a pointer)"
+    )]
     NotBufferable,
     #[error("buffered ring is full")]
     Full,
@@ -139,7 +141,10 @@ impl BufferedIoPage {
     /// takes two slots; a full ring refuses (the caller then sends synchronously).
     pub fn push(&self, req: &Ioreq, mode: BufioreqMode) -> Result<(), BufferError> {
         let bufferable = mode != BufioreqMode::Off
-            && matches!(req.ty, IoreqType::Pio | IoreqType::Copy | IoreqType::TimeOffset)
+            && matches!(
+                req.ty,
+                IoreqType::Pio | IoreqType::Copy | IoreqType::TimeOffset
+            )
             && req.dir == Dir::Write
             && req.count == 1
             && !req.data_is_ptr
@@ -216,7 +221,9 @@ impl BufferedIoPage {
             if r == w {
                 return Ok(n);
             }
-            let slot = BufSlot::decode(self.slots[(r % IOREQ_BUFFER_SLOT_NUM) as usize].load(Ordering::Acquire));
+            let slot = BufSlot::decode(
+                self.slots[(r % IOREQ_BUFFER_SLOT_NUM) as usize].load(Ordering::Acquire),
+            );
             let ty = match slot.ty {
                 abi::IOREQ_TYPE_PIO => IoreqType::Pio,
                 abi::IOREQ_TYPE_COPY => IoreqType::Copy,
@@ -293,8 +300,11 @@ mod tests {
     #[test]
     fn eight_byte_write_takes_two_slots() {
         let p = BufferedIoPage::default();
-        p.push(&w(IoreqType::Copy, 0xa0000, 8, 0x1122334455667788), BufioreqMode::Atomic)
-            .unwrap();
+        p.push(
+            &w(IoreqType::Copy, 0xa0000, 8, 0x1122334455667788),
+            BufioreqMode::Atomic,
+        )
+        .unwrap();
         assert_eq!(p.pointers(), (0, 2));
         let mut got = vec![];
         assert_eq!(p.drain(|r| got.push(r)).unwrap(), 1);
@@ -316,32 +326,54 @@ mod tests {
         p.slots[0].store(first.encode(), Ordering::Relaxed);
         p.ptrs.store(join(0, 1), Ordering::Release);
         assert_eq!(p.drain(|_| {}), Err(AbiError::MissingSecondSlot(3)));
-        assert_eq!(p.pointers(), (0, 1), "entry stays until its second half arrives");
+        assert_eq!(
+            p.pointers(),
+            (0, 1),
+            "entry stays until its second half arrives"
+        );
     }
 
     #[test]
     fn what_cannot_be_buffered() {
         let p = BufferedIoPage::default();
         let mut r = w(IoreqType::Copy, 0x10_0000, 4, 0);
-        assert_eq!(p.push(&r, BufioreqMode::Atomic), Err(BufferError::NotBufferable));
+        assert_eq!(
+            p.push(&r, BufioreqMode::Atomic),
+            Err(BufferError::NotBufferable)
+        );
         r.addr = 0xa0000;
         r.dir = Dir::Read;
-        assert_eq!(p.push(&r, BufioreqMode::Atomic), Err(BufferError::NotBufferable));
+        assert_eq!(
+            p.push(&r, BufioreqMode::Atomic),
+            Err(BufferError::NotBufferable)
+        );
         r.dir = Dir::Write;
         r.count = 2;
-        assert_eq!(p.push(&r, BufioreqMode::Atomic), Err(BufferError::NotBufferable));
+        assert_eq!(
+            p.push(&r, BufioreqMode::Atomic),
+            Err(BufferError::NotBufferable)
+        );
         r.count = 1;
-        assert_eq!(p.push(&r, BufioreqMode::Off), Err(BufferError::NotBufferable));
+        assert_eq!(
+            p.push(&r, BufioreqMode::Off),
+            Err(BufferError::NotBufferable)
+        );
         let c = Ioreq::pci_config(0, 0, Dir::Write, 4, 0);
-        assert_eq!(p.push(&c, BufioreqMode::Atomic), Err(BufferError::NotBufferable));
+        assert_eq!(
+            p.push(&c, BufioreqMode::Atomic),
+            Err(BufferError::NotBufferable)
+        );
     }
 
     #[test]
     fn full_ring_refuses_and_drain_frees_it() {
         let p = BufferedIoPage::default();
         for i in 0..IOREQ_BUFFER_SLOT_NUM {
-            p.push(&w(IoreqType::Pio, 0x80, 1, u64::from(i)), BufioreqMode::Atomic)
-                .unwrap();
+            p.push(
+                &w(IoreqType::Pio, 0x80, 1, u64::from(i)),
+                BufioreqMode::Atomic,
+            )
+            .unwrap();
         }
         assert_eq!(
             p.push(&w(IoreqType::Pio, 0x80, 1, 0), BufioreqMode::Atomic),
@@ -349,7 +381,10 @@ mod tests {
         );
         let mut seen = vec![];
         p.drain(|r| seen.push(r.data)).unwrap();
-        assert_eq!(seen, (0..u64::from(IOREQ_BUFFER_SLOT_NUM)).collect::<Vec<_>>());
+        assert_eq!(
+            seen,
+            (0..u64::from(IOREQ_BUFFER_SLOT_NUM)).collect::<Vec<_>>()
+        );
         // Normalisation happens on the next push once read_pointer >= 511.
         p.push(&w(IoreqType::Pio, 0x80, 1, 7), BufioreqMode::Atomic)
             .unwrap();

@@ -283,18 +283,20 @@ mod tests {
             any::<bool>(),
             prop::sample::select(vec![0u8, 1, 2, 7, 8]),
         )
-            .prop_map(|(addr, data, count, size, port, st, ptr, rd, df, ty)| Ioreq {
-                addr,
-                data,
-                count,
-                size,
-                vp_eport: port,
-                state: IoreqState::from_u8(st).unwrap(),
-                data_is_ptr: ptr,
-                dir: if rd { Dir::Read } else { Dir::Write },
-                df,
-                ty: IoreqType::from_u8(ty).unwrap(),
-            })
+            .prop_map(
+                |(addr, data, count, size, port, st, ptr, rd, df, ty)| Ioreq {
+                    addr,
+                    data,
+                    count,
+                    size,
+                    vp_eport: port,
+                    state: IoreqState::from_u8(st).unwrap(),
+                    data_is_ptr: ptr,
+                    dir: if rd { Dir::Read } else { Dir::Write },
+                    df,
+                    ty: IoreqType::from_u8(ty).unwrap(),
+                },
+            )
     }
 
     proptest! {

@@ -9,12 +9,11 @@ pub mod abi;
 pub mod bufioreq;
 pub mod ioreq;
 pub mod model;
+pub mod oop;
 pub mod range;
 pub mod sim;
 pub mod slot;
 
 pub use ioreq::{Dir, Ioreq, IoreqError, IoreqState, IoreqType, size_mask};
-pub use model::{
-    Backend, BackendError, BackendEvent, ClaimError, DeviceModel, DmControl, DmError,
-};
+pub use model::{Backend, BackendError, BackendEvent, ClaimError, DeviceModel, DmControl, DmError};
 pub use range::{Claim, IoRange, Position, RangeKind};

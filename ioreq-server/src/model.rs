@@ -122,12 +122,7 @@ pub trait DeviceModel: Send {
     /// Serves one request. For reads, returns the value (its low `size` bytes count); for
     /// writes the return value is ignored. The model may change its claims through `ctl`
     /// (a BAR was programmed, say); they take effect before the next request.
-    fn handle(
-        &mut self,
-        vcpu: u32,
-        req: &Ioreq,
-        ctl: &mut dyn DmControl,
-    ) -> Result<u64, DmError>;
+    fn handle(&mut self, vcpu: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError>;
 
     /// TIMEOFFSET and INVALIDATE broadcasts. The default does nothing (no mapcache).
     fn broadcast(&mut self, _req: &Ioreq) -> Result<(), DmError> {

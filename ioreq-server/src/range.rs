@@ -147,7 +147,10 @@ mod tests {
 
     #[test]
     fn display_forms() {
-        assert_eq!(IoRange::ports(0x600, 0x67f).to_string(), "ports 0x600-0x67f");
+        assert_eq!(
+            IoRange::ports(0x600, 0x67f).to_string(),
+            "ports 0x600-0x67f"
+        );
         assert_eq!(
             IoRange::mmio(0xb000_0000, 0x1000_0000).to_string(),
             "mmio 0xb0000000-0xbfffffff"

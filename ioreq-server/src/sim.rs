@@ -469,7 +469,11 @@ impl SimHypervisor {
             return Err(SimError::Busy(vcpu));
         }
         let ids: Vec<u16> = (0..MAX_NR_IOREQ_SERVERS as u16)
-            .filter(|&i| st.servers[usize::from(i)].as_ref().is_some_and(|s| s.enabled))
+            .filter(|&i| {
+                st.servers[usize::from(i)]
+                    .as_ref()
+                    .is_some_and(|s| s.enabled)
+            })
             .collect();
         if ids.is_empty() {
             return Ok(Issued::Done(0));
@@ -608,7 +612,11 @@ impl SimHypervisor {
                 st.stats.completed, st.stats.sent
             ));
         }
-        if v.is_empty() { Ok(st.stats.clone()) } else { Err(v) }
+        if v.is_empty() {
+            Ok(st.stats.clone())
+        } else {
+            Err(v)
+        }
     }
 }
 
@@ -658,11 +666,7 @@ impl SimBackend {
         r
     }
 
-    fn handle_notify(
-        &self,
-        n: Notify,
-        out: &mut Vec<BackendEvent>,
-    ) -> Result<(), BackendError> {
+    fn handle_notify(&self, n: Notify, out: &mut Vec<BackendEvent>) -> Result<(), BackendError> {
         self.with_server(|srv, st| {
             // The ring first: writes queued before a synchronous request stay before it.
             let _ = srv
@@ -817,7 +821,10 @@ mod tests {
         b.map_range(IoRange::ports(0x60, 0x61)).unwrap();
         a.set_enabled(true).unwrap();
         // b disabled: a gets it.
-        assert_eq!(hv.issue(0, &pio(Dir::Read, 0x60, 1, 0), false).unwrap(), Issued::Pending);
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0x60, 1, 0), false).unwrap(),
+            Issued::Pending
+        );
         assert_eq!(serve_one(&mut a, 0x11).len(), 1);
         assert_eq!(hv.collect(0).unwrap(), Some(0x11));
         b.set_enabled(true).unwrap();
@@ -840,9 +847,11 @@ mod tests {
         s.map_range(IoRange::pci(sbdf)).unwrap();
         s.set_enabled(true).unwrap();
         // A 2-byte write to CF8 does not latch.
-        hv.issue(0, &pio(Dir::Write, 0xcf8, 2, 0x8000_1118), false).unwrap();
+        hv.issue(0, &pio(Dir::Write, 0xcf8, 2, 0x8000_1118), false)
+            .unwrap();
         assert_eq!(hv.cf8(), 0);
-        hv.issue(0, &pio(Dir::Write, 0xcf8, 4, 0x8000_1118), false).unwrap();
+        hv.issue(0, &pio(Dir::Write, 0xcf8, 4, 0x8000_1118), false)
+            .unwrap();
         assert_eq!(hv.cf8(), 0x8000_1118);
         hv.issue(0, &pio(Dir::Read, 0xcfd, 1, 0), false).unwrap();
         let ev = serve_one(&mut s, 0x42);
@@ -856,15 +865,24 @@ mod tests {
         }
         assert_eq!(hv.collect(0).unwrap(), Some(0x42));
         // Another SBDF: nobody claims it; it is not retried as a port access.
-        hv.issue(0, &pio(Dir::Write, 0xcf8, 4, 0x8000_1200), false).unwrap();
-        assert_eq!(hv.issue(0, &pio(Dir::Read, 0xcfc, 4, 0), false).unwrap(), Issued::Done(0xffff_ffff));
+        hv.issue(0, &pio(Dir::Write, 0xcf8, 4, 0x8000_1200), false)
+            .unwrap();
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0xcfc, 4, 0), false).unwrap(),
+            Issued::Done(0xffff_ffff)
+        );
     }
 
     #[test]
     fn limits_and_overlaps() {
         let hv = SimHypervisor::new(1, Duration::from_secs(1));
-        let mut servers: Vec<_> = (0..8).map(|_| hv.create_server(BufioreqMode::Off).unwrap()).collect();
-        assert_eq!(hv.create_server(BufioreqMode::Off).unwrap_err(), SimError::TooManyServers);
+        let mut servers: Vec<_> = (0..8)
+            .map(|_| hv.create_server(BufioreqMode::Off).unwrap())
+            .collect();
+        assert_eq!(
+            hv.create_server(BufioreqMode::Off).unwrap_err(),
+            SimError::TooManyServers
+        );
         let s = &mut servers[0];
         s.map_range(IoRange::ports(0x10, 0x1f)).unwrap();
         assert_eq!(
@@ -875,7 +893,8 @@ mod tests {
         servers[1].map_range(IoRange::ports(0x10, 0x1f)).unwrap();
         let s = &mut servers[2];
         for i in 0..MAX_NR_IO_RANGES as u64 {
-            s.map_range(IoRange::new(RangeKind::Mmio, i * 16, i * 16 + 7)).unwrap();
+            s.map_range(IoRange::new(RangeKind::Mmio, i * 16, i * 16 + 7))
+                .unwrap();
         }
         assert!(matches!(
             s.map_range(IoRange::new(RangeKind::Mmio, 0x10_0000, 0x10_0000)),
@@ -883,10 +902,17 @@ mod tests {
         ));
         // Adjacent ranges merge and do not count twice.
         s.map_range(IoRange::new(RangeKind::Mmio, 8, 15)).unwrap();
-        assert_eq!(hv.server_ranges(2, RangeKind::Mmio).len(), MAX_NR_IO_RANGES - 1);
+        assert_eq!(
+            hv.server_ranges(2, RangeKind::Mmio).len(),
+            MAX_NR_IO_RANGES - 1
+        );
         assert_eq!(
             s.unmap_range(IoRange::new(RangeKind::Mmio, 0x9999_0000, 0x9999_0000)),
-            Err(BackendError::NotMapped(IoRange::new(RangeKind::Mmio, 0x9999_0000, 0x9999_0000)))
+            Err(BackendError::NotMapped(IoRange::new(
+                RangeKind::Mmio,
+                0x9999_0000,
+                0x9999_0000
+            )))
         );
     }
 
@@ -894,12 +920,18 @@ mod tests {
     fn buffered_writes_drain_before_the_next_sync_request() {
         let hv = SimHypervisor::new(1, Duration::from_secs(1));
         let mut s = hv.create_server(BufioreqMode::Atomic).unwrap();
-        s.map_range(IoRange::new(RangeKind::Mmio, 0xa0000, 0xbffff)).unwrap();
+        s.map_range(IoRange::new(RangeKind::Mmio, 0xa0000, 0xbffff))
+            .unwrap();
         s.set_enabled(true).unwrap();
         let w = |a, d| Ioreq::new(IoreqType::Copy, Dir::Write, a, 1, d);
         assert_eq!(hv.issue(0, &w(0xa0000, 1), true).unwrap(), Issued::Done(0));
         assert_eq!(hv.issue(0, &w(0xa0001, 2), true).unwrap(), Issued::Done(0));
-        hv.issue(0, &Ioreq::new(IoreqType::Copy, Dir::Read, 0xa0000, 1, 0), false).unwrap();
+        hv.issue(
+            0,
+            &Ioreq::new(IoreqType::Copy, Dir::Read, 0xa0000, 1, 0),
+            false,
+        )
+        .unwrap();
         let mut ev = vec![];
         s.wait(Some(Duration::ZERO), &mut ev).unwrap();
         let kinds: Vec<_> = ev

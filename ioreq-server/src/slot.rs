@@ -121,7 +121,11 @@ mod tests {
         );
         s.advance(Actor::Server, InProcess).unwrap();
         assert!(s.advance(Actor::Server, Ready).is_err());
-        assert_eq!(s.state(), InProcess, "a rejected move leaves the slot alone");
+        assert_eq!(
+            s.state(),
+            InProcess,
+            "a rejected move leaves the slot alone"
+        );
         s.advance(Actor::Server, RespReady).unwrap();
         // Completing twice is an error.
         assert!(s.advance(Actor::Server, RespReady).is_err());

@@ -6,69 +6,31 @@
 
 use bdf_router::Sbdf;
 use ioreq_mux::engine::EngineConfig;
-use ioreq_mux::models::{
-    BarKind, DeliveryLog, EmulatedModel, FunctionKind, FunctionSpec, Placement,
-};
-use ioreq_mux_tests::{Guest, Path, bdf};
-use ioreq_server::{Claim, Dir, IoRange, IoreqType, Position, abi};
+use ioreq_mux::models::{DeliveryLog, EmulatedModel, FunctionSpec};
+use ioreq_mux_tests::{Guest, Path, bdf, pos, topology};
+use ioreq_server::{Claim, Dir, IoRange, IoreqType, abi};
 use std::sync::{Arc, Mutex};
-
-const MCH: (u16, u16) = (0x8086, 0x29c0);
-const LPC: (u16, u16) = (0x8086, 0x2918);
-
-fn pos(path: &[(u8, u8)]) -> Placement {
-    Placement::Position(Position {
-        segment: 0,
-        root_bus: 0,
-        path: path.iter().map(|(d, f)| d << 3 | f).collect(),
-    })
-}
-
-fn at(t: &str) -> Placement {
-    Placement::Bdf(bdf(t).to_xen())
-}
-
-/// The chipset model (MCH, LPC, two root ports, a switch, a PCIe-to-PCI bridge and two
-/// endpoints) and a "vgpu" model owning one endpoint behind the switch.
-fn topology(log: &DeliveryLog) -> Vec<Box<dyn ioreq_server::DeviceModel>> {
-    let rp = FunctionSpec::bridge(0x1b36, 0x000c, FunctionKind::RootPort);
-    let mut rp_multi = rp.clone();
-    rp_multi.multifunction = true;
-    let chipset = EmulatedModel::new("chipset")
-        .with_function(at("00:00.0"), &FunctionSpec { pcie: false, ..FunctionSpec::endpoint(MCH.0, MCH.1, 0x060000) })
-        .with_function(at("00:1f.0"), &FunctionSpec { pcie: false, multifunction: true, ..FunctionSpec::endpoint(LPC.0, LPC.1, 0x060100) })
-        .with_function(at("00:02.0"), &rp_multi)
-        .with_function(at("00:02.1"), &rp)
-        // switch: upstream port behind 00:02.0, two downstream ports
-        .with_function(pos(&[(2, 0), (0, 0)]), &FunctionSpec::bridge(0x104c, 0x8232, FunctionKind::UpstreamPort))
-        .with_function(pos(&[(2, 0), (0, 0), (0, 0)]), &FunctionSpec::bridge(0x104c, 0x8233, FunctionKind::DownstreamPort))
-        .with_function(pos(&[(2, 0), (0, 0), (1, 0)]), &FunctionSpec::bridge(0x104c, 0x8233, FunctionKind::DownstreamPort))
-        // an endpoint behind the second downstream port stays with the chipset model
-        .with_function(pos(&[(2, 0), (0, 0), (1, 0), (0, 0)]), &FunctionSpec::endpoint(0x1af4, 0x1044, 0x00ff00).with_bar(BarKind::Mem32, 0x1000))
-        // PCIe-to-PCI bridge behind 00:02.1 and a conventional PCI endpoint at slot 1
-        .with_function(pos(&[(2, 1), (0, 0)]), &FunctionSpec::bridge(0x1b36, 0x000e, FunctionKind::PciBridge))
-        .with_function(pos(&[(2, 1), (0, 0), (1, 0)]), &FunctionSpec { pcie: false, ..FunctionSpec::endpoint(0x8086, 0x100e, 0x020000).with_bar(BarKind::Io, 0x40) })
-        .with_log(log.clone());
-    let vgpu = EmulatedModel::new("vgpu")
-        .with_function(
-            pos(&[(2, 0), (0, 0), (0, 0), (0, 0)]),
-            &FunctionSpec {
-                serial: 0x1122_3344_5566_7788,
-                ..FunctionSpec::endpoint(0x10de, 0x1eb8, 0x030000).with_bar(BarKind::Mem64, 0x10_0000)
-            },
-        )
-        .with_log(log.clone());
-    vec![Box::new(chipset), Box::new(vgpu)]
-}
 
 /// Asserts the last delivery went to `model` as a config access to `sbdf`/`reg`/`size`/`data`.
 #[track_caller]
-fn assert_delivered(log: &DeliveryLog, model: &str, sbdf: Sbdf, reg: u16, size: u32, dir: Dir, data: Option<u64>) {
+fn assert_delivered(
+    log: &DeliveryLog,
+    model: &str,
+    sbdf: Sbdf,
+    reg: u16,
+    size: u32,
+    dir: Dir,
+    data: Option<u64>,
+) {
     let l = log.lock().unwrap();
     let d = l.last().expect("something was delivered");
     assert_eq!(d.model, model, "wrong model for {sbdf} @{reg:#x}: {d:?}");
     assert_eq!(d.req.ty, IoreqType::PciConfig);
-    assert_eq!(abi::split_pci_config_addr(d.req.addr), (sbdf.to_xen(), u32::from(reg)), "{d:?}");
+    assert_eq!(
+        abi::split_pci_config_addr(d.req.addr),
+        (sbdf.to_xen(), u32::from(reg)),
+        "{d:?}"
+    );
     assert_eq!(d.req.size, size);
     assert_eq!(d.req.dir, dir);
     if let Some(v) = data {
@@ -98,8 +60,20 @@ fn probe(g: &mut Guest, log: &DeliveryLog, path: Path, sbdf: Sbdf, want: Option<
 }
 
 /// Numbers a bridge like SeaBIOS: read header type, secondary, subordinate 0xff.
-fn number(g: &mut Guest, log: &DeliveryLog, path: Path, sbdf: Sbdf, owner: &str, primary: u8, secondary: u8) {
-    assert_eq!(g.cfg_read(path, sbdf, 0x0e, 1) & 0x7f, 1, "{sbdf} is a bridge");
+fn number(
+    g: &mut Guest,
+    log: &DeliveryLog,
+    path: Path,
+    sbdf: Sbdf,
+    owner: &str,
+    primary: u8,
+    secondary: u8,
+) {
+    assert_eq!(
+        g.cfg_read(path, sbdf, 0x0e, 1) & 0x7f,
+        1,
+        "{sbdf} is a bridge"
+    );
     let v = u64::from(primary) | u64::from(secondary) << 8 | 0xff << 16;
     g.cfg_write(path, sbdf, 0x18, 4, v);
     assert_delivered(log, owner, sbdf, 0x18, 4, Dir::Write, Some(v));
@@ -121,35 +95,79 @@ fn scripted_firmware_routes_every_access() {
         chipset: None,
     };
     let mut g = Guest::new(topology(&log), &cfg);
-    assert_eq!(g.engine.chipset(), chipset_intercept::Chipset::Q35, "detected by probing IDs");
+    assert_eq!(
+        g.engine.chipset(),
+        chipset_intercept::Chipset::Q35,
+        "detected by probing IDs"
+    );
     log.lock().unwrap().clear();
 
     // 1. The host bridge through CF8.
-    probe(&mut g, &log, Path::Cf8, bdf("00:00.0"), Some(("chipset", 0x29c0_8086)));
+    probe(
+        &mut g,
+        &log,
+        Path::Cf8,
+        bdf("00:00.0"),
+        Some(("chipset", 0x29c0_8086)),
+    );
 
     // 2. PCIEXBAR through CF8, as both firmwares do: the MCH model never sees it.
     let n = deliveries(&log);
     g.cfg_write(Path::Cf8, bdf("00:00.0"), 0x60, 4, 0);
     g.cfg_write(Path::Cf8, bdf("00:00.0"), 0x64, 4, 0);
     g.cfg_write(Path::Cf8, bdf("00:00.0"), 0x60, 4, 0xb000_0001);
-    assert_eq!(deliveries(&log), n, "PCIEXBAR is handled instead of the model");
+    assert_eq!(
+        deliveries(&log),
+        n,
+        "PCIEXBAR is handled instead of the model"
+    );
     assert_eq!(g.cfg_read(Path::Cf8, bdf("00:00.0"), 0x60, 4), 0xb000_0001);
     assert_eq!(g.engine.router().windows().len(), 1);
     g.ecam = g.engine.router().windows().first().copied();
-    assert_eq!(g.ecam.map(|w| (w.base, w.end_bus)), Some((0xb000_0000, 0xff)));
+    assert_eq!(
+        g.ecam.map(|w| (w.base, w.end_bus)),
+        Some((0xb000_0000, 0xff))
+    );
 
     // 3. PMBASE and ACPI_CNTL through ECAM: the LPC model sees them, and the PM block's
     //    ports are claimed for the chipset model.
     g.cfg_write(Path::Ecam, bdf("00:1f.0"), 0x40, 4, 0x601);
-    assert_delivered(&log, "chipset", bdf("00:1f.0"), 0x40, 4, Dir::Write, Some(0x601));
-    assert_eq!(g.inb(0x608, 4), 0xffff_ffff, "PM block not decoded before ACPI_EN");
+    assert_delivered(
+        &log,
+        "chipset",
+        bdf("00:1f.0"),
+        0x40,
+        4,
+        Dir::Write,
+        Some(0x601),
+    );
+    assert_eq!(
+        g.inb(0x608, 4),
+        0xffff_ffff,
+        "PM block not decoded before ACPI_EN"
+    );
     g.cfg_write(Path::Ecam, bdf("00:1f.0"), 0x44, 1, 0x80);
-    assert_delivered(&log, "chipset", bdf("00:1f.0"), 0x44, 1, Dir::Write, Some(0x80));
-    assert_eq!(g.inb(0x608, 4), 0xcafe_0608, "PM timer port reaches the chipset model");
+    assert_delivered(
+        &log,
+        "chipset",
+        bdf("00:1f.0"),
+        0x44,
+        1,
+        Dir::Write,
+        Some(0x80),
+    );
+    assert_eq!(
+        g.inb(0x608, 4),
+        0xcafe_0608,
+        "PM timer port reaches the chipset model"
+    );
     {
         let l = log.lock().unwrap();
         let d = l.last().unwrap();
-        assert_eq!((d.model.as_str(), d.req.ty, d.req.addr), ("chipset", IoreqType::Pio, 0x608));
+        assert_eq!(
+            (d.model.as_str(), d.req.ty, d.req.addr),
+            ("chipset", IoreqType::Pio, 0x608)
+        );
     }
 
     // 4. Enumerate bus 0 through ECAM.
@@ -163,42 +181,104 @@ fn scripted_firmware_routes_every_access() {
         };
         probe(&mut g, &log, Path::Ecam, s, want);
     }
-    probe(&mut g, &log, Path::Ecam, bdf("00:02.1"), Some(("chipset", 0x000c_1b36)));
+    probe(
+        &mut g,
+        &log,
+        Path::Ecam,
+        bdf("00:02.1"),
+        Some(("chipset", 0x000c_1b36)),
+    );
     probe(&mut g, &log, Path::Cf8, bdf("00:02.2"), None);
 
     // 5. Number bridges, depth first, mixing both paths.
     number(&mut g, &log, Path::Ecam, bdf("00:02.0"), "chipset", 0, 1);
-    probe(&mut g, &log, Path::Ecam, bdf("01:00.0"), Some(("chipset", 0x8232_104c)));
+    probe(
+        &mut g,
+        &log,
+        Path::Ecam,
+        bdf("01:00.0"),
+        Some(("chipset", 0x8232_104c)),
+    );
     number(&mut g, &log, Path::Ecam, bdf("01:00.0"), "chipset", 1, 2);
-    probe(&mut g, &log, Path::Cf8, bdf("02:00.0"), Some(("chipset", 0x8233_104c)));
-    probe(&mut g, &log, Path::Cf8, bdf("02:01.0"), Some(("chipset", 0x8233_104c)));
+    probe(
+        &mut g,
+        &log,
+        Path::Cf8,
+        bdf("02:00.0"),
+        Some(("chipset", 0x8233_104c)),
+    );
+    probe(
+        &mut g,
+        &log,
+        Path::Cf8,
+        bdf("02:01.0"),
+        Some(("chipset", 0x8233_104c)),
+    );
     number(&mut g, &log, Path::Cf8, bdf("02:00.0"), "chipset", 2, 3);
     // Behind the first downstream port: the vgpu's function, served by the second model.
-    probe(&mut g, &log, Path::Ecam, bdf("03:00.0"), Some(("vgpu", 0x1eb8_10de)));
-    probe(&mut g, &log, Path::Cf8, bdf("03:00.0"), Some(("vgpu", 0x1eb8_10de)));
+    probe(
+        &mut g,
+        &log,
+        Path::Ecam,
+        bdf("03:00.0"),
+        Some(("vgpu", 0x1eb8_10de)),
+    );
+    probe(
+        &mut g,
+        &log,
+        Path::Cf8,
+        bdf("03:00.0"),
+        Some(("vgpu", 0x1eb8_10de)),
+    );
     set_subordinate(&mut g, &log, Path::Ecam, bdf("02:00.0"), "chipset", 3);
     number(&mut g, &log, Path::Ecam, bdf("02:01.0"), "chipset", 2, 4);
-    probe(&mut g, &log, Path::Ecam, bdf("04:00.0"), Some(("chipset", 0x1044_1af4)));
+    probe(
+        &mut g,
+        &log,
+        Path::Ecam,
+        bdf("04:00.0"),
+        Some(("chipset", 0x1044_1af4)),
+    );
     set_subordinate(&mut g, &log, Path::Ecam, bdf("02:01.0"), "chipset", 4);
     set_subordinate(&mut g, &log, Path::Ecam, bdf("01:00.0"), "chipset", 4);
     set_subordinate(&mut g, &log, Path::Ecam, bdf("00:02.0"), "chipset", 4);
     number(&mut g, &log, Path::Cf8, bdf("00:02.1"), "chipset", 0, 5);
     number(&mut g, &log, Path::Ecam, bdf("05:00.0"), "chipset", 5, 6);
     probe(&mut g, &log, Path::Ecam, bdf("06:00.0"), None);
-    probe(&mut g, &log, Path::Ecam, bdf("06:01.0"), Some(("chipset", 0x100e_8086)));
+    probe(
+        &mut g,
+        &log,
+        Path::Ecam,
+        bdf("06:01.0"),
+        Some(("chipset", 0x100e_8086)),
+    );
     set_subordinate(&mut g, &log, Path::Ecam, bdf("05:00.0"), "chipset", 6);
     set_subordinate(&mut g, &log, Path::Ecam, bdf("00:02.1"), "chipset", 6);
     // A bus nobody numbered.
     probe(&mut g, &log, Path::Ecam, bdf("07:00.0"), None);
 
     // 6. Extended config space of the vgpu function through ECAM only (CF8 stops at 0xff).
-    assert_eq!(g.cfg_read(Path::Ecam, bdf("03:00.0"), 0x100, 4), 0x0001_0003);
+    assert_eq!(
+        g.cfg_read(Path::Ecam, bdf("03:00.0"), 0x100, 4),
+        0x0001_0003
+    );
     assert_delivered(&log, "vgpu", bdf("03:00.0"), 0x100, 4, Dir::Read, None);
     let w = g.ecam.unwrap();
-    assert_eq!(g.mmio_read(w.address_of(bdf("03:00.0"), 0x108).unwrap(), 8), 0x0000_0000_1122_3344, "8-byte ECAM read = two dwords");
-    assert_eq!(g.mmio_read(w.address_of(bdf("03:00.0"), 0x100).unwrap(), 8), 0x5566_7788_0001_0003);
+    assert_eq!(
+        g.mmio_read(w.address_of(bdf("03:00.0"), 0x108).unwrap(), 8),
+        0x0000_0000_1122_3344,
+        "8-byte ECAM read = two dwords"
+    );
+    assert_eq!(
+        g.mmio_read(w.address_of(bdf("03:00.0"), 0x100).unwrap(), 8),
+        0x5566_7788_0001_0003
+    );
     let rejects = g.engine.stats().ecam_rejects;
-    assert_eq!(g.mmio_read(w.address_of(bdf("03:00.0"), 0x104).unwrap(), 8), u64::MAX, "8-byte ECAM access not 8-aligned: master abort");
+    assert_eq!(
+        g.mmio_read(w.address_of(bdf("03:00.0"), 0x104).unwrap(), 8),
+        u64::MAX,
+        "8-byte ECAM access not 8-aligned: master abort"
+    );
     assert_eq!(g.engine.stats().ecam_rejects, rejects + 1);
     // Sub-dword accesses keep their register and size.
     assert_eq!(g.cfg_read(Path::Cf8, bdf("03:00.0"), 0x02, 2), 0x1eb8);
@@ -220,35 +300,71 @@ fn scripted_firmware_routes_every_access() {
     {
         let l = log.lock().unwrap();
         let d = l.last().unwrap();
-        assert_eq!((d.model.as_str(), d.req.ty, d.req.addr), ("vgpu", IoreqType::Copy, 0xc000_0010));
+        assert_eq!(
+            (d.model.as_str(), d.req.ty, d.req.addr),
+            ("vgpu", IoreqType::Copy, 0xc000_0010)
+        );
     }
 
     // 8. Move PCIEXBAR to 64 MiB at 0xe0000000 with a 1-byte write to 0x60 first (disable)
     //    and then the dword: the old window stops decoding at once.
     g.cfg_write(Path::Cf8, bdf("00:00.0"), 0x60, 1, 0x00);
     assert!(g.engine.router().windows().is_empty());
-    assert_eq!(g.mmio_read(0xb000_0000, 4), 0xffff_ffff, "disabled window: nobody claims it");
+    assert_eq!(
+        g.mmio_read(0xb000_0000, 4),
+        0xffff_ffff,
+        "disabled window: nobody claims it"
+    );
     g.cfg_write(Path::Cf8, bdf("00:00.0"), 0x60, 4, 0xe000_0005);
     let w = g.engine.router().windows()[0];
     assert_eq!((w.base, w.end_bus), (0xe000_0000, 0x3f));
     let old = g.ecam.replace(w).unwrap();
     let n = deliveries(&log);
-    assert_eq!(g.mmio_read(old.address_of(bdf("03:00.0"), 0).unwrap(), 4), 0xffff_ffff);
+    assert_eq!(
+        g.mmio_read(old.address_of(bdf("03:00.0"), 0).unwrap(), 4),
+        0xffff_ffff
+    );
     assert_eq!(deliveries(&log), n, "the old window decodes nothing");
-    probe(&mut g, &log, Path::Ecam, bdf("03:00.0"), Some(("vgpu", 0x1eb8_10de)));
+    probe(
+        &mut g,
+        &log,
+        Path::Ecam,
+        bdf("03:00.0"),
+        Some(("vgpu", 0x1eb8_10de)),
+    );
 
     // 9. Renumber: the first downstream port's secondary bus 3 -> 7. The vgpu function moves
     //    with it; its registration by position follows.
     g.cfg_write(Path::Ecam, bdf("02:00.0"), 0x19, 1, 7);
-    assert_delivered(&log, "chipset", bdf("02:00.0"), 0x19, 1, Dir::Write, Some(7));
+    assert_delivered(
+        &log,
+        "chipset",
+        bdf("02:00.0"),
+        0x19,
+        1,
+        Dir::Write,
+        Some(7),
+    );
     g.cfg_write(Path::Ecam, bdf("02:00.0"), 0x1a, 1, 7);
     // ...but bus 7 is outside the upstream port's subordinate range (4): unreachable.
     probe(&mut g, &log, Path::Ecam, bdf("07:00.0"), None);
     for s in ["01:00.0", "00:02.0"] {
         set_subordinate(&mut g, &log, Path::Ecam, bdf(s), "chipset", 7);
     }
-    probe(&mut g, &log, Path::Ecam, bdf("07:00.0"), Some(("vgpu", 0x1eb8_10de)));
-    probe(&mut g, &log, Path::Cf8, bdf("07:00.0"), Some(("vgpu", 0x1eb8_10de)));
+    probe(
+        &mut g,
+        &log,
+        Path::Ecam,
+        bdf("07:00.0"),
+        Some(("vgpu", 0x1eb8_10de)),
+    );
+    probe(
+        &mut g,
+        &log,
+        Path::Cf8,
+        bdf("07:00.0"),
+        Some(("vgpu", 0x1eb8_10de)),
+    );
     probe(&mut g, &log, Path::Ecam, bdf("03:00.0"), None);
     // The BAR claim did not move: it is an address, not a BDF.
     assert_eq!(g.mmio_read(0xc000_0010, 4), 0x1234_5678);
@@ -257,15 +373,30 @@ fn scripted_firmware_routes_every_access() {
     g.cfg_write(Path::Cf8, bdf("00:00.0"), 0x60, 4, 0xe000_0004);
     assert!(g.engine.router().windows().is_empty());
     assert_eq!(g.mmio_read(0xe000_0000, 4), 0xffff_ffff);
-    probe(&mut g, &log, Path::Cf8, bdf("06:01.0"), Some(("chipset", 0x100e_8086)));
+    probe(
+        &mut g,
+        &log,
+        Path::Cf8,
+        bdf("06:01.0"),
+        Some(("chipset", 0x100e_8086)),
+    );
 
     // Every ioreq was completed exactly once; nobody is left waiting.
     let stats = g.hv.check().expect("simulation invariants hold");
     assert_eq!(stats.sent, stats.completed);
     let es = g.engine.stats();
     assert!(es.master_aborts > 30, "{es:?}");
-    assert_eq!(es.malformed + es.dm_errors + es.completion_errors, 0, "{es:?}");
-    let history: Vec<String> = g.engine.layout_history().iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        es.malformed + es.dm_errors + es.completion_errors,
+        0,
+        "{es:?}"
+    );
+    let history: Vec<String> = g
+        .engine
+        .layout_history()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
     assert_eq!(
         history,
         [
@@ -287,8 +418,11 @@ fn a_second_claim_on_the_same_function_names_both_models() {
         &FunctionSpec::endpoint(0x1b36, 0x0010, 0x010802),
     )));
     let hv = ioreq_server::sim::SimHypervisor::new(1, std::time::Duration::from_secs(1));
-    let backend = hv.create_server(ioreq_server::bufioreq::BufioreqMode::Off).unwrap();
-    let err = ioreq_mux::engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
+    let backend = hv
+        .create_server(ioreq_server::bufioreq::BufioreqMode::Off)
+        .unwrap();
+    let err =
+        ioreq_mux::engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("storage") && msg.contains("vgpu"), "{msg}");
 }
@@ -301,8 +435,11 @@ fn claims_of_the_mux_own_ports_and_window_are_refused() {
         EmulatedModel::new("greedy").with_range(IoRange::ports(0xcf8, 0xcff)),
     ));
     let hv = ioreq_server::sim::SimHypervisor::new(1, std::time::Duration::from_secs(1));
-    let backend = hv.create_server(ioreq_server::bufioreq::BufioreqMode::Off).unwrap();
-    let err = ioreq_mux::engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
+    let backend = hv
+        .create_server(ioreq_server::bufioreq::BufioreqMode::Off)
+        .unwrap();
+    let err =
+        ioreq_mux::engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
     assert!(err.to_string().contains("ioreq-mux"), "{err}");
     let _ = Claim::Range(IoRange::ports(0, 0));
 }

@@ -197,7 +197,11 @@ pub fn parse_bdf_range(t: &str) -> Result<IoRange, String> {
     if b.to_xen() < a.to_xen() {
         return Err(format!("'{t}': end before start"));
     }
-    Ok(IoRange::new(RangeKind::Pci, a.to_xen().into(), b.to_xen().into()))
+    Ok(IoRange::new(
+        RangeKind::Pci,
+        a.to_xen().into(),
+        b.to_xen().into(),
+    ))
 }
 
 /// `[SSSS:]BB:DD.F/DD.F/...`: the first function is on the root bus, each later hop is on
@@ -402,24 +406,39 @@ bars = [{ kind = "mem32", size = 4096 }]
         assert_eq!(c.engine.intercepts.low_ram_top, Some(0x8000_0000));
         let q = &c.servers[0];
         assert_eq!(q.claims.len(), 5);
-        assert_eq!(q.claims[0], Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xff)));
+        assert_eq!(
+            q.claims[0],
+            Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xff))
+        );
         assert_eq!(
             q.claims[1],
-            Claim::Position(Position { segment: 0, root_bus: 0, path: vec![0x12, 0x00, 0x08] })
+            Claim::Position(Position {
+                segment: 0,
+                root_bus: 0,
+                path: vec![0x12, 0x00, 0x08]
+            })
         );
-        assert_eq!(q.claims[4], Claim::Range(IoRange::new(RangeKind::Mmio, 0xfed0_0000, 0xfed0_03ff)));
+        assert_eq!(
+            q.claims[4],
+            Claim::Range(IoRange::new(RangeKind::Mmio, 0xfed0_0000, 0xfed0_03ff))
+        );
         assert_eq!(c.servers[1].functions.len(), 1);
     }
 
     #[test]
     fn errors_name_file_line_and_field() {
-        let e = parse("[[server]]\nname = \"a\"\nowns.bdf = [\"00:00.0\",\n \"00:99.0\"]\n").unwrap_err();
+        let e = parse("[[server]]\nname = \"a\"\nowns.bdf = [\"00:00.0\",\n \"00:99.0\"]\n")
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "t.toml:4: server[0] 'a': owns.bdf[1]: device 0x99 is out of range (0 to 0x1f)"
         );
         let e = parse("[[server]]\nname = \"a\"\nownz = 1\n").unwrap_err();
-        assert!(e.to_string().starts_with("t.toml:3: syntax: unknown field `ownz`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:3: syntax: unknown field `ownz`"),
+            "{e}"
+        );
         let e = parse("[[server]]\nname = \"a\"\nowns.ports = [\"0x10000\"]\n").unwrap_err();
         assert!(e.to_string().contains("owns.ports[0]"), "{e}");
         let e = parse("[[server]]\nname = \"a\"\n[[server]]\nname = \"a\"\n").unwrap_err();
@@ -430,7 +449,10 @@ bars = [{ kind = "mem32", size = 4096 }]
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range(RangeKind::Port, "0x600+0x80").unwrap(), IoRange::ports(0x600, 0x67f));
+        assert_eq!(
+            parse_range(RangeKind::Port, "0x600+0x80").unwrap(),
+            IoRange::ports(0x600, 0x67f)
+        );
         assert!(parse_range(RangeKind::Port, "0x10-0x5").is_err());
         assert!(parse_range(RangeKind::Mmio, "0x10+0").is_err());
         assert!(parse_range(RangeKind::Mmio, "zz").is_err());

@@ -11,8 +11,8 @@ use bdf_router::{
 use chipset_intercept::{Chipset, InterceptConfig, InterceptTable, LayoutEvent};
 use ioreq_server::abi::{self, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT};
 use ioreq_server::{
-    Backend, BackendError, BackendEvent, Claim, ClaimError, DeviceModel, Dir, DmControl,
-    IoRange, Ioreq, IoreqType, Position, RangeKind, size_mask,
+    Backend, BackendError, BackendEvent, Claim, ClaimError, DeviceModel, Dir, DmControl, IoRange,
+    Ioreq, IoreqType, Position, RangeKind, size_mask,
 };
 use serde::Serialize;
 use std::time::Duration;
@@ -160,7 +160,10 @@ pub struct Engine<B: Backend> {
     events: Vec<BackendEvent>,
     layout: Vec<LayoutEvent>,
     history: Vec<LayoutEvent>,
-    control: Option<(crossbeam_channel::Sender<Control>, crossbeam_channel::Receiver<Control>)>,
+    control: Option<(
+        crossbeam_channel::Sender<Control>,
+        crossbeam_channel::Receiver<Control>,
+    )>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -364,14 +367,28 @@ impl<B: Backend> Engine<B> {
         let msgs: Vec<Control> = rx.try_iter().collect();
         for m in msgs {
             match m {
-                Control::Add { model, grant, reply } => {
-                    let r = self.add_model_granted(model, grant).map_err(|e| e.to_string());
+                Control::Add {
+                    model,
+                    grant,
+                    reply,
+                } => {
+                    let r = self
+                        .add_model_granted(model, grant)
+                        .map_err(|e| e.to_string());
                     let _ = reply.send(r);
                 }
-                Control::Map { model, claim, reply } => {
+                Control::Map {
+                    model,
+                    claim,
+                    reply,
+                } => {
                     let _ = reply.send(self.model_ctl(model, |ctl| ctl.map(claim)));
                 }
-                Control::Unmap { model, claim, reply } => {
+                Control::Unmap {
+                    model,
+                    claim,
+                    reply,
+                } => {
                     let _ = reply.send(self.model_ctl(model, |ctl| ctl.unmap(claim)));
                 }
                 Control::Remove { model } => {
@@ -610,7 +627,11 @@ impl<B: Backend> Engine<B> {
                         Some(second) => self.config(vcpu, &second, req.dir, hi),
                         None => 0,
                     };
-                    if req.dir == Dir::Read { d.join_data(a, b) } else { 0 }
+                    if req.dir == Dir::Read {
+                        d.join_data(a, b)
+                    } else {
+                        0
+                    }
                 }
                 Err(why) => {
                     self.stats.ecam_rejects += 1;
@@ -655,7 +676,9 @@ impl<B: Backend> Engine<B> {
                 let bytes = if hits.is_empty() {
                     all
                 } else {
-                    self.intercepts.before_write(&hits, acc, data, &mut self.layout).bytes
+                    self.intercepts
+                        .before_write(&hits, acc, data, &mut self.layout)
+                        .bytes
                 };
                 match target {
                     ConfigTarget::Model(o) if bytes != 0 => {
@@ -673,7 +696,8 @@ impl<B: Backend> Engine<B> {
                     log_moves(&self.router, &moved);
                 }
                 if !hits.is_empty() {
-                    self.intercepts.after_write(&hits, acc, data, &mut self.layout);
+                    self.intercepts
+                        .after_write(&hits, acc, data, &mut self.layout);
                 }
                 if !self.layout.is_empty() {
                     self.apply_layout();
@@ -703,7 +727,8 @@ impl<B: Backend> Engine<B> {
                 let v = if hits.is_empty() {
                     model_value
                 } else {
-                    self.intercepts.after_read(&hits, acc, model_value, &mut self.layout)
+                    self.intercepts
+                        .after_read(&hits, acc, model_value, &mut self.layout)
                 };
                 self.router.observe_read(acc, v);
                 if !self.layout.is_empty() {
@@ -718,7 +743,13 @@ impl<B: Backend> Engine<B> {
     fn forward_write(&mut self, o: ServerIdx, vcpu: u32, acc: &ConfigAccess, data: u64, bytes: u8) {
         let all: u8 = ((1u16 << acc.size) - 1) as u8;
         if bytes == all {
-            let req = Ioreq::pci_config(acc.sbdf.to_xen(), acc.reg.into(), Dir::Write, acc.size.into(), data);
+            let req = Ioreq::pci_config(
+                acc.sbdf.to_xen(),
+                acc.reg.into(),
+                Dir::Write,
+                acc.size.into(),
+                data,
+            );
             self.call(o, vcpu, &req);
             return;
         }
@@ -777,7 +808,11 @@ impl<B: Backend> Engine<B> {
             info!(event = %ev, "layout change");
             match &ev {
                 LayoutEvent::Ecam { old, new } => self.apply_ecam(*old, *new),
-                LayoutEvent::PmBlock { function, old: _, new } => self.apply_pm(*function, *new),
+                LayoutEvent::PmBlock {
+                    function,
+                    old: _,
+                    new,
+                } => self.apply_pm(*function, *new),
                 LayoutEvent::MmioHole { .. } => {}
                 LayoutEvent::Refused { .. } => {}
             }
@@ -870,5 +905,9 @@ fn log_moves(router: &Router, moved: &[Moved]) {
 
 /// Master-abort semantics: a read returns all ones, a write is dropped.
 fn abort_value(req: &Ioreq) -> u64 {
-    if req.dir == Dir::Read { size_mask(req.size) } else { 0 }
+    if req.dir == Dir::Read {
+        size_mask(req.size)
+    } else {
+        0
+    }
 }

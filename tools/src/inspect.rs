@@ -53,7 +53,13 @@ pub fn layout_text<B: Backend>(e: &Engine<B>) -> String {
     }
     let _ = writeln!(t, "bus tree (bridges the guest numbered):");
     let bridges = r.bridges();
-    fn walk(t: &mut String, all: &[bdf_router::BridgeInfo], parent: Option<usize>, depth: usize, owner: &dyn Fn(Sbdf) -> String) {
+    fn walk(
+        t: &mut String,
+        all: &[bdf_router::BridgeInfo],
+        parent: Option<usize>,
+        depth: usize,
+        owner: &dyn Fn(Sbdf) -> String,
+    ) {
         for (i, b) in all.iter().enumerate().filter(|(_, b)| b.parent == parent) {
             let at = b.sbdf.map_or("unreachable".into(), |s| s.to_string());
             let who = b.sbdf.map_or(String::new(), owner);
@@ -80,7 +86,9 @@ pub fn layout_text<B: Backend>(e: &Engine<B>) -> String {
     }
     let _ = writeln!(t, "claims by position:");
     for p in r.positions() {
-        let at = p.resolved.map_or("not reachable yet".into(), |s| s.to_string());
+        let at = p
+            .resolved
+            .map_or("not reachable yet".into(), |s| s.to_string());
         let _ = writeln!(t, "  {} -> {at} ({})", p.position, name(p.owner));
     }
     let _ = writeln!(t, "ports:");

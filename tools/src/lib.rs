@@ -3,8 +3,16 @@
 //! The engine takes ioreqs from a [`ioreq_server::Backend`], runs the chipset intercepts, routes
 //! each access with [`bdf_router`] and hands it to the owning [`ioreq_server::DeviceModel`].
 
+pub mod bench;
 pub mod config;
+pub mod dm;
+pub mod dm_socket;
 pub mod engine;
+pub mod inspect;
 pub mod models;
 pub mod qemu_import;
+pub mod replay;
+pub mod serve;
 pub mod trace;
+#[cfg(feature = "xen")]
+pub mod xen_backend;

@@ -7,7 +7,11 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "ioreq-mux", version, about = "Xen ioreq-server multiplexer with chipset intercepts and ECAM routing")]
+#[command(
+    name = "ioreq-mux",
+    version,
+    about = "Xen ioreq-server multiplexer with chipset intercepts and ECAM routing"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -62,7 +66,11 @@ fn main() -> ExitCode {
                     } else {
                         println!("{r}");
                     }
-                    if r.divergences == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+                    if r.divergences == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
                 }
                 Err(e) => {
                     eprintln!("ioreq-mux replay: {e}");

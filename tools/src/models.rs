@@ -226,15 +226,26 @@ impl PciFunction {
             if reg >= PCI_BASE_ADDRESS_0 + 4 * max_bars {
                 break;
             }
-            let size = b.size.max(if b.kind == BarKind::Io { 4 } else { 16 }).next_power_of_two();
+            let size = b
+                .size
+                .max(if b.kind == BarKind::Io { 4 } else { 16 })
+                .next_power_of_two();
             let low = match b.kind {
                 BarKind::Io => PCI_BASE_ADDRESS_SPACE_IO,
                 BarKind::Mem32 => 0,
                 BarKind::Mem64 => PCI_BASE_ADDRESS_MEM_TYPE_64,
-            } | if b.prefetchable { PCI_BASE_ADDRESS_MEM_PREFETCH } else { 0 };
+            } | if b.prefetchable {
+                PCI_BASE_ADDRESS_MEM_PREFETCH
+            } else {
+                0
+            };
             put32(&mut c, reg, low);
             let mask = !(size - 1);
-            put32(&mut w, reg, mask as u32 & if b.kind == BarKind::Io { !0x3 } else { !0xf });
+            put32(
+                &mut w,
+                reg,
+                mask as u32 & if b.kind == BarKind::Io { !0x3 } else { !0xf },
+            );
             bars.push((reg, BarSpec { size, ..*b }));
             if b.kind == BarKind::Mem64 {
                 put32(&mut w, reg + 4, (mask >> 32) as u32);
@@ -267,11 +278,19 @@ impl PciFunction {
             c[PCIE_CAP_OFFSET] = PCI_CAP_ID_EXP;
             c[PCIE_CAP_OFFSET + 1] = 0;
             // Capability version 2, device/port type in bits 7:4.
-            put16(&mut c, PCIE_CAP_OFFSET + 2, 0x2 | (spec.kind.pcie_type() << 4));
+            put16(
+                &mut c,
+                PCIE_CAP_OFFSET + 2,
+                0x2 | (spec.kind.pcie_type() << 4),
+            );
             // Device control is writable (bits 14:0).
             put16(&mut w, PCIE_CAP_OFFSET + 8, 0x7fff);
             // Extended capability header: ID, version 1 in bits 19:16, next 0.
-            put32(&mut c, EXT_CAP_OFFSET, u32::from(PCI_EXT_CAP_ID_DSN) | (1 << 16));
+            put32(
+                &mut c,
+                EXT_CAP_OFFSET,
+                u32::from(PCI_EXT_CAP_ID_DSN) | (1 << 16),
+            );
             put32(&mut c, EXT_CAP_OFFSET + 4, spec.serial as u32);
             put32(&mut c, EXT_CAP_OFFSET + 8, (spec.serial >> 32) as u32);
         }
@@ -458,7 +477,11 @@ impl EmulatedModel {
         }
         self.bar_claims = keep;
         for d in now {
-            if self.bar_claims.iter().any(|c| c.0 == f && c.1 == d.reg && c.2 == d.range) {
+            if self
+                .bar_claims
+                .iter()
+                .any(|c| c.0 == f && c.1 == d.reg && c.2 == d.range)
+            {
                 continue;
             }
             match ctl.map(Claim::Range(d.range)) {
@@ -503,7 +526,10 @@ impl EmulatedModel {
                         .unwrap_or(0xcafe_0000 | (w & 0xffff));
                     let part = req.data >> (32 * i);
                     let (mask, val) = if i == 0 {
-                        (size_mask(req.size.min(4)) << shift, (part << shift) & 0xffff_ffff)
+                        (
+                            size_mask(req.size.min(4)) << shift,
+                            (part << shift) & 0xffff_ffff,
+                        )
                     } else {
                         (size_mask(req.size - 4), part)
                     };
@@ -606,21 +632,30 @@ mod tests {
 
     #[test]
     fn bars_decode_only_when_enabled_and_placed() {
-        let spec = FunctionSpec::endpoint(1, 2, 0).with_bar(BarKind::Mem32, 0x1000).with_bar(BarKind::Io, 0x40);
+        let spec = FunctionSpec::endpoint(1, 2, 0)
+            .with_bar(BarKind::Mem32, 0x1000)
+            .with_bar(BarKind::Io, 0x40);
         let mut f = PciFunction::new(&spec);
         f.write(0x10, 4, 0xfe00_0000);
         f.write(0x14, 4, 0xc000);
         assert!(f.decoding().is_empty(), "command register still 0");
         f.write(PCI_COMMAND, 2, u64::from(PCI_COMMAND_MEMORY));
         assert_eq!(f.decoding().len(), 1);
-        assert_eq!(f.decoding()[0].range, IoRange::new(RangeKind::Mmio, 0xfe00_0000, 0xfe00_0fff));
+        assert_eq!(
+            f.decoding()[0].range,
+            IoRange::new(RangeKind::Mmio, 0xfe00_0000, 0xfe00_0fff)
+        );
         f.write(PCI_COMMAND, 2, 3);
         assert_eq!(f.decoding()[1].range, IoRange::ports(0xc000, 0xc03f));
     }
 
     #[test]
     fn bridge_bus_numbers_are_writable() {
-        let mut f = PciFunction::new(&FunctionSpec::bridge(0x1b36, 0x000c, FunctionKind::RootPort));
+        let mut f = PciFunction::new(&FunctionSpec::bridge(
+            0x1b36,
+            0x000c,
+            FunctionKind::RootPort,
+        ));
         assert_eq!(f.read(PCI_HEADER_TYPE, 1), 1);
         f.write(0x18, 4, 0x00ff_0100);
         assert_eq!(f.read(0x18, 4), 0x00ff_0100);

@@ -23,8 +23,8 @@ use chipset_intercept::Phase;
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::sim::{Issued, SimBackend, SimError, SimHypervisor, SimStats};
 use ioreq_server::{
-    Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType,
-    RangeKind, abi, size_mask,
+    Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, RangeKind,
+    abi, size_mask,
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -146,7 +146,12 @@ impl DeviceModel for TraceModel {
         Ok(())
     }
 
-    fn handle(&mut self, _vcpu: u32, req: &Ioreq, _ctl: &mut dyn DmControl) -> Result<u64, DmError> {
+    fn handle(
+        &mut self,
+        _vcpu: u32,
+        req: &Ioreq,
+        _ctl: &mut dyn DmControl,
+    ) -> Result<u64, DmError> {
         let mut c = lock(&self.cursor);
         // Outside the trace (detection, seeding) or a read the engine makes during a recorded
         // write (a header-type probe): answer what is known of the recorded machine.
@@ -233,14 +238,23 @@ impl Harness<'_> {
     }
 
     fn describe(&self, a: &Access) -> String {
-        let region = a.region.map(|r| self.string(r)).unwrap_or_else(|| "-".into());
+        let region = a
+            .region
+            .map(|r| self.string(r))
+            .unwrap_or_else(|| "-".into());
         let mut s = format!(
             "vcpu {} {} {} {:#x} size {} value {:#x} region '{}'",
             a.vcpu, a.space, a.dir, a.addr, a.size, a.data, region
         );
         if let Some(c) = a.config {
-            let dev = c.device.map(|d| self.string(d)).unwrap_or_else(|| "none".into());
-            s.push_str(&format!(" [config {} {} @{:#x} -> {}]", c.path, c.bdf, c.reg, dev));
+            let dev = c
+                .device
+                .map(|d| self.string(d))
+                .unwrap_or_else(|| "none".into());
+            s.push_str(&format!(
+                " [config {} {} @{:#x} -> {}]",
+                c.path, c.bdf, c.reg, dev
+            ));
         }
         s
     }
@@ -254,14 +268,17 @@ impl Harness<'_> {
         let v = self
             .devices
             .iter()
-            .position(|d| d.iter().any(|x| *x == name))
+            .position(|d| d.contains(&name))
             .map(|i| i as u16)
             .or(self.default_server);
         self.by_device.insert(device, v);
         v
     }
 
-    fn control(&mut self, msg: impl FnOnce(crossbeam_channel::Sender<Result<(), ClaimError>>) -> Control) -> Result<(), String> {
+    fn control(
+        &mut self,
+        msg: impl FnOnce(crossbeam_channel::Sender<Result<(), ClaimError>>) -> Control,
+    ) -> Result<(), String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let _ = self.engine.control().send(msg(tx));
         self.engine
@@ -275,7 +292,11 @@ impl Harness<'_> {
 
     fn bar(&mut self, ev: &trace::BarEvent) {
         let last = ev.base.saturating_add(ev.size.max(1) - 1);
-        let kind = if ev.space == Space::Port { RangeKind::Port } else { RangeKind::Mmio };
+        let kind = if ev.space == Space::Port {
+            RangeKind::Port
+        } else {
+            RangeKind::Mmio
+        };
         let range = IoRange::new(kind, ev.base, last);
         let Some(device) = ev.device else { return };
         match ev.kind {
@@ -290,31 +311,55 @@ impl Harness<'_> {
                     };
                     if covered == Some(idx) {
                         // The server already has this range (its fixed claims cover it).
-                        self.bars.push(LiveBar { space: ev.space, base: ev.base, last, device, claimed_by: None });
+                        self.bars.push(LiveBar {
+                            space: ev.space,
+                            base: ev.base,
+                            last,
+                            device,
+                            claimed_by: None,
+                        });
                         return;
                     }
-                    match self.control(|reply| Control::Map { model: idx, claim: Claim::Range(range), reply }) {
+                    match self.control(|reply| Control::Map {
+                        model: idx,
+                        claim: Claim::Range(range),
+                        reply,
+                    }) {
                         Ok(()) => claimed_by = Some(m),
                         Err(e) => {
                             if self.report.claim_failures.len() < 50 {
-                                self.report.claim_failures.push(format!("{} {}: {e}", self.string(device), range));
+                                self.report.claim_failures.push(format!(
+                                    "{} {}: {e}",
+                                    self.string(device),
+                                    range
+                                ));
                             }
                         }
                     }
                 }
-                self.bars.push(LiveBar { space: ev.space, base: ev.base, last, device, claimed_by });
+                self.bars.push(LiveBar {
+                    space: ev.space,
+                    base: ev.base,
+                    last,
+                    device,
+                    claimed_by,
+                });
             }
             BarEventKind::Unmap => {
-                if let Some(i) = self
-                    .bars
-                    .iter()
-                    .position(|b| b.space == ev.space && b.base == ev.base && b.last == last && b.device == device)
-                {
+                if let Some(i) = self.bars.iter().position(|b| {
+                    b.space == ev.space && b.base == ev.base && b.last == last && b.device == device
+                }) {
                     let b = self.bars.remove(i);
                     if let Some(m) = b.claimed_by {
                         let idx = self.engine_idx[usize::from(m)];
-                        if let Err(e) = self.control(|reply| Control::Unmap { model: idx, claim: Claim::Range(range), reply }) {
-                            self.report.claim_failures.push(format!("unmap {range}: {e}"));
+                        if let Err(e) = self.control(|reply| Control::Unmap {
+                            model: idx,
+                            claim: Claim::Range(range),
+                            reply,
+                        }) {
+                            self.report
+                                .claim_failures
+                                .push(format!("unmap {range}: {e}"));
                         }
                     }
                 }
@@ -330,10 +375,24 @@ impl Harness<'_> {
 
     /// Replays one access; returns false on a fatal simulation error.
     fn access(&mut self, n: u64, a: &Access) -> Result<(), ReplayError> {
-        let ty = if a.space == Space::Port { IoreqType::Pio } else { IoreqType::Copy };
-        let dir = if a.dir == trace::Dir::Read { Dir::Read } else { Dir::Write };
+        let ty = if a.space == Space::Port {
+            IoreqType::Pio
+        } else {
+            IoreqType::Copy
+        };
+        let dir = if a.dir == trace::Dir::Read {
+            Dir::Read
+        } else {
+            Dir::Write
+        };
         let size = u32::from(a.size);
-        let mut req = Ioreq::new(ty, dir, a.addr, size, if dir == Dir::Write { a.data } else { 0 });
+        let mut req = Ioreq::new(
+            ty,
+            dir,
+            a.addr,
+            size,
+            if dir == Dir::Write { a.data } else { 0 },
+        );
         req.count = a.rep.max(1);
         {
             let mut c = lock(&self.cursor);
@@ -374,7 +433,15 @@ impl Harness<'_> {
             let mask = size_mask(size);
             if got & mask != a.data & mask {
                 let name = self.name_of(handler);
-                self.diverge(n, format!("read returned {:#x}, recorded {:#x} (answered by {name})", got & mask, a.data & mask), a);
+                self.diverge(
+                    n,
+                    format!(
+                        "read returned {:#x}, recorded {:#x} (answered by {name})",
+                        got & mask,
+                        a.data & mask
+                    ),
+                    a,
+                );
                 return Ok(());
             }
         }
@@ -400,7 +467,15 @@ impl Harness<'_> {
                         let (sbdf, reg) = abi::split_pci_config_addr(deliveries[0].1.addr);
                         if Sbdf::from_xen(sbdf) != bdf || reg != u32::from(c.reg) {
                             let name = self.name_of(handler);
-                            self.diverge(n, format!("{name} got {} @{reg:#x}, QEMU routed {bdf} @{:#x}", Sbdf::from_xen(sbdf), c.reg), a);
+                            self.diverge(
+                                n,
+                                format!(
+                                    "{name} got {} @{reg:#x}, QEMU routed {bdf} @{:#x}",
+                                    Sbdf::from_xen(sbdf),
+                                    c.reg
+                                ),
+                                a,
+                            );
                         }
                     }
                     (h, w, _) => {
@@ -421,9 +496,12 @@ impl Harness<'_> {
                         .rev()
                         .find(|b| b.space == a.space && b.base <= a.addr && a.addr <= b.last)
                         .map(|b| b.device);
-                    match dev {
-                        Some(d) => self.server_for(d),
-                        None => self.default_server,
+                    match (dev, a.region) {
+                        (Some(d), _) => self.server_for(d),
+                        // Recorded as answered by nobody (a project-made trace of a master
+                        // abort; QEMU always names a region, even 'io' for unassigned ports).
+                        (None, None) => None,
+                        (None, Some(_)) => self.default_server,
                     }
                 };
                 if handler != want {
@@ -437,7 +515,13 @@ impl Harness<'_> {
 }
 
 /// Replays a trace against a topology.
-pub fn replay(trace_path: &Path, topology: &Path, show: usize, limit: Option<u64>, progress: bool) -> Result<ReplayReport, ReplayError> {
+pub fn replay(
+    trace_path: &Path,
+    topology: &Path,
+    show: usize,
+    limit: Option<u64>,
+    progress: bool,
+) -> Result<ReplayReport, ReplayError> {
     replay_engine(trace_path, topology, show, limit, progress).map(|(r, _)| r)
 }
 
@@ -467,7 +551,9 @@ pub fn replay_engine(
         names.push(s.name.clone());
         if s.qemu_devices.iter().any(|d| d == "*") {
             if default_server.is_some() {
-                return Err(ReplayError::Topology("more than one server has qemu_devices = [\"*\"]".into()));
+                return Err(ReplayError::Topology(
+                    "more than one server has qemu_devices = [\"*\"]".into(),
+                ));
             }
             default_server = Some(id);
         }
@@ -479,7 +565,13 @@ pub fn replay_engine(
     let names_in_engine = engine.router().server_names().to_vec();
     let engine_idx = names
         .iter()
-        .map(|n| names_in_engine.iter().position(|m| m == n).map(|p| p as u16).ok_or_else(|| ReplayError::Topology(format!("server {n} missing"))))
+        .map(|n| {
+            names_in_engine
+                .iter()
+                .position(|m| m == n)
+                .map(|p| p as u16)
+                .ok_or_else(|| ReplayError::Topology(format!("server {n} missing")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let hidden = engine
         .intercepts()
@@ -526,8 +618,10 @@ pub fn replay_engine(
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {elapsed} {human_pos} accesses replayed ({per_sec}) {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed} {human_pos} accesses replayed ({per_sec}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
         b
     });
@@ -572,13 +666,25 @@ pub fn replay_engine(
     }
     lock(&h.cursor).active = false;
     for (i, n) in h.served.iter().enumerate() {
-        let name = if i == 0 { MUX_NAME.to_string() } else { h.names[i - 1].clone() };
+        let name = if i == 0 {
+            MUX_NAME.to_string()
+        } else {
+            h.names[i - 1].clone()
+        };
         h.report.per_server.insert(name, *n);
     }
-    for (k, n) in ["config-cf8", "config-ecam", "pio", "mmio"].iter().zip(h.kinds) {
+    for (k, n) in ["config-cf8", "config-ecam", "pio", "mmio"]
+        .iter()
+        .zip(h.kinds)
+    {
         h.report.by_kind.insert(k.to_string(), n);
     }
-    h.report.layout_events = h.engine.layout_history().iter().map(|e| e.to_string()).collect();
+    h.report.layout_events = h
+        .engine
+        .layout_history()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
     h.report.engine = h.engine.stats().clone();
     match h.hv.check() {
         Ok(s) => h.report.sim = s,
@@ -669,7 +775,11 @@ impl std::fmt::Display for ReplayReport {
             writeln!(f, "invariant violated: {v}")?;
         }
         for d in &self.first_divergences {
-            writeln!(f, "divergence at access {}: {}\n    recorded: {}", d.access, d.what, d.recorded)?;
+            writeln!(
+                f,
+                "divergence at access {}: {}\n    recorded: {}",
+                d.access, d.what, d.recorded
+            )?;
         }
         write!(f, "divergences: {}", self.divergences)
     }

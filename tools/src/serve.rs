@@ -1,0 +1,538 @@
+//! `ioreq-mux serve --domid N --config FILE`: runs the multiplexer for one Xen HVM guest.
+//!
+//! Loads the configuration, builds the device models (`kind = "emulated"` servers; process
+//! servers are not supported here yet and are skipped with an error), creates an ioreq server
+//! for the domain ([`crate::xen_backend::XenBackend`]), lets the engine claim what the models
+//! own, then serves until a signal, the domain going away, or a test limit.
+//!
+//! Start the guest paused, start `serve`, unpause once it is ready (the `ready` log line, or
+//! `READY=1` to systemd with `Type=notify`): see docs/xen.md.
+//!
+//! # Exit codes
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | clean shutdown: SIGINT/SIGTERM/SIGHUP, `--duration`/`--max-requests` reached, or the domain went away |
+//! | 1 | any other failure (a Xen call failed, the engine could not start, a panic) |
+//! | 2 | bad arguments or configuration (clap also exits 2 on bad arguments) |
+//! | 3 | not a Xen host: libraries missing, no `/dev/xen/privcmd` or event-channel device, or built without the `xen` feature |
+//! | 4 | the domain does not exist (or is not an HVM guest) |
+//!
+//! # Logs
+//! Through `tracing` on stderr: plain text without ANSI colours unless stderr is a terminal,
+//! without timestamps under journald (`JOURNAL_STREAM` set, it adds its own), or JSON lines
+//! with `--log-format json`. At `debug` (`--log-level debug`) every served access is one
+//! line (`served config` with SBDF, register, size, direction and data). On exit: requests
+//! served per model and the engine's counters.
+
+use crate::config::{Config, ServerKind};
+use crate::models::Placement;
+use ioreq_server::DeviceModel;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// Exit codes of `serve` (see the module documentation).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const NOT_XEN: u8 = 3;
+    pub const NO_DOMAIN: u8 = 4;
+}
+
+/// Log line format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (no colours unless stderr is a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What the multiplexer claims from Xen.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClaimMode {
+    /// Beside QEMU: only the PCI functions, ports and MMIO the models own. Xen keeps sending
+    /// everything else (other functions, 0xcf8-0xcff) to QEMU.
+    #[default]
+    Owned,
+    /// In front of every device model: whole PCI segments and the configuration ports, as the
+    /// engine asks. Other servers of the guest see no configuration access any more.
+    All,
+}
+
+/// Arguments of `ioreq-mux serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Domain id of the HVM guest (create it paused: `xl create -p`).
+    #[arg(long)]
+    pub domid: u16,
+    /// Configuration file (TOML, see docs/xen.md).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` EnvFilter syntax (`debug` logs every served access).
+    /// Default: $RUST_LOG, else `info`.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// What to claim from Xen.
+    #[arg(long, value_enum, default_value_t = ClaimMode::Owned)]
+    pub claim: ClaimMode,
+    /// Do not ask Xen for a buffered ring (every access synchronous).
+    #[arg(long)]
+    pub no_bufioreq: bool,
+    /// Stop cleanly after this many synchronous requests (tests).
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// Stop cleanly after this long: `90`, `90s`, `500ms`, `5m` (tests).
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+/// `90`, `90s`, `500ms`, `5m`, `1h`.
+pub fn parse_duration(t: &str) -> Result<Duration, String> {
+    let t = t.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{t}' is not a duration (e.g. 90s, 500ms, 5m)"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown unit '{other}' in '{t}' (ms, s, m, h)")),
+    })
+}
+
+fn init_logging(args: &ServeArgs) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &args.log_level {
+        Some(f) => EnvFilter::try_new(f).map_err(|e| format!("--log-level '{f}': {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // A subscriber installed earlier (by `main`) wins; that is fine.
+    let _ = match (args.log_format, journald) {
+        (LogFormat::Json, _) => builder.json().try_init(),
+        (LogFormat::Text, true) => builder.without_time().try_init(),
+        (LogFormat::Text, false) => builder.try_init(),
+    };
+    Ok(())
+}
+
+/// Tells systemd (`Type=notify`) about our state, if it started us.
+fn sd_notify(msg: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let r = UnixDatagram::unbound().and_then(|sock| {
+        let bytes = path.as_bytes();
+        match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                let addr = SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(msg.as_bytes(), &addr)
+            }
+            None => sock.send_to(msg.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = r {
+        warn!(error = %e, "sd_notify({msg}) failed");
+    }
+}
+
+/// The models of the configuration that `serve` can run, and the functions they own at
+/// fixed addresses.
+struct Models {
+    models: Vec<Box<dyn DeviceModel>>,
+    functions: BTreeSet<u32>,
+}
+
+fn build_models(cfg: &Config, claim: ClaimMode) -> Models {
+    let mut models: Vec<Box<dyn DeviceModel>> = vec![];
+    let mut functions = BTreeSet::new();
+    for s in &cfg.servers {
+        match s.kind {
+            ServerKind::Emulated => {
+                for (p, _) in &s.functions {
+                    match p {
+                        Placement::Bdf(sbdf) => {
+                            functions.insert(*sbdf);
+                        }
+                        Placement::Position(pos) if claim == ClaimMode::Owned => warn!(
+                            server = %s.name,
+                            position = %pos,
+                            "a function behind bridges cannot be served beside QEMU (the \
+                             multiplexer never sees the bridges' bus numbers); it stays \
+                             unreachable unless --claim all"
+                        ),
+                        Placement::Position(_) => {}
+                    }
+                }
+                info!(server = %s.name, functions = s.functions.len(), "emulated model");
+                models.push(Box::new(s.emulated_model()));
+            }
+            ServerKind::Process => error!(
+                server = %s.name,
+                "process servers are not supported by `serve` yet: skipped"
+            ),
+            ServerKind::Trace => error!(
+                server = %s.name,
+                "trace servers only answer in `replay`: skipped"
+            ),
+        }
+    }
+    Models { models, functions }
+}
+
+/// Runs `ioreq-mux serve`.
+pub fn run(args: &ServeArgs) -> ExitCode {
+    if let Err(e) = init_logging(args) {
+        eprintln!("ioreq-mux serve: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
+    ExitCode::from(run_inner(args))
+}
+
+fn run_inner(args: &ServeArgs) -> u8 {
+    // Block the stop signals before anything could start a thread, and receive them through
+    // a signalfd that the backend polls with the event channel: shutdown is immediate and
+    // always goes through the cleanup (disable, unclaim, destroy).
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    let signals = match mask
+        .thread_block()
+        .and_then(|()| SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC))
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!("cannot set up signal handling: {e}");
+            return exit::FAILURE;
+        }
+    };
+
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return exit::USAGE;
+        }
+    };
+    let models = build_models(&cfg, args.claim);
+    if models.models.is_empty() {
+        error!(
+            config = %args.config.display(),
+            "nothing to serve: the configuration has no server `serve` can run (kind = \"emulated\")"
+        );
+        return exit::USAGE;
+    }
+    serve(args, &cfg, models, signals)
+}
+
+#[cfg(not(feature = "xen"))]
+fn serve(_: &ServeArgs, _: &Config, _: Models, _: SignalFd) -> u8 {
+    error!("not a Xen host: this ioreq-mux was built without Xen support (feature `xen` off)");
+    exit::NOT_XEN
+}
+
+#[cfg(feature = "xen")]
+fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u8 {
+    use crate::engine::{Engine, EngineError};
+    use crate::xen_backend::{OpenError, XenBackend, XenBackendOptions};
+    use ioreq_server::{BackendError, ClaimError};
+    use std::os::fd::AsFd;
+    use std::time::Instant;
+
+    let mut opts = match args.claim {
+        ClaimMode::Owned => XenBackendOptions::beside_qemu(models.functions.clone()),
+        ClaimMode::All => XenBackendOptions::everything(),
+    };
+    opts.buffered = !args.no_bufioreq;
+    let mut backend = match XenBackend::open(args.domid, opts) {
+        Ok(b) => b,
+        Err(e) => {
+            error!("{e}");
+            return match e {
+                OpenError::NotXen(_) => exit::NOT_XEN,
+                OpenError::NoDomain { .. } => exit::NO_DOMAIN,
+                OpenError::TooManyVcpus { .. } | OpenError::Xen { .. } => exit::FAILURE,
+            };
+        }
+    };
+    match signals.as_fd().try_clone_to_owned() {
+        Ok(fd) => backend.set_wake_fd(fd),
+        Err(e) => warn!(error = %e, "signals will be noticed within half a second only"),
+    }
+    let mut engine = match Engine::new(backend, models.models, &cfg.engine) {
+        Ok(e) => e,
+        Err(e) => {
+            error!("{e}");
+            return match e {
+                EngineError::Attach {
+                    source: ClaimError::Backend { .. },
+                    ..
+                }
+                | EngineError::Backend(_) => exit::FAILURE,
+                EngineError::Attach { .. } => exit::USAGE,
+            };
+        }
+    };
+    let claims: Vec<String> = engine
+        .backend()
+        .claims()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let skipped: Vec<String> = engine
+        .backend()
+        .skipped()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let names: Vec<String> = engine.served().into_iter().map(|(n, _)| n).collect();
+    info!(
+        domid = args.domid,
+        server = engine.backend().server_id(),
+        models = ?names,
+        claimed_from_xen = ?claims,
+        left_to_others = ?skipped,
+        chipset = %engine.chipset(),
+        "ready: serving; unpause the guest now"
+    );
+    sd_notify("READY=1");
+
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let mut next_check = started + Duration::from_secs(1);
+    let mut domain_gone = false;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        loop {
+            match signals.read_signal() {
+                Ok(Some(sig)) => {
+                    let name =
+                        Signal::try_from(sig.ssi_signo as i32).map_or("signal", |s| s.as_str());
+                    break Ok(format!("{name} received"));
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "reading the signalfd"),
+            }
+            let now = Instant::now();
+            let mut timeout = Duration::from_millis(500);
+            if let Some(d) = deadline {
+                if now >= d {
+                    break Ok("--duration reached".to_string());
+                }
+                timeout = timeout.min(d - now);
+            }
+            match engine.poll(Some(timeout)) {
+                Ok(_) => {}
+                Err(BackendError::Disconnected) => {
+                    domain_gone = true;
+                    break Ok(format!("domain {} is gone", args.domid));
+                }
+                Err(e) => break Err(format!("hypervisor: {e}")),
+            }
+            if let Some(max) = args.max_requests {
+                if engine.stats().requests >= max {
+                    break Ok("--max-requests reached".to_string());
+                }
+            }
+            let now = Instant::now();
+            if now >= next_check {
+                next_check = now + Duration::from_secs(1);
+                match engine.backend().alive() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        domain_gone = true;
+                        break Ok(format!(
+                            "domain {} is gone (its ioreq servers were destroyed)",
+                            args.domid
+                        ));
+                    }
+                    Err(e) => warn!(error = %e, "checking that the domain is alive"),
+                }
+            }
+        }
+    }));
+    sd_notify("STOPPING=1");
+    let (code, why) = match outcome {
+        Ok(Ok(why)) => (exit::OK, why),
+        Ok(Err(why)) => (exit::FAILURE, why),
+        Err(_) => (exit::FAILURE, "panic".to_string()),
+    };
+    if code == exit::OK {
+        info!(reason = %why, "shutting down");
+    } else {
+        error!(reason = %why, "shutting down after an error");
+    }
+    if !domain_gone {
+        // No new requests; then answer what Xen already put in our slots.
+        if let Err(e) = engine.backend_mut().disable() {
+            warn!(error = %e, "disabling the ioreq server");
+        }
+        for _ in 0..3 {
+            if let Err(e) = engine.poll(Some(Duration::ZERO)) {
+                warn!(error = %e, "serving the last requests");
+                break;
+            }
+        }
+    }
+    for (model, requests) in engine.served() {
+        info!(%model, requests, "served by model");
+    }
+    let s = engine.stats();
+    let b = engine.backend().stats();
+    info!(
+        requests = s.requests,
+        buffered = s.buffered,
+        config = s.config_cf8 + s.config_ecam,
+        pio = s.pio,
+        mmio = s.mmio,
+        broadcasts = s.broadcasts,
+        master_aborts = s.master_aborts,
+        malformed = s.malformed + b.malformed_answered,
+        dm_errors = s.dm_errors,
+        completion_errors = s.completion_errors,
+        notifications = b.notifications,
+        uptime = ?started.elapsed(),
+        "summary"
+    );
+    // Dropping the engine drops the backend: unclaim and destroy the server.
+    drop(engine);
+    info!(exit_code = code, "stopped");
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn arguments() {
+        let c = Cli::try_parse_from(["x", "--domid", "3", "--config", "/etc/ioreq-mux/3.toml"])
+            .unwrap();
+        assert_eq!(c.serve.domid, 3);
+        assert_eq!(c.serve.claim, ClaimMode::Owned);
+        assert_eq!(c.serve.log_format, LogFormat::Text);
+        let c = Cli::try_parse_from([
+            "x",
+            "--domid",
+            "1",
+            "--config",
+            "c",
+            "--claim",
+            "all",
+            "--log-format",
+            "json",
+            "--duration",
+            "2s",
+            "--max-requests",
+            "10",
+            "--no-bufioreq",
+        ])
+        .unwrap();
+        assert_eq!(c.serve.claim, ClaimMode::All);
+        assert_eq!(c.serve.duration, Some(Duration::from_secs(2)));
+        assert!(
+            Cli::try_parse_from(["x", "--config", "c"]).is_err(),
+            "--domid is required"
+        );
+    }
+
+    #[test]
+    fn models_from_the_e2e_config() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/xen-e2e.toml");
+        let cfg = Config::load(&path).unwrap();
+        let m = build_models(&cfg, ClaimMode::Owned);
+        assert_eq!(m.models.len(), 1);
+        assert_eq!(
+            m.functions,
+            BTreeSet::from([ioreq_server::abi::pack_sbdf(0, 0, 5, 0)])
+        );
+    }
+
+    #[test]
+    fn bad_config_is_exit_2_and_nothing_to_serve_too() {
+        let dir = std::env::temp_dir().join(format!("ioreq-mux-serve-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[[server]]\nname = \"a\"\nownz = 1\n").unwrap();
+        let args = |p: &std::path::Path| ServeArgs {
+            domid: 1,
+            config: p.to_path_buf(),
+            log_format: LogFormat::Text,
+            log_level: None,
+            claim: ClaimMode::Owned,
+            no_bufioreq: false,
+            max_requests: None,
+            duration: None,
+        };
+        assert_eq!(run_inner(&args(&bad)), exit::USAGE);
+        let process_only = dir.join("process.toml");
+        std::fs::write(
+            &process_only,
+            "[[server]]\nname = \"qemu\"\nkind = \"process\"\n",
+        )
+        .unwrap();
+        assert_eq!(run_inner(&args(&process_only)), exit::USAGE);
+        assert_eq!(run_inner(&args(&dir.join("missing.toml"))), exit::USAGE);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// On this (non-Xen) machine a valid configuration ends with "not a Xen host".
+    #[test]
+    fn not_a_xen_host_is_exit_3() {
+        if std::path::Path::new("/dev/xen/privcmd").exists() {
+            return;
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/xen-e2e.toml");
+        let args = ServeArgs {
+            domid: 1,
+            config: path,
+            log_format: LogFormat::Text,
+            log_level: None,
+            claim: ClaimMode::Owned,
+            no_bufioreq: false,
+            max_requests: None,
+            duration: None,
+        };
+        assert_eq!(run_inner(&args), exit::NOT_XEN);
+    }
+}
