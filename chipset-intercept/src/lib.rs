@@ -133,6 +133,45 @@ mod tests {
         assert_eq!(t.hits(&a).iter().count(), 1);
     }
 
+    proptest::proptest! {
+        /// Any sequence of 1/2/4-byte writes to 0x60..0x67 leaves PCIEXBAR equal to the bytes
+        /// written through the write mask, and the ECAM window equal to what that value
+        /// decodes to; the model never sees a byte of it.
+        #[test]
+        fn pciexbar_follows_any_partial_writes(writes in proptest::collection::vec((0u16..8, 0u32..3, proptest::prelude::any::<u32>()), 1..40)) {
+            let mut t = build(Chipset::Q35, &InterceptConfig::default());
+            let mut model = registers::PCIEXBAR_DEFAULT;
+            let mut window = None;
+            for (off, size_log, data) in writes {
+                let size = 1u8 << size_log;
+                let reg = 0x60 + (off & !(u16::from(size) - 1));
+                let a = acc("00:00.0", reg, size);
+                let mut ev = vec![];
+                let hits = t.hits(&a);
+                proptest::prop_assert_eq!(t.before_write(&hits, &a, data.into(), &mut ev).bytes, 0);
+                for i in 0..u64::from(size) {
+                    let sh = 8 * (u64::from(reg - 0x60) + i);
+                    let byte = (u64::from(data) >> (8 * i)) & 0xff;
+                    model = (model & !(0xff << sh)) | (byte << sh);
+                }
+                model &= registers::PCIEXBAR_WMASK;
+                for e in ev {
+                    if let LayoutEvent::Ecam { new, .. } = e {
+                        window = new;
+                    }
+                }
+                let want = q35::pciexbar_window(model, 0)
+                    .ok()
+                    .flatten()
+                    .filter(|w| q35::check_window(w, &t.platform).is_ok());
+                proptest::prop_assert_eq!(window, want, "value {:#x}", model);
+                let r = acc("00:00.0", 0x60, 4);
+                let hits = t.hits(&r);
+                proptest::prop_assert_eq!(t.after_read(&hits, &r, 0, &mut vec![]), model & 0xffff_ffff);
+            }
+        }
+    }
+
     #[test]
     fn unknown_chipset_has_no_intercepts() {
         assert!(build(Chipset::Unknown, &InterceptConfig::default()).is_empty());
