@@ -30,7 +30,7 @@ use crate::ioreq::{Dir, Ioreq, IoreqState, IoreqType, size_mask};
 use crate::model::{Backend, BackendError, BackendEvent};
 use crate::range::{IoRange, RangeKind};
 use crate::slot::{Actor, Slot};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -197,14 +197,31 @@ struct SimServer {
     eports: Vec<u32>,
     ring: Arc<BufferedIoPage>,
     mode: BufioreqMode,
-    notify: Sender<Notify>,
+    /// Event-channel notifications not yet seen by the server.
+    queue: std::collections::VecDeque<Notify>,
+    /// The server sleeps in `wait`: ring its doorbell.
+    sleeping: bool,
+    doorbell: Sender<()>,
+}
+
+impl SimServer {
+    /// Sends an event-channel notification: queued, and the doorbell rung only when the
+    /// server is asleep (so a single-threaded driver pays no channel traffic).
+    fn notify(&mut self, n: Notify) {
+        self.queue.push_back(n);
+        if self.sleeping {
+            self.sleeping = false;
+            let _ = self.doorbell.send(());
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct VcpuState {
     /// Servers whose slot for this vCPU holds our request.
     waiting_on: Vec<u16>,
-    since: Option<Instant>,
+    /// A thread sleeps in `wait_collect` for this vCPU.
+    sleeping: bool,
     /// Value collected so far (read accesses).
     value: u64,
 }
@@ -295,7 +312,9 @@ impl SimHypervisor {
             eports: (0..n as u32).map(|v| 1000 + id as u32 * 256 + v).collect(),
             ring: Arc::new(BufferedIoPage::default()),
             mode,
-            notify: tx,
+            queue: std::collections::VecDeque::new(),
+            sleeping: false,
+            doorbell: tx,
         });
         Ok(SimBackend {
             hv: self.clone(),
@@ -335,7 +354,9 @@ impl SimHypervisor {
                         vs.value = size_mask(req.size);
                     }
                     st.stats.completed += 1;
-                    let _ = self.sh.done[v].0.send(());
+                    if std::mem::take(&mut vs.sleeping) {
+                        let _ = self.sh.done[v].0.send(());
+                    }
                 }
             }
         }
@@ -415,7 +436,7 @@ impl SimHypervisor {
             match srv.ring.push(&req, srv.mode) {
                 Ok(()) => {
                     st.stats.buffered += 1;
-                    let _ = srv.notify.send(Notify::Buffered);
+                    srv.notify(Notify::Buffered);
                     return Ok(Issued::Done(0));
                 }
                 Err(BufferError::Full | BufferError::NotBufferable) => {}
@@ -449,11 +470,10 @@ impl SimHypervisor {
         req.state = IoreqState::Ready;
         req.vp_eport = srv.eports[vcpu as usize];
         *cur = req;
-        let _ = srv.notify.send(Notify::Vcpu(vcpu));
+        srv.notify(Notify::Vcpu(vcpu));
         st.stats.sent += 1;
         let vs = &mut st.vcpus[vcpu as usize];
         vs.waiting_on.push(id);
-        vs.since = Some(Instant::now());
         vs.value = 0;
         Ok(())
     }
@@ -490,10 +510,10 @@ impl SimHypervisor {
     pub fn send_timeoffset(&self, offset: u64) -> usize {
         let mut st = lock(&self.sh.st);
         let mut n = 0;
-        for s in st.servers.iter().flatten().filter(|s| s.enabled) {
+        for s in st.servers.iter_mut().flatten().filter(|s| s.enabled) {
             let req = Ioreq::new(IoreqType::TimeOffset, Dir::Write, 0, 8, offset);
             if s.ring.push(&req, s.mode).is_ok() {
-                let _ = s.notify.send(Notify::Buffered);
+                s.notify(Notify::Buffered);
                 n += 1;
             }
         }
@@ -505,7 +525,10 @@ impl SimHypervisor {
     /// back to NONE and the read value is returned. `None` while still waiting.
     pub fn collect(&self, vcpu: u32) -> Result<Option<u64>, SimError> {
         let mut st = lock(&self.sh.st);
-        let st = &mut *st;
+        Self::collect_locked(&mut st, vcpu)
+    }
+
+    fn collect_locked(st: &mut State, vcpu: u32) -> Result<Option<u64>, SimError> {
         let vs = st
             .vcpus
             .get_mut(vcpu as usize)
@@ -531,7 +554,6 @@ impl SimHypervisor {
             }
         }
         if vs.waiting_on.is_empty() {
-            vs.since = None;
             Ok(Some(vs.value))
         } else {
             Ok(None)
@@ -552,14 +574,20 @@ impl SimHypervisor {
         let start = Instant::now();
         let rx = &self.sh.done[vcpu as usize].1;
         loop {
-            if let Some(v) = self.collect(vcpu)? {
-                return Ok(v);
+            {
+                // Collect, or say we sleep, under one lock: a completion in between rings.
+                let mut st = lock(&self.sh.st);
+                if let Some(v) = Self::collect_locked(&mut st, vcpu)? {
+                    return Ok(v);
+                }
+                st.vcpus[vcpu as usize].sleeping = true;
             }
             let left = self.sh.deadline.saturating_sub(start.elapsed());
             match rx.recv_timeout(left) {
                 Ok(()) => {}
                 Err(RecvTimeoutError::Timeout) => {
                     let mut st = lock(&self.sh.st);
+                    st.vcpus[vcpu as usize].sleeping = false;
                     st.violations.push(format!(
                         "vCPU {vcpu} waited more than {:?}",
                         self.sh.deadline
@@ -625,7 +653,7 @@ impl SimHypervisor {
 pub struct SimBackend {
     hv: SimHypervisor,
     id: u16,
-    rx: Receiver<Notify>,
+    rx: Receiver<()>,
 }
 
 impl SimBackend {
@@ -666,24 +694,29 @@ impl SimBackend {
         r
     }
 
-    fn handle_notify(&self, n: Notify, out: &mut Vec<BackendEvent>) -> Result<(), BackendError> {
-        self.with_server(|srv, st| {
-            // The ring first: writes queued before a synchronous request stay before it.
+    fn handle_notify(
+        srv: &mut SimServer,
+        violations: &mut Vec<String>,
+        n: Notify,
+        out: &mut Vec<BackendEvent>,
+    ) -> Result<(), BackendError> {
+        // The ring first: writes queued before a synchronous request stay before it.
+        if srv.ring.pending() != 0 {
             let _ = srv
                 .ring
                 .drain(|r| out.push(BackendEvent::Buffered(r)))
-                .map_err(|e| st.violations.push(format!("buffered ring: {e}")));
-            if let Notify::Vcpu(v) = n {
-                let (slot, req) = &mut srv.slots[v as usize];
-                if slot.state() == IoreqState::Ready {
-                    slot.advance(Actor::Server, IoreqState::InProcess)
-                        .map_err(|source| BackendError::Slot { vcpu: v, source })?;
-                    req.state = IoreqState::InProcess;
-                    out.push(BackendEvent::Request { vcpu: v, req: *req });
-                }
+                .map_err(|e| violations.push(format!("buffered ring: {e}")));
+        }
+        if let Notify::Vcpu(v) = n {
+            let (slot, req) = &mut srv.slots[v as usize];
+            if slot.state() == IoreqState::Ready {
+                slot.advance(Actor::Server, IoreqState::InProcess)
+                    .map_err(|source| BackendError::Slot { vcpu: v, source })?;
+                req.state = IoreqState::InProcess;
+                out.push(BackendEvent::Request { vcpu: v, req: *req });
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 }
 
@@ -728,24 +761,57 @@ impl Backend for SimBackend {
         timeout: Option<Duration>,
         out: &mut Vec<BackendEvent>,
     ) -> Result<(), BackendError> {
-        let first = match timeout {
-            None => self.rx.recv().map_err(|_| BackendError::Disconnected)?,
-            Some(t) if t.is_zero() => match self.rx.try_recv() {
-                Ok(n) => n,
-                Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) => return Err(BackendError::Disconnected),
-            },
-            Some(t) => match self.rx.recv_timeout(t) {
-                Ok(n) => n,
-                Err(RecvTimeoutError::Timeout) => return Ok(()),
-                Err(RecvTimeoutError::Disconnected) => return Err(BackendError::Disconnected),
-            },
-        };
-        self.handle_notify(first, out)?;
-        while let Ok(n) = self.rx.try_recv() {
-            self.handle_notify(n, out)?;
+        let start = Instant::now();
+        loop {
+            {
+                let mut st = lock(&self.hv.sh.st);
+                let st = &mut *st;
+                let srv = st.servers[usize::from(self.id)]
+                    .as_mut()
+                    .ok_or(BackendError::Disconnected)?;
+                if !srv.queue.is_empty() {
+                    let mut q = std::mem::take(&mut srv.queue);
+                    let r = q
+                        .drain(..)
+                        .try_for_each(|n| Self::handle_notify(srv, &mut st.violations, n, out));
+                    // Keep the queue's allocation.
+                    if let Some(s) = st.servers[usize::from(self.id)].as_mut() {
+                        if s.queue.is_empty() {
+                            s.queue = q;
+                        }
+                    }
+                    return r;
+                }
+                if timeout.is_some_and(|t| t.is_zero()) {
+                    return Ok(());
+                }
+                srv.sleeping = true;
+            }
+            // Drain doorbells rung before we slept, then sleep until the next one.
+            while self.rx.try_recv().is_ok() {}
+            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+            let woke = match left {
+                None => self
+                    .rx
+                    .recv()
+                    .map_err(|_| BackendError::Disconnected)
+                    .map(|()| true)?,
+                Some(l) => match self.rx.recv_timeout(l) {
+                    Ok(()) => true,
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Err(RecvTimeoutError::Disconnected) => return Err(BackendError::Disconnected),
+                },
+            };
+            if !woke {
+                let mut st = lock(&self.hv.sh.st);
+                if let Some(s) = st.servers[usize::from(self.id)].as_mut() {
+                    s.sleeping = false;
+                    if s.queue.is_empty() {
+                        return Ok(());
+                    }
+                }
+            }
         }
-        Ok(())
     }
 
     fn complete(&mut self, vcpu: u32, data: u64) -> Result<(), BackendError> {
@@ -763,10 +829,11 @@ impl Backend for SimBackend {
                 req.data = data;
             }
             req.state = IoreqState::RespReady;
+            if std::mem::take(&mut st.vcpus[vcpu as usize].sleeping) {
+                let _ = self.hv.sh.done[vcpu as usize].0.send(());
+            }
             Ok(())
-        })?;
-        let _ = self.hv.sh.done[vcpu as usize].0.send(());
-        Ok(())
+        })
     }
 }
 

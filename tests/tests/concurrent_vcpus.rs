@@ -19,8 +19,10 @@ fn cf8_read(hv: &SimHypervisor, vcpu: u32, sbdf: bdf_router::Sbdf, reg: u16) -> 
     // CF8 is one latch per domain (Xen keeps it in the domain): another vCPU may change it
     // between our two accesses, exactly as on real hardware. Only ECAM is race-free.
     let cf8 = 0x8000_0000 | (u64::from(sbdf.bdf()) << 8) | u64::from(reg & 0xfc);
-    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8)).unwrap();
-    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Read, 0xcfc, 4, 0)).unwrap()
+    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8))
+        .unwrap();
+    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Read, 0xcfc, 4, 0))
+        .unwrap()
 }
 
 #[test]
@@ -57,7 +59,9 @@ fn vcpus_race_a_moving_ecam_window() {
                     // LPC function 00:1f.0, vendor/device, through whichever window may exist.
                     let base = bases[(i % 2) as usize];
                     let a = base + (0x1f << 15);
-                    let got = hv.access(v, &Ioreq::new(IoreqType::Copy, Dir::Read, a, 4, 0)).unwrap();
+                    let got = hv
+                        .access(v, &Ioreq::new(IoreqType::Copy, Dir::Read, a, 4, 0))
+                        .unwrap();
                     match got {
                         0x2918_8086 => ok += 1,
                         0xffff_ffff => aborted += 1,
@@ -91,11 +95,17 @@ fn vcpus_race_a_moving_ecam_window() {
     let st = hv.check().expect("no ioreq lost, doubled or late");
     assert_eq!(st.sent, st.completed);
     assert_eq!(engine.stats().completion_errors, 0);
-    assert!(engine.layout_history().len() >= 600, "{}", engine.layout_history().len());
+    assert!(
+        engine.layout_history().len() >= 600,
+        "{}",
+        engine.layout_history().len()
+    );
 }
 
 fn cf8_write(hv: &SimHypervisor, vcpu: u32, sbdf: bdf_router::Sbdf, reg: u16, v: u64) {
     let cf8 = 0x8000_0000 | (u64::from(sbdf.bdf()) << 8) | u64::from(reg & 0xfc);
-    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8)).unwrap();
-    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Write, 0xcfc, 4, v)).unwrap();
+    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8))
+        .unwrap();
+    hv.access(vcpu, &Ioreq::new(IoreqType::Pio, Dir::Write, 0xcfc, 4, v))
+        .unwrap();
 }

@@ -34,7 +34,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 /// Exit codes of `serve` (see the module documentation).
 pub mod exit {
@@ -136,6 +136,7 @@ fn init_logging(args: &ServeArgs) -> Result<(), String> {
 }
 
 /// Tells systemd (`Type=notify`) about our state, if it started us.
+#[cfg(feature = "xen")]
 fn sd_notify(msg: &str) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::ffi::OsStrExt;
@@ -186,7 +187,7 @@ fn build_models(cfg: &Config, claim: ClaimMode) -> Models {
                         Placement::Position(_) => {}
                     }
                 }
-                info!(server = %s.name, functions = s.functions.len(), "emulated model");
+                tracing::debug!(server = %s.name, functions = s.functions.len(), "emulated model");
                 models.push(Box::new(s.emulated_model()));
             }
             ServerKind::Process => error!(
@@ -249,7 +250,12 @@ fn run_inner(args: &ServeArgs) -> u8 {
 }
 
 #[cfg(not(feature = "xen"))]
-fn serve(_: &ServeArgs, _: &Config, _: Models, _: SignalFd) -> u8 {
+fn serve(_: &ServeArgs, _: &Config, models: Models, _: SignalFd) -> u8 {
+    tracing::debug!(
+        models = models.models.len(),
+        functions = models.functions.len(),
+        "configuration checked"
+    );
     error!("not a Xen host: this ioreq-mux was built without Xen support (feature `xen` off)");
     exit::NOT_XEN
 }
@@ -261,6 +267,7 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
     use ioreq_server::{BackendError, ClaimError};
     use std::os::fd::AsFd;
     use std::time::Instant;
+    use tracing::info;
 
     let mut opts = match args.claim {
         ClaimMode::Owned => XenBackendOptions::beside_qemu(models.functions.clone()),

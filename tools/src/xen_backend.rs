@@ -13,10 +13,13 @@
 //!    the server is enabled) and bind it with `xenevtchn_bind_interdomain`; bind the
 //!    buffered port from `get_ioreq_server_info` too.
 //! 4. The engine's claims arrive through [`Backend::map_range`]: ports and MMIO with
-//!    `map_io_range_to_ioreq_server`, PCI functions with `map_pcidev_to_ioreq_server` one
-//!    SBDF at a time (libxendevicemodel has no call taking an SBDF range, although the DMOP
-//!    does). [`XenBackendOptions`] narrows what is really claimed from Xen, so the
-//!    multiplexer can run beside QEMU (see [`PciClaims`]).
+//!    `map_io_range_to_ioreq_server`; PCI functions with `map_pcidev_to_ioreq_server`, or,
+//!    for a run of consecutive SBDFs (the engine claims whole segments), one
+//!    `XEN_DMOP_map_io_range_to_ioreq_server` of type PCI over the run through
+//!    [`xen_ffi::PciRangeDmOp`] (libxendevicemodel has no call taking an SBDF range, although
+//!    the DMOP does); if that ioctl is not available, one `map_pcidev` per function.
+//!    [`XenBackendOptions`] narrows what is really claimed from Xen, so the multiplexer can
+//!    run beside QEMU (see [`PciClaims`]).
 //!
 //! # Serving (`wait` / `complete`)
 //! - `wait` polls the event-channel fd (and an optional wake-up fd, e.g. a signalfd) with the
@@ -69,7 +72,7 @@ use tracing::{debug, info, warn};
 use xen_ffi::abi::{HVM_IOREQSRV_BUFIOREQ_ATOMIC, HVM_IOREQSRV_BUFIOREQ_OFF};
 use xen_ffi::{
     BufferedPageView, DeviceModelHandle, EventChannelHandle, ForeignMemoryHandle, IoreqPage,
-    Libraries, ResourceMapping, XenError,
+    Libraries, PciRangeDmOp, ResourceMapping, XenError,
 };
 
 /// `MAX_NR_IO_RANGES` (xen/common/ioreq.c): Xen's limit per range set.
@@ -78,6 +81,26 @@ const MAX_NR_IO_RANGES: usize = 256;
 /// Above this many mapped functions, `Drop` leaves them to `destroy_ioreq_server` instead of
 /// unmapping one hypercall at a time.
 const PCI_UNMAP_ONE_BY_ONE_MAX: usize = 256;
+
+/// Runs of consecutive values, as inclusive (first, last) pairs.
+fn runs(sorted: impl IntoIterator<Item = u32>) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = vec![];
+    for s in sorted {
+        match out.last_mut() {
+            Some((_, b)) if b.checked_add(1) == Some(s) => *b = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
+}
+
+/// The privcmd driver does not know `IOCTL_PRIVCMD_DM_OP` (or Xen the op).
+fn unsupported(e: &XenError) -> bool {
+    matches!(
+        e.errno(),
+        Some(libc::ENOTTY | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
+}
 
 /// Which PCI functions the backend really claims from Xen when the engine asks for a range.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +242,8 @@ pub struct XenBackend {
     /// PCI functions (packed SBDF) Xen routes to us.
     pci: BTreeSet<u32>,
     wake: Option<OwnedFd>,
+    /// For PCI ranges in one DMOP; `None` if privcmd could not be opened or lacks the ioctl.
+    pci_range: Option<PciRangeDmOp>,
     stats: XenStats,
     // Declared last: dropped after `Drop::drop` ran, mapping before its handle.
     pages: ResourceMapping,
@@ -328,6 +353,11 @@ impl XenBackend {
             skipped: vec![],
             pci: BTreeSet::new(),
             wake: None,
+            pci_range: PciRangeDmOp::open()
+                .map_err(
+                    |e| debug!(error = %e, "no PCI range DMOP: functions are claimed one by one"),
+                )
+                .ok(),
             stats: XenStats::default(),
             pages,
             evtchn,
@@ -401,18 +431,7 @@ impl XenBackend {
     /// consecutive SBDFs merged).
     pub fn claims(&self) -> Vec<IoRange> {
         let mut out = self.ranges.clone();
-        let mut run: Option<(u32, u32)> = None;
-        for &s in &self.pci {
-            run = match run {
-                Some((a, b)) if b.checked_add(1) == Some(s) => Some((a, s)),
-                Some((a, b)) => {
-                    out.push(IoRange::new(RangeKind::Pci, a.into(), b.into()));
-                    Some((s, s))
-                }
-                None => Some((s, s)),
-            };
-        }
-        if let Some((a, b)) = run {
+        for (a, b) in runs(self.pci.iter().copied()) {
             out.push(IoRange::new(RangeKind::Pci, a.into(), b.into()));
         }
         out
@@ -541,6 +560,55 @@ impl XenBackend {
         let f = Sbdf::from_xen(s);
         self.dm
             .unmap_pcidev(self.domid, self.id, f.segment, f.bus, f.device, f.function)
+    }
+
+    /// Claims the functions `a..=b`: one range DMOP when there is more than one (and the
+    /// ioctl exists), else one `map_pcidev` each (undone if one fails).
+    fn map_pci_run(&mut self, a: u32, b: u32) -> Result<(), XenError> {
+        if b > a {
+            if let Some(op) = &self.pci_range {
+                match op.map(self.domid, self.id, a, b) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if unsupported(&e) => {
+                        warn!(error = %e, "PCI range DMOP unavailable: claiming functions one by one");
+                        self.pci_range = None;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for s in a..=b {
+            let f = Sbdf::from_xen(s);
+            if let Err(e) = self
+                .dm
+                .map_pcidev(self.domid, self.id, f.segment, f.bus, f.device, f.function)
+            {
+                if s > a {
+                    let _ = self.unmap_pci_run(a, s - 1);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the functions `a..=b` (which must all be ours).
+    fn unmap_pci_run(&self, a: u32, b: u32) -> Result<(), XenError> {
+        if b > a {
+            if let Some(op) = &self.pci_range {
+                match op.unmap(self.domid, self.id, a, b) {
+                    Err(e) if unsupported(&e) => {}
+                    r => return r,
+                }
+            }
+        }
+        let mut result = Ok(());
+        for s in a..=b {
+            if let Err(e) = self.unmap_pcidev(s) {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     fn is_config_ports(r: &IoRange) -> bool {
@@ -810,36 +878,31 @@ impl Backend for XenBackend {
                         .collect(),
                 };
                 let t0 = Instant::now();
-                let mut done = Vec::with_capacity(wanted.len());
-                for &s in &wanted {
-                    let f = Sbdf::from_xen(s);
-                    if let Err(e) = self
-                        .dm
-                        .map_pcidev(self.domid, self.id, f.segment, f.bus, f.device, f.function)
-                    {
-                        for &d in &done {
-                            if let Err(e) = self.unmap_pcidev(d) {
-                                debug!(sbdf = %Sbdf::from_xen(d), error = %e, "undoing a PCI claim");
+                let mut done: Vec<(u32, u32)> = vec![];
+                for (a, b) in runs(wanted.iter().copied()) {
+                    if let Err(e) = self.map_pci_run(a, b) {
+                        for &(x, y) in &done {
+                            if let Err(e) = self.unmap_pci_run(x, y) {
+                                debug!(error = %e, "undoing a PCI claim");
                             }
                         }
-                        return Err(range_err(e, IoRange::pci(s)));
+                        let run = IoRange::new(RangeKind::Pci, a.into(), b.into());
+                        return Err(range_err(e, run));
                     }
-                    done.push(s);
+                    done.push((a, b));
                 }
-                self.pci.extend(done);
+                self.pci.extend(wanted.iter().copied());
                 if wanted.len() != (r.end - r.start + 1) as usize {
                     self.skipped.push(r);
                 }
-                if wanted.len() > 64 {
-                    info!(
-                        range = %r,
-                        functions = wanted.len(),
-                        took = ?t0.elapsed(),
-                        "PCI functions claimed one by one (libxendevicemodel has no SBDF-range call)"
-                    );
-                } else {
-                    debug!(range = %r, claimed = wanted.len(), "PCI functions claimed from Xen");
-                }
+                debug!(
+                    range = %r,
+                    functions = wanted.len(),
+                    runs = done.len(),
+                    range_dmop = self.pci_range.is_some(),
+                    took = ?t0.elapsed(),
+                    "PCI functions claimed from Xen"
+                );
                 Ok(())
             }
         }
@@ -874,10 +937,13 @@ impl Backend for XenBackend {
                     .range(r.start as u32..=r.end as u32)
                     .copied()
                     .collect();
-                for s in mine {
-                    self.unmap_pcidev(s)
-                        .map_err(|e| range_err(e, IoRange::pci(s)))?;
-                    self.pci.remove(&s);
+                for (a, b) in runs(mine) {
+                    self.unmap_pci_run(a, b).map_err(|e| {
+                        range_err(e, IoRange::new(RangeKind::Pci, a.into(), b.into()))
+                    })?;
+                    for s in a..=b {
+                        self.pci.remove(&s);
+                    }
                 }
                 self.skipped.retain(|x| *x != r);
                 Ok(())
@@ -961,10 +1027,10 @@ impl Drop for XenBackend {
             }
         }
         let pci = std::mem::take(&mut self.pci);
-        if pci.len() <= PCI_UNMAP_ONE_BY_ONE_MAX {
-            for s in pci {
-                if let Err(e) = self.unmap_pcidev(s) {
-                    report("releasing a PCI function", &e);
+        if self.pci_range.is_some() || pci.len() <= PCI_UNMAP_ONE_BY_ONE_MAX {
+            for (a, b) in runs(pci) {
+                if let Err(e) = self.unmap_pci_run(a, b) {
+                    report("releasing PCI functions", &e);
                 }
             }
         } else {
@@ -1170,6 +1236,17 @@ mod tests {
             }),
             OpenError::Xen { .. }
         ));
+    }
+
+    #[test]
+    fn runs_of_consecutive_sbdfs() {
+        assert_eq!(runs([1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 7), (9, 10)]);
+        assert_eq!(runs(0..=0xffff), vec![(0, 0xffff)]);
+        assert_eq!(
+            runs([u32::MAX - 1, u32::MAX]),
+            vec![(u32::MAX - 1, u32::MAX)]
+        );
+        assert!(runs([]).is_empty());
     }
 
     #[test]

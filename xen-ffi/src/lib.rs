@@ -8,6 +8,7 @@
 //! - [`IoreqPage`] and [`BufferedPageView`] read and write the shared ioreq pages with the
 //!   volatile accesses, atomics and fences the protocol needs (see [`pages`]).
 //! - `sys` (feature `bindgen` only) is the raw bindgen output.
+//! - [`PciRangeDmOp`] makes the one DMOP libxendevicemodel lacks: claiming an SBDF range.
 //!
 //! Without the `bindgen` feature the crate builds with neither libclang nor the Xen headers,
 //! keeps the same API, and [`Libraries::load`] returns [`XenError::NotBuilt`].
@@ -17,6 +18,7 @@
 #![allow(unsafe_code)]
 
 pub mod abi;
+pub mod dmop;
 mod error;
 mod handles;
 pub mod pages;
@@ -31,6 +33,7 @@ mod backend;
 #[cfg(all(test, feature = "bindgen"))]
 mod layout_tests;
 
+pub use dmop::PciRangeDmOp;
 pub use error::XenError;
 pub use handles::{
     DeviceModelHandle, EventChannelHandle, ForeignMemoryHandle, Libraries, PRIVCMD_PATH,

@@ -1,0 +1,576 @@
+//! The multiplexer's stand-in for an out-of-process device model: [`RemoteModel`] is a
+//! [`DeviceModel`] whose `handle` writes the vCPU's slot in the shared page, rings the
+//! vCPU's eventfd and waits for IORESP_READY: spinning for a short while, then blocking on
+//! the response eventfd, never past the deadline.
+//!
+//! DMOPs the device model sends while a request is in flight (a BAR was programmed, say)
+//! reach the connection thread, which hands them here: they are applied with the `ctl` of
+//! the request being served, exactly as an in-process model's would be.
+
+use super::shm::SharedPages;
+use super::slots::Collect;
+use super::sys::{Doorbell, SeqPacket, wait_readable};
+use super::wire::{self, Code, Message, Notice};
+use crate::bufioreq::BufioreqMode;
+use crate::ioreq::{Dir, Ioreq, IoreqType};
+use crate::model::{ClaimError, DeviceModel, DmControl, DmError};
+use crate::range::{Claim, IoRange, Position, RangeKind};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+/// How a remote server is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteOptions {
+    /// Longest a request may take. Past it the server is dropped (its claims are released)
+    /// and the request completes as a master abort.
+    pub deadline: Duration,
+    /// How long `handle` polls the slot before it blocks on the response eventfd.
+    pub spin: Duration,
+    /// Writes inside these ranges go through the buffered ring (no waiting), as Xen buffers
+    /// VGA memory writes; everything else is synchronous.
+    pub buffered: Vec<IoRange>,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            deadline: Duration::from_secs(1),
+            spin: Duration::from_micros(50),
+            buffered: vec![],
+        }
+    }
+}
+
+/// Counters of one remote server.
+#[derive(Debug, Default)]
+pub struct RemoteCounters {
+    /// Synchronous requests sent through a slot.
+    pub requests: AtomicU64,
+    /// ... answered while spinning.
+    pub spun: AtomicU64,
+    /// ... answered after blocking on the eventfd.
+    pub blocked: AtomicU64,
+    /// Writes put on the buffered ring.
+    pub buffered: AtomicU64,
+    /// DMOPs applied while a request was in flight.
+    pub dmops_in_request: AtomicU64,
+    /// Requests refused because the server was disabled or gone.
+    pub refused: AtomicU64,
+}
+
+/// A snapshot of [`RemoteCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    pub requests: u64,
+    pub spun: u64,
+    pub blocked: u64,
+    pub buffered: u64,
+    pub dmops_in_request: u64,
+    pub refused: u64,
+}
+
+/// Map or unmap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmopKind {
+    Map,
+    Unmap,
+}
+
+/// A DMOP waiting for whoever holds the engine's `ctl` for this server.
+#[derive(Debug)]
+pub(crate) struct PendingOp {
+    pub kind: DmopKind,
+    pub claim: Claim,
+    pub reply: crossbeam_channel::Sender<Result<(), ClaimError>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    /// A request of this server is in flight: DMOPs go to `ops`, not to the engine.
+    pub in_request: bool,
+    pub ops: VecDeque<PendingOp>,
+    /// Positions the server has claimed (for POSITION_MOVED notices).
+    pub positions: Vec<Position>,
+}
+
+/// The descriptors and memory of one server, shared by the connection thread (which sends
+/// them with GET_IOREQ_SERVER_INFO) and the [`RemoteModel`].
+#[derive(Debug)]
+pub(crate) struct Resources {
+    pub pages: SharedPages,
+    pub buf_bell: Doorbell,
+    pub resp_bell: Doorbell,
+    pub vcpu_bells: Vec<Doorbell>,
+}
+
+impl Resources {
+    pub fn new(name: &str, nr_vcpus: u32) -> io::Result<Self> {
+        Ok(Resources {
+            pages: SharedPages::create(name)?,
+            buf_bell: Doorbell::new()?,
+            resp_bell: Doorbell::new()?,
+            vcpu_bells: (0..nr_vcpus)
+                .map(|_| Doorbell::new())
+                .collect::<io::Result<_>>()?,
+        })
+    }
+}
+
+/// State of one server shared by its connection thread and its [`RemoteModel`].
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub name: String,
+    /// The engine's index of the model, once added.
+    pub id: AtomicU32,
+    pub enabled: AtomicBool,
+    pub dead: AtomicBool,
+    /// Set when `inbox.ops` may be non-empty (cheap check while spinning).
+    pub has_ops: AtomicBool,
+    /// Bumped whenever `inbox.positions` changes.
+    pub positions_gen: AtomicU64,
+    pub inbox: Mutex<Inbox>,
+    /// Connection thread -> RemoteModel: DMOPs queued, or the connection died.
+    pub wake: Doorbell,
+    pub sock: Arc<SeqPacket>,
+    pub counters: RemoteCounters,
+}
+
+pub(crate) const NO_ID: u32 = u32::MAX;
+
+impl Shared {
+    pub fn new(name: &str, sock: Arc<SeqPacket>) -> io::Result<Self> {
+        Ok(Shared {
+            name: name.to_string(),
+            id: AtomicU32::new(NO_ID),
+            enabled: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            has_ops: AtomicBool::new(false),
+            positions_gen: AtomicU64::new(0),
+            inbox: Mutex::new(Inbox::default()),
+            wake: Doorbell::new()?,
+            sock,
+            counters: RemoteCounters::default(),
+        })
+    }
+
+    pub fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Marks the server dead and wakes a waiting `handle`. Returns false if it already was.
+    pub fn kill(&self) -> bool {
+        let first = !self.dead.swap(true, Ordering::AcqRel);
+        let _ = self.wake.ring();
+        first
+    }
+
+    /// The fault path: tell the device model why (best effort, never blocking), then cut the
+    /// connection; the connection thread sees it end and releases the claims.
+    pub fn fault(&self, code: Code, why: &str) {
+        if !self.kill() {
+            return;
+        }
+        error!(server = %self.name, code = %code, "{why}: dropping the device model");
+        let msg = Message::Notice(Notice::Goodbye {
+            code,
+            message: truncate(why),
+        });
+        if let Ok(b) = wire::encode(&msg) {
+            let _ = self.sock.send_now(&b);
+        }
+        self.sock.shutdown();
+    }
+
+    pub fn stats(&self) -> RemoteStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RemoteStats {
+            requests: l(&c.requests),
+            spun: l(&c.spun),
+            blocked: l(&c.blocked),
+            buffered: l(&c.buffered),
+            dmops_in_request: l(&c.dmops_in_request),
+            refused: l(&c.refused),
+        }
+    }
+}
+
+pub(crate) fn truncate(s: &str) -> String {
+    if s.len() <= wire::MAX_TEXT {
+        return s.to_string();
+    }
+    let mut end = wire::MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// The multiplexer's proxy for one out-of-process ioreq server.
+pub struct RemoteModel {
+    name: String,
+    shared: Arc<Shared>,
+    res: Arc<Resources>,
+    nr_vcpus: u32,
+    bufioreq: BufioreqMode,
+    opts: RemoteOptions,
+    seq: u32,
+    /// Positions claimed and what the device model was last told about each.
+    told: Vec<(Position, Option<u32>)>,
+    told_gen: u64,
+}
+
+impl std::fmt::Debug for RemoteModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteModel")
+            .field("name", &self.name)
+            .field("nr_vcpus", &self.nr_vcpus)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteModel {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        res: Arc<Resources>,
+        bufioreq: BufioreqMode,
+        opts: RemoteOptions,
+    ) -> Self {
+        RemoteModel {
+            name: shared.name.clone(),
+            nr_vcpus: res.vcpu_bells.len() as u32,
+            shared,
+            res,
+            bufioreq,
+            opts,
+            seq: 0,
+            told: vec![],
+            told_gen: u64::MAX,
+        }
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        if self.seq == 0 {
+            self.seq = 1;
+        }
+        self.seq
+    }
+
+    /// Applies the DMOPs the connection thread queued while a request is in flight.
+    fn apply_ops(&self, mut ctl: Option<&mut (dyn DmControl + '_)>) {
+        self.shared.has_ops.store(false, Ordering::Release);
+        loop {
+            let Some(op) = self.shared.inbox().ops.pop_front() else {
+                return;
+            };
+            let r = match ctl.as_deref_mut() {
+                Some(c) => {
+                    self.shared
+                        .counters
+                        .dmops_in_request
+                        .fetch_add(1, Ordering::Relaxed);
+                    match op.kind {
+                        DmopKind::Map => c.map(op.claim),
+                        DmopKind::Unmap => c.unmap(op.claim),
+                    }
+                }
+                None => Err(ClaimError::Invalid {
+                    claim: op.claim.to_string(),
+                    why: "claims cannot change while the multiplexer waits for a broadcast".into(),
+                }),
+            };
+            let _ = op.reply.send(r);
+        }
+    }
+
+    /// Sends POSITION_MOVED for every claimed position whose resolution changed since the
+    /// device model was last told, before the request that might depend on it.
+    fn tell_moves(&mut self, ctl: &dyn DmControl) -> Result<(), DmError> {
+        let gen_now = self.shared.positions_gen.load(Ordering::Acquire);
+        if gen_now != self.told_gen {
+            let claimed = self.shared.inbox().positions.clone();
+            self.told.retain(|(p, _)| claimed.contains(p));
+            for p in claimed {
+                if !self.told.iter().any(|(q, _)| *q == p) {
+                    self.told.push((p, None));
+                }
+            }
+            self.told_gen = gen_now;
+        }
+        let id = self.shared.id.load(Ordering::Relaxed) as u16;
+        for (p, last) in &mut self.told {
+            let now = ctl.locate(p);
+            if now == *last {
+                continue;
+            }
+            let msg = Message::Notice(Notice::PositionMoved {
+                id,
+                position: p.clone(),
+                sbdf: now,
+            });
+            let sent = wire::encode(&msg)
+                .map_err(io::Error::other)
+                .and_then(|b| self.shared.sock.send_now(&b));
+            if let Err(e) = sent {
+                let why = format!("cannot send a position notice: {e}");
+                self.shared.fault(Code::EPROTO, &why);
+                return Err(DmError::Disconnected(self.name.clone()));
+            }
+            debug!(server = %self.name, position = %p, sbdf = ?now, "told the device model where its function is");
+            *last = now;
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, why: &str) -> DmError {
+        self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+        if self.shared.is_dead() {
+            DmError::Disconnected(self.name.clone())
+        } else {
+            DmError::Failed {
+                name: self.name.clone(),
+                msg: why.to_string(),
+            }
+        }
+    }
+
+    /// Tries the buffered ring for a write the options say may be buffered.
+    fn try_buffer(&self, req: &Ioreq) -> bool {
+        if self.bufioreq == BufioreqMode::Off
+            || req.dir != Dir::Write
+            || self.opts.buffered.is_empty()
+        {
+            return false;
+        }
+        let kind = match req.ty {
+            IoreqType::Pio => RangeKind::Port,
+            IoreqType::Copy => RangeKind::Mmio,
+            _ => return false,
+        };
+        let (s, e) = req.byte_span();
+        if !self
+            .opts
+            .buffered
+            .iter()
+            .any(|r| r.kind == kind && r.contains(s, e))
+        {
+            return false;
+        }
+        if self.res.pages.buffered().push(req, self.bufioreq).is_err() {
+            return false; // not bufferable or full: synchronous instead, as Xen does
+        }
+        self.shared
+            .counters
+            .buffered
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = self.res.buf_bell.ring();
+        true
+    }
+
+    /// Posts `req` in slot `vcpu` and waits for the answer.
+    fn round_trip(
+        &mut self,
+        vcpu: u32,
+        req: &Ioreq,
+        mut ctl: Option<&mut (dyn DmControl + '_)>,
+    ) -> Result<u64, DmError> {
+        let v = vcpu as usize;
+        let res = Arc::clone(&self.res);
+        let (Some(slot), Some(bell)) = (res.pages.slot(v), res.vcpu_bells.get(v)) else {
+            return Err(self.refuse(&format!(
+                "vCPU {vcpu} has no slot ({} vCPUs)",
+                self.nr_vcpus
+            )));
+        };
+        let seq = self.next_seq();
+        self.shared.inbox().in_request = true;
+        if !slot.post(req, seq) {
+            let (s, st) = slot.control();
+            self.leave_request(ctl);
+            let why = format!(
+                "slot of vCPU {vcpu} is in state {st} (sequence {s}), not NONE, before request {seq}"
+            );
+            self.shared.fault(Code::EPROTO, &why);
+            return Err(DmError::Disconnected(self.name.clone()));
+        }
+        self.shared
+            .counters
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
+        let r = match bell.ring() {
+            Ok(()) => self.wait(vcpu, seq, ctl.as_deref_mut()),
+            Err(e) => {
+                self.shared.fault(
+                    Code::EIO,
+                    &format!("cannot ring vCPU {vcpu}'s eventfd: {e}"),
+                );
+                Err(DmError::Disconnected(self.name.clone()))
+            }
+        };
+        self.leave_request(ctl);
+        r
+    }
+
+    /// Ends the in-request window and applies any DMOP queued just before it closed.
+    fn leave_request(&self, ctl: Option<&mut (dyn DmControl + '_)>) {
+        let late = {
+            let mut ib = self.shared.inbox();
+            ib.in_request = false;
+            !ib.ops.is_empty()
+        };
+        if late {
+            self.apply_ops(ctl);
+        }
+    }
+
+    fn wait(
+        &self,
+        vcpu: u32,
+        seq: u32,
+        mut ctl: Option<&mut (dyn DmControl + '_)>,
+    ) -> Result<u64, DmError> {
+        let Some(slot) = self.res.pages.slot(vcpu as usize) else {
+            return Err(self.refuse("no slot"));
+        };
+        let start = Instant::now();
+        let check = |this: &Self| -> Option<Result<u64, DmError>> {
+            match slot.collect(seq) {
+                Collect::Pending => None,
+                Collect::Done(d) => Some(Ok(d)),
+                Collect::Violation { state, seq: s } => {
+                    let why = format!(
+                        "vCPU {vcpu} request {seq}: slot went to state {state} with sequence {s} (protocol violation)"
+                    );
+                    this.shared.fault(Code::EPROTO, &why);
+                    Some(Err(DmError::Failed {
+                        name: this.name.clone(),
+                        msg: why,
+                    }))
+                }
+            }
+        };
+        // Spin: the answer often comes within microseconds, sooner than a wakeup.
+        if !self.opts.spin.is_zero() {
+            loop {
+                if let Some(r) = check(self) {
+                    if r.is_ok() {
+                        self.shared.counters.spun.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return r;
+                }
+                if self.shared.is_dead() {
+                    return Err(DmError::Disconnected(self.name.clone()));
+                }
+                if self.shared.has_ops.load(Ordering::Acquire) {
+                    self.apply_ops(ctl.as_deref_mut());
+                }
+                if start.elapsed() >= self.opts.spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        // Block on the response eventfd (and the wake-up from the connection thread).
+        loop {
+            if let Some(r) = check(self) {
+                if r.is_ok() {
+                    self.shared.counters.blocked.fetch_add(1, Ordering::Relaxed);
+                }
+                return r;
+            }
+            if self.shared.is_dead() {
+                return Err(DmError::Disconnected(self.name.clone()));
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= self.opts.deadline {
+                let why = format!(
+                    "vCPU {vcpu} request {seq} not answered within {:?}",
+                    self.opts.deadline
+                );
+                self.shared.fault(Code::ETIMEDOUT, &why);
+                return Err(DmError::Timeout {
+                    name: self.name.clone(),
+                    after: self.opts.deadline,
+                });
+            }
+            let left = self.opts.deadline - elapsed;
+            let fds = [self.res.resp_bell.as_fd(), self.shared.wake.as_fd()];
+            if let Err(e) = wait_readable(&fds, Some(left)) {
+                warn!(server = %self.name, error = %e, "poll failed; retrying");
+            }
+            let _ = self.res.resp_bell.clear();
+            let _ = self.shared.wake.clear();
+            if self.shared.has_ops.load(Ordering::Acquire) {
+                self.apply_ops(ctl.as_deref_mut());
+            }
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> RemoteStats {
+        self.shared.stats()
+    }
+}
+
+impl DeviceModel for RemoteModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device model makes its claims itself, with DMOPs on its socket.
+    fn attach(&mut self, _ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
+        info!(server = %self.name, vcpus = self.nr_vcpus, "out-of-process device model added");
+        Ok(())
+    }
+
+    fn handle(&mut self, vcpu: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError> {
+        if self.shared.is_dead() {
+            return Err(self.refuse("gone"));
+        }
+        if !self.shared.enabled.load(Ordering::Acquire) {
+            return Err(self.refuse("server is disabled"));
+        }
+        if self.try_buffer(req) {
+            return Ok(0);
+        }
+        self.tell_moves(ctl)?;
+        let v = self.round_trip(vcpu, req, Some(ctl))?;
+        Ok(if req.dir == Dir::Read { v } else { 0 })
+    }
+
+    /// TIMEOFFSET goes through the buffered ring (dropped without one, as Xen does);
+    /// INVALIDATE is synchronous through vCPU 0's slot.
+    fn broadcast(&mut self, req: &Ioreq) -> Result<(), DmError> {
+        if self.shared.is_dead() || !self.shared.enabled.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match req.ty {
+            IoreqType::TimeOffset => {
+                if self.bufioreq != BufioreqMode::Off
+                    && self.res.pages.buffered().push(req, self.bufioreq).is_ok()
+                {
+                    let _ = self.res.buf_bell.ring();
+                }
+                Ok(())
+            }
+            _ => self.round_trip(0, req, None).map(|_| ()),
+        }
+    }
+}
+
+impl Drop for RemoteModel {
+    fn drop(&mut self) {
+        debug!(server = %self.name, "remote model dropped");
+    }
+}
