@@ -36,6 +36,7 @@ fn vcpus_race_a_moving_ecam_window() {
             ..Default::default()
         },
         chipset: None,
+        ..Default::default()
     };
     let mut engine = Engine::new(backend, topology(&log), &cfg).unwrap();
     engine.backend().set_enabled(true).unwrap();

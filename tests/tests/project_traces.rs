@@ -50,6 +50,7 @@ fn record(name: &str) -> PathBuf {
             ..Default::default()
         },
         chipset: None,
+        ..Default::default()
     };
     let path = tmp(name);
     let mut r = Recorder::new(Guest::new(topology(&log), &cfg), log, &path);

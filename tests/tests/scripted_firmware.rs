@@ -93,6 +93,7 @@ fn scripted_firmware_routes_every_access() {
             ..Default::default()
         },
         chipset: None,
+        ..Default::default()
     };
     let mut g = Guest::new(topology(&log), &cfg);
     assert_eq!(
@@ -442,4 +443,81 @@ fn claims_of_the_mux_own_ports_and_window_are_refused() {
         ioreq_mux::engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
     assert!(err.to_string().contains("ioreq-mux"), "{err}");
     let _ = Claim::Range(IoRange::ports(0, 0));
+}
+
+/// Beside another ioreq server (QEMU, created first): with `PciClaims::Functions` the engine
+/// claims only what its models own, and everything else keeps reaching the other server.
+#[test]
+fn beside_qemu_only_owned_functions_are_claimed() {
+    use ioreq_mux::engine::{Engine, PciClaims};
+    use ioreq_server::bufioreq::BufioreqMode;
+    use ioreq_server::sim::{Issued, SimHypervisor};
+    use ioreq_server::{Backend, BackendEvent, Ioreq, RangeKind};
+    use std::time::Duration;
+
+    let hv = SimHypervisor::new(1, Duration::from_secs(1));
+    // "QEMU": owns all of bus 0 and the config ports, answers 0x12345678.
+    let mut qemu = hv.create_server(BufioreqMode::Off).unwrap();
+    qemu.map_range(IoRange::new(RangeKind::Pci, 0, 0xff))
+        .unwrap();
+    qemu.map_range(IoRange::ports(0xcf8, 0xcff)).unwrap();
+    qemu.set_enabled(true).unwrap();
+    let log: DeliveryLog = Arc::new(Mutex::new(vec![]));
+    let vgpu = EmulatedModel::new("vgpu")
+        .with_function(
+            ioreq_mux_tests::at("00:05.0"),
+            &FunctionSpec::endpoint(0x1af4, 0x1337, 0xff0000),
+        )
+        .with_log(log.clone());
+    let cfg = EngineConfig {
+        pci_claims: PciClaims::Functions,
+        chipset: Some(chipset_intercept::Chipset::Unknown),
+        ..Default::default()
+    };
+    let backend = hv.create_server(BufioreqMode::Off).unwrap();
+    let mut engine = Engine::new(backend, vec![Box::new(vgpu)], &cfg).unwrap();
+    engine.backend().set_enabled(true).unwrap();
+    assert_eq!(
+        hv.server_ranges(1, RangeKind::Pci),
+        vec![(0x28, 0x28)],
+        "only 00:05.0"
+    );
+    assert!(
+        hv.server_ranges(1, RangeKind::Port).is_empty(),
+        "CF8/CFC stay with QEMU"
+    );
+
+    let mut read = |sbdf: &str| {
+        let s = bdf(sbdf);
+        let cf8 = 0x8000_0000 | (u64::from(s.bdf()) << 8);
+        let w = Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8);
+        let r = Ioreq::new(IoreqType::Pio, Dir::Read, 0xcfc, 4, 0);
+        for req in [w, r] {
+            if hv.issue(0, &req, false).unwrap() == Issued::Pending {
+                // Serve it from whichever server got it.
+                let mut ev = vec![];
+                qemu.wait(Some(Duration::ZERO), &mut ev).unwrap();
+                for e in ev {
+                    if let BackendEvent::Request { vcpu, .. } = e {
+                        qemu.complete(vcpu, 0x1234_5678).unwrap();
+                    }
+                }
+                engine.poll(Some(Duration::ZERO)).unwrap();
+            }
+            let v = hv.collect(0).unwrap().unwrap();
+            if req.dir == Dir::Read {
+                return v;
+            }
+        }
+        unreachable!()
+    };
+    assert_eq!(
+        read("00:05.0"),
+        0x1337_1af4,
+        "the newer server wins its function"
+    );
+    assert_eq!(read("00:00.0"), 0x1234_5678, "QEMU keeps the rest");
+    assert_eq!(read("00:1f.0"), 0x1234_5678);
+    assert_eq!(log.lock().unwrap().len(), 1);
+    assert!(hv.check().is_ok());
 }

@@ -327,10 +327,10 @@ impl Config {
                 })?;
                 functions.push((p, spec.clone()));
             }
-            if s.kind != ServerKind::Emulated && !functions.is_empty() {
+            if s.kind == ServerKind::Trace && !functions.is_empty() {
                 return Err(ConfigError::Syntax {
                     file: path.to_path_buf(),
-                    msg: format!("{who}: built-in functions need kind = \"emulated\""),
+                    msg: format!("{who}: a trace server has no built-in functions"),
                 });
             }
             let mut ids = vec![];

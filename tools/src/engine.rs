@@ -25,6 +25,21 @@ pub const MUX: ServerIdx = 0;
 /// Name the multiplexer has in claims and errors.
 pub const MUX_NAME: &str = "ioreq-mux";
 
+/// What the engine claims from the hypervisor for PCI configuration space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PciClaims {
+    /// Whole segments, plus the CF8/CFC ports: every configuration access reaches the engine
+    /// (unowned ones master-abort here, exactly as Xen would), and bus renumbering never needs
+    /// a hypervisor claim. For an engine in front of every device model.
+    #[default]
+    Segments,
+    /// Only the functions the models own (positions as they resolve, following renumbering),
+    /// and not the CF8/CFC ports: for an engine beside a device model Xen still serves
+    /// directly (QEMU), which keeps the rest of configuration space.
+    Functions,
+}
+
 /// How the engine is set up.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +47,7 @@ pub struct EngineConfig {
     pub intercepts: InterceptConfig,
     /// Skip detection and use this chipset.
     pub chipset: Option<Chipset>,
+    pub pci_claims: PciClaims,
 }
 
 /// The engine could not start.
@@ -74,6 +90,9 @@ pub struct EngineStats {
     pub completion_errors: u64,
     /// Hypervisor claims that failed.
     pub backend_claim_errors: u64,
+    /// Rep string accesses through a guest buffer (`data_is_ptr`): the engine has no access
+    /// to guest memory, so they complete without data (a read leaves the buffer unwritten).
+    pub data_ptr_unsupported: u64,
 }
 
 /// What a model may claim (from the configuration's `owns` of a process server). A range
@@ -142,6 +161,7 @@ struct Slot {
 /// What the engine has mapped with the hypervisor on its own account.
 #[derive(Debug, Default)]
 struct Mapped {
+    mode: PciClaims,
     windows: Vec<EcamWindow>,
     pci_segments: Vec<u16>,
     /// PM blocks: (function, owner, ports).
@@ -190,7 +210,7 @@ fn ensure_segment<B: Backend>(
     mapped: &mut Mapped,
     segment: u16,
 ) -> Result<(), BackendError> {
-    if mapped.pci_segments.contains(&segment) {
+    if mapped.mode == PciClaims::Functions || mapped.pci_segments.contains(&segment) {
         return Ok(());
     }
     // The engine takes whole segments from the hypervisor: CF8 accesses to any function
@@ -213,12 +233,17 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
             }
         }
         self.router.claim(self.owner, &claim)?;
+        let functions = self.mapped.mode == PciClaims::Functions;
         let r = match &claim {
-            Claim::Range(r) if r.kind != RangeKind::Pci => self.backend.map_range(*r),
+            Claim::Range(r) if r.kind != RangeKind::Pci || functions => self.backend.map_range(*r),
             Claim::Range(r) => {
                 let (s0, s1) = ((r.start >> 16) as u16, (r.end >> 16) as u16);
                 (s0..=s1).try_for_each(|s| ensure_segment(self.backend, self.mapped, s))
             }
+            Claim::Position(p) if functions => match resolved(self.router, self.owner, p) {
+                Some(s) => self.backend.map_range(IoRange::pci(s.to_xen())),
+                None => Ok(()),
+            },
             Claim::Position(p) => ensure_segment(self.backend, self.mapped, p.segment),
         };
         if let Err(source) = r {
@@ -234,13 +259,21 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
     }
 
     fn unmap(&mut self, claim: Claim) -> Result<(), ClaimError> {
+        let was = match &claim {
+            Claim::Position(p) => resolved(self.router, self.owner, p),
+            Claim::Range(_) => None,
+        };
         self.router.release(self.owner, &claim)?;
-        if let Claim::Range(r) = &claim {
-            if r.kind != RangeKind::Pci {
-                if let Err(e) = self.backend.unmap_range(*r) {
-                    self.stats.backend_claim_errors += 1;
-                    warn!(%claim, error = %e, "hypervisor refused an unmap");
-                }
+        let functions = self.mapped.mode == PciClaims::Functions;
+        let r = match &claim {
+            Claim::Range(r) if r.kind != RangeKind::Pci || functions => Some(*r),
+            Claim::Position(_) if functions => was.map(|s| IoRange::pci(s.to_xen())),
+            _ => None,
+        };
+        if let Some(r) = r {
+            if let Err(e) = self.backend.unmap_range(r) {
+                self.stats.backend_claim_errors += 1;
+                warn!(%claim, error = %e, "hypervisor refused an unmap");
             }
         }
         Ok(())
@@ -254,6 +287,15 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
             .and_then(|p| p.resolved)
             .map(Sbdf::to_xen)
     }
+}
+
+/// Where a position claim of `owner` points now.
+fn resolved(router: &Router, owner: ServerIdx, p: &Position) -> Option<Sbdf> {
+    router
+        .positions()
+        .iter()
+        .find(|c| c.owner == owner && c.position == *p)
+        .and_then(|c| c.resolved)
 }
 
 /// What answers a configuration access.
@@ -280,14 +322,19 @@ impl<B: Backend> Engine<B> {
                 model: MUX_NAME.into(),
                 source,
             })?;
-        backend.map_range(cf8)?;
+        if cfg.pci_claims == PciClaims::Segments {
+            backend.map_range(cf8)?;
+        }
         let mut e = Engine {
             backend,
             router,
             intercepts: InterceptTable::default(),
             chipset: Chipset::Unknown,
             models: vec![None],
-            mapped: Mapped::default(),
+            mapped: Mapped {
+                mode: cfg.pci_claims,
+                ..Mapped::default()
+            },
             stats: EngineStats::default(),
             events: Vec::with_capacity(64),
             layout: vec![],
@@ -425,14 +472,28 @@ impl<B: Backend> Engine<B> {
         let Some(slot) = self.models.get_mut(usize::from(idx)).and_then(Option::take) else {
             return vec![];
         };
+        let positions: Vec<Sbdf> = self
+            .router
+            .positions()
+            .iter()
+            .filter(|p| p.owner == idx)
+            .filter_map(|p| p.resolved)
+            .collect();
         let gone = self.router.release_all(idx);
-        for c in &gone {
-            if let Claim::Range(r) = c {
-                if r.kind != RangeKind::Pci {
-                    if let Err(e) = self.backend.unmap_range(*r) {
-                        warn!(claim = %c, error = %e, "hypervisor refused an unmap");
-                    }
-                }
+        let functions = self.mapped.mode == PciClaims::Functions;
+        let mut unmap: Vec<IoRange> = gone
+            .iter()
+            .filter_map(|c| match c {
+                Claim::Range(r) if r.kind != RangeKind::Pci || functions => Some(*r),
+                _ => None,
+            })
+            .collect();
+        if functions {
+            unmap.extend(positions.iter().map(|s| IoRange::pci(s.to_xen())));
+        }
+        for r in unmap {
+            if let Err(e) = self.backend.unmap_range(r) {
+                warn!(claim = %r, error = %e, "hypervisor refused an unmap");
             }
         }
         self.mapped.pm.retain(|(_, o, _)| *o != idx);
@@ -550,6 +611,18 @@ impl<B: Backend> Engine<B> {
             self.stats.malformed += 1;
             warn!(vcpu, error = %e, ?req, "malformed ioreq answered as a master abort");
             return abort_value(req);
+        }
+        if req.data_is_ptr && matches!(req.ty, IoreqType::Pio | IoreqType::Copy) {
+            // The guest buffer is guest memory the engine cannot reach (no foreign mapping
+            // here): complete the request without data rather than hand a model a pointer as
+            // if it were a value. Xen then finishes the instruction with the buffer unchanged.
+            self.stats.data_ptr_unsupported += 1;
+            warn!(
+                vcpu,
+                ?req,
+                "rep access through a guest buffer is not supported; completed without data"
+            );
+            return 0;
         }
         match req.ty {
             IoreqType::PciConfig => {
@@ -694,6 +767,9 @@ impl<B: Backend> Engine<B> {
                 let moved = self.router.observe_write(acc, data);
                 if !moved.is_empty() {
                     log_moves(&self.router, &moved);
+                    if self.mapped.mode == PciClaims::Functions {
+                        self.follow_moves(&moved);
+                    }
                 }
                 if !hits.is_empty() {
                     self.intercepts
@@ -735,6 +811,28 @@ impl<B: Backend> Engine<B> {
                     self.apply_layout();
                 }
                 v
+            }
+        }
+    }
+
+    /// Functions mode: a position claim moved with bus numbering; move its hypervisor claim.
+    fn follow_moves(&mut self, moved: &[Moved]) {
+        for m in moved {
+            let (old, new) = (
+                m.from.map(|s| IoRange::pci(s.to_xen())),
+                m.to.map(|s| IoRange::pci(s.to_xen())),
+            );
+            if let Some(r) = old {
+                if let Err(e) = self.backend.unmap_range(r) {
+                    self.stats.backend_claim_errors += 1;
+                    warn!(claim = %r, error = %e, "hypervisor refused an unmap");
+                }
+            }
+            if let Some(r) = new {
+                if let Err(e) = self.backend.map_range(r) {
+                    self.stats.backend_claim_errors += 1;
+                    warn!(claim = %r, error = %e, "hypervisor refused a moved function");
+                }
             }
         }
     }
@@ -795,6 +893,10 @@ impl<B: Backend> Engine<B> {
             Err(e) => {
                 self.stats.dm_errors += 1;
                 warn!(model = %slot.name, vcpu, error = %e, "device model failed; master abort");
+                if matches!(e, ioreq_server::DmError::Disconnected(_)) {
+                    // Gone for good: release its claims now, not at the next control message.
+                    self.remove_model(o);
+                }
                 abort_value(req)
             }
         }

@@ -29,7 +29,6 @@ use crate::models::Placement;
 use ioreq_server::DeviceModel;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +94,10 @@ pub struct ServeArgs {
     /// Stop cleanly after this long: `90`, `90s`, `500ms`, `5m` (tests).
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Listen here for device models in their own processes (`kind = "process"` servers of
+    /// the configuration; docs/dm-protocol.md).
+    #[arg(long, value_name = "PATH")]
+    pub dm_socket: Option<PathBuf>,
 }
 
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
@@ -159,24 +162,19 @@ fn sd_notify(msg: &str) {
     }
 }
 
-/// The models of the configuration that `serve` can run, and the functions they own at
-/// fixed addresses.
+/// The models of the configuration that `serve` runs in process.
 struct Models {
     models: Vec<Box<dyn DeviceModel>>,
-    functions: BTreeSet<u32>,
 }
 
 fn build_models(cfg: &Config, claim: ClaimMode) -> Models {
     let mut models: Vec<Box<dyn DeviceModel>> = vec![];
-    let mut functions = BTreeSet::new();
     for s in &cfg.servers {
         match s.kind {
             ServerKind::Emulated => {
                 for (p, _) in &s.functions {
                     match p {
-                        Placement::Bdf(sbdf) => {
-                            functions.insert(*sbdf);
-                        }
+                        Placement::Bdf(_) => {}
                         Placement::Position(pos) if claim == ClaimMode::Owned => warn!(
                             server = %s.name,
                             position = %pos,
@@ -190,9 +188,9 @@ fn build_models(cfg: &Config, claim: ClaimMode) -> Models {
                 tracing::debug!(server = %s.name, functions = s.functions.len(), "emulated model");
                 models.push(Box::new(s.emulated_model()));
             }
-            ServerKind::Process => error!(
+            ServerKind::Process => tracing::debug!(
                 server = %s.name,
-                "process servers are not supported by `serve` yet: skipped"
+                "process server: joins through --dm-socket"
             ),
             ServerKind::Trace => error!(
                 server = %s.name,
@@ -200,7 +198,7 @@ fn build_models(cfg: &Config, claim: ClaimMode) -> Models {
             ),
         }
     }
-    Models { models, functions }
+    Models { models }
 }
 
 /// Runs `ioreq-mux serve`.
@@ -239,10 +237,11 @@ fn run_inner(args: &ServeArgs) -> u8 {
         }
     };
     let models = build_models(&cfg, args.claim);
-    if models.models.is_empty() {
+    let process = cfg.servers.iter().any(|s| s.kind == ServerKind::Process);
+    if models.models.is_empty() && !(process && args.dm_socket.is_some()) {
         error!(
             config = %args.config.display(),
-            "nothing to serve: the configuration has no server `serve` can run (kind = \"emulated\")"
+            "nothing to serve: the configuration has no server `serve` can run (kind = \"emulated\", or kind = \"process\" with --dm-socket)"
         );
         return exit::USAGE;
     }
@@ -251,11 +250,7 @@ fn run_inner(args: &ServeArgs) -> u8 {
 
 #[cfg(not(feature = "xen"))]
 fn serve(_: &ServeArgs, _: &Config, models: Models, _: SignalFd) -> u8 {
-    tracing::debug!(
-        models = models.models.len(),
-        functions = models.functions.len(),
-        "configuration checked"
-    );
+    tracing::debug!(models = models.models.len(), "configuration checked");
     error!("not a Xen host: this ioreq-mux was built without Xen support (feature `xen` off)");
     exit::NOT_XEN
 }
@@ -269,10 +264,14 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
     use std::time::Instant;
     use tracing::info;
 
-    let mut opts = match args.claim {
-        ClaimMode::Owned => XenBackendOptions::beside_qemu(models.functions.clone()),
-        ClaimMode::All => XenBackendOptions::everything(),
-    };
+    // The engine decides what to claim (PciClaims::Functions beside QEMU); the backend claims
+    // what it is asked, but leaves 0xcf8-0xcff to QEMU beside it.
+    let mut opts = XenBackendOptions::everything();
+    let mut engine_cfg = cfg.engine.clone();
+    if args.claim == ClaimMode::Owned {
+        opts.config_ports = false;
+        engine_cfg.pci_claims = crate::engine::PciClaims::Functions;
+    }
     opts.buffered = !args.no_bufioreq;
     let mut backend = match XenBackend::open(args.domid, opts) {
         Ok(b) => b,
@@ -289,7 +288,7 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         Ok(fd) => backend.set_wake_fd(fd),
         Err(e) => warn!(error = %e, "signals will be noticed within half a second only"),
     }
-    let mut engine = match Engine::new(backend, models.models, &cfg.engine) {
+    let mut engine = match Engine::new(backend, models.models, &engine_cfg) {
         Ok(e) => e,
         Err(e) => {
             error!("{e}");
@@ -325,6 +324,28 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         chipset = %engine.chipset(),
         "ready: serving; unpause the guest now"
     );
+    let dm_socket = match &args.dm_socket {
+        Some(path) => {
+            let vcpus = ioreq_server::Backend::nr_vcpus(engine.backend());
+            match crate::dm_socket::DmSocket::from_config(
+                path,
+                cfg,
+                engine.control(),
+                vcpus,
+                ioreq_server::oop::server::ServerOptions::default(),
+            ) {
+                Ok(s) => {
+                    info!(socket = %path.display(), "listening for device models");
+                    Some(s)
+                }
+                Err(e) => {
+                    error!(socket = %path.display(), "cannot listen for device models: {e}");
+                    return exit::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
     sd_notify("READY=1");
 
     let started = Instant::now();
@@ -423,6 +444,9 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         uptime = ?started.elapsed(),
         "summary"
     );
+    if let Some(s) = dm_socket {
+        s.stop();
+    }
     // Dropping the engine drops the backend: unclaim and destroy the server.
     drop(engine);
     info!(exit_code = code, "stopped");
@@ -489,10 +513,6 @@ mod tests {
         let cfg = Config::load(&path).unwrap();
         let m = build_models(&cfg, ClaimMode::Owned);
         assert_eq!(m.models.len(), 1);
-        assert_eq!(
-            m.functions,
-            BTreeSet::from([ioreq_server::abi::pack_sbdf(0, 0, 5, 0)])
-        );
     }
 
     #[test]
@@ -510,6 +530,7 @@ mod tests {
             no_bufioreq: false,
             max_requests: None,
             duration: None,
+            dm_socket: None,
         };
         assert_eq!(run_inner(&args(&bad)), exit::USAGE);
         let process_only = dir.join("process.toml");
@@ -539,6 +560,7 @@ mod tests {
             no_bufioreq: false,
             max_requests: None,
             duration: None,
+            dm_socket: None,
         };
         assert_eq!(run_inner(&args), exit::NOT_XEN);
     }

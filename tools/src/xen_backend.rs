@@ -109,9 +109,6 @@ pub enum PciClaims {
     /// the multiplexer every configuration access of the guest: right when every device model
     /// of the guest sits behind the multiplexer.
     Everything,
-    /// Only these functions (Xen's packed SBDF) out of what the engine asks for; every other
-    /// function stays with the servers Xen would pick without us (QEMU).
-    Only(BTreeSet<u32>),
 }
 
 /// What the backend claims from Xen and how it creates its server.
@@ -127,15 +124,6 @@ pub struct XenBackendOptions {
 }
 
 impl XenBackendOptions {
-    /// Beside QEMU: claim only `functions` and the models' own ports and MMIO.
-    pub fn beside_qemu(functions: BTreeSet<u32>) -> Self {
-        XenBackendOptions {
-            pci: PciClaims::Only(functions),
-            config_ports: false,
-            buffered: true,
-        }
-    }
-
     /// In front of every device model: claim everything the engine asks for.
     pub fn everything() -> Self {
         XenBackendOptions {
@@ -870,11 +858,6 @@ impl Backend for XenBackend {
                 let wanted: Vec<u32> = match &self.opts.pci {
                     PciClaims::Everything => (r.start as u32..=r.end as u32)
                         .filter(|s| !self.pci.contains(s))
-                        .collect(),
-                    PciClaims::Only(set) => set
-                        .range(r.start as u32..=r.end as u32)
-                        .filter(|s| !self.pci.contains(s))
-                        .copied()
                         .collect(),
                 };
                 let t0 = Instant::now();
