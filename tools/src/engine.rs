@@ -184,6 +184,8 @@ pub struct Engine<B: Backend> {
         crossbeam_channel::Sender<Control>,
         crossbeam_channel::Receiver<Control>,
     )>,
+    /// The first model called since [`Engine::mark`].
+    first_call: Option<ServerIdx>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -340,6 +342,7 @@ impl<B: Backend> Engine<B> {
             layout: vec![],
             history: vec![],
             control: None,
+            first_call: None,
         };
         ensure_segment(&mut e.backend, &mut e.mapped, 0)?;
         for m in models {
@@ -867,8 +870,22 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// Forgets which model was called last (see [`Engine::first_model_since_mark`]).
+    pub fn mark(&mut self) {
+        self.first_call = None;
+    }
+
+    /// The first model the engine called since [`Engine::mark`]: which server answered an
+    /// access (tests and replay).
+    pub fn first_model_since_mark(&self) -> Option<ServerIdx> {
+        self.first_call
+    }
+
     /// Calls a device model; a failure is answered as a master abort.
     fn call(&mut self, o: ServerIdx, vcpu: u32, req: &Ioreq) -> u64 {
+        if self.first_call.is_none() {
+            self.first_call = Some(o);
+        }
         let Some(slot) = self.models.get_mut(usize::from(o)).and_then(Option::as_mut) else {
             self.stats.master_aborts += 1;
             return abort_value(req);

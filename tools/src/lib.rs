@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod models;
 pub mod qemu_import;
 pub mod replay;
+pub mod replay_dm;
 pub mod serve;
 pub mod trace;
 #[cfg(feature = "xen")]

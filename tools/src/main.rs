@@ -33,6 +33,9 @@ enum Cmd {
     Bench(ioreq_mux::bench::BenchArgs),
     /// Run a built-in device model in its own process, connected to a multiplexer.
     Dm(ioreq_mux::dm::DmArgs),
+    /// (internal) One trace server of `replay --dm-mode process`.
+    #[command(hide = true)]
+    ReplayDm(ioreq_mux::replay_dm::ReplayDmArgs),
 }
 
 fn init_logging() {
@@ -50,10 +53,22 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Serve(a) => ioreq_mux::serve::run(&a),
         Cmd::Dm(a) => ioreq_mux::dm::run(&a),
+        Cmd::ReplayDm(a) => {
+            init_logging();
+            ioreq_mux::replay_dm::run(&a)
+        }
         Cmd::Replay(a) => {
             init_logging();
             let progress = !a.json && std::io::stderr().is_terminal();
-            match replay::replay(&a.trace, &a.topology, a.show, a.limit, progress) {
+            let opts = replay::ReplayOptions {
+                show: a.show,
+                limit: a.limit,
+                progress,
+                dm_mode: a.dm_mode,
+                kill: None,
+                dm_exe: None,
+            };
+            match replay::replay_with(&a.trace, &a.topology, &opts).map(|(r, _)| r) {
                 Ok(r) => {
                     if a.json {
                         match serde_json::to_string(&r) {

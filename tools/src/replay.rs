@@ -15,6 +15,7 @@
 
 use crate::config::{Config, ConfigError, Server, ServerKind};
 use crate::engine::{Control, Engine, EngineError, EngineStats, MUX_NAME};
+use crate::replay_dm::Children;
 use crate::trace::{
     self, Access, BarEventKind, Record, Space, StrId, StringTable, TraceError, TraceReader,
 };
@@ -52,6 +53,32 @@ pub struct ReplayArgs {
     /// Stop after this many accesses.
     #[arg(long)]
     pub limit: Option<u64>,
+    /// Where the non-chipset servers run: in the multiplexer's process, or each in its own
+    /// process speaking the device-model protocol (docs/dm-protocol.md).
+    #[arg(long, value_enum, default_value_t = DmMode::InProcess)]
+    pub dm_mode: DmMode,
+}
+
+/// Where trace servers run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DmMode {
+    #[default]
+    InProcess,
+    Process,
+}
+
+/// How to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Divergences shown in full.
+    pub show: usize,
+    pub limit: Option<u64>,
+    pub progress: bool,
+    pub dm_mode: DmMode,
+    /// Fault injection (tests): kill this out-of-process server's process before this access.
+    pub kill: Option<(String, u64)>,
+    /// The `ioreq-mux` executable for out-of-process servers (default: this one).
+    pub dm_exe: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -190,6 +217,10 @@ struct LiveBar {
 }
 
 struct Harness<'a> {
+    /// Engine server index -> our model id.
+    by_engine: Vec<Option<u16>>,
+    /// Per model id: runs in its own process (claims its BARs itself).
+    remote: Vec<bool>,
     engine: Engine<SimBackend>,
     hv: SimHypervisor,
     cursor: Shared,
@@ -301,7 +332,9 @@ impl Harness<'_> {
         let Some(device) = ev.device else { return };
         match ev.kind {
             BarEventKind::Map => {
-                let owner = self.server_for(device);
+                let owner = self
+                    .server_for(device)
+                    .filter(|m| !self.remote[usize::from(*m)]);
                 let mut claimed_by = None;
                 if let Some(m) = owner {
                     let idx = self.engine_idx[usize::from(m)];
@@ -403,6 +436,7 @@ impl Harness<'_> {
             c.deliveries.clear();
         }
         let vcpu = u32::from(a.vcpu);
+        self.engine.mark();
         let got = match self.hv.issue(vcpu, &req, false)? {
             Issued::Done(v) => v,
             Issued::Pending => {
@@ -418,8 +452,11 @@ impl Harness<'_> {
                 }
             }
         };
-        let deliveries = std::mem::take(&mut lock(&self.cursor).deliveries);
-        let handler = deliveries.first().map(|d| d.0);
+        let first_delivery = lock(&self.cursor).deliveries.first().map(|d| d.1);
+        let handler = self
+            .engine
+            .first_model_since_mark()
+            .and_then(|e| self.by_engine.get(usize::from(e)).copied().flatten());
         self.served[handler.map_or(0, |m| usize::from(m) + 1)] += 1;
         let kind = match (a.space, a.config.map(|c| c.path)) {
             (_, Some(trace::ConfigPath::Cf8)) => 0,
@@ -464,7 +501,12 @@ impl Harness<'_> {
                     (None, None, None) => {}
                     (Some(h), _, None) if Some(h) == self.default_server => {}
                     (Some(h), Some(w), Some(_)) if h == w => {
-                        let (sbdf, reg) = abi::split_pci_config_addr(deliveries[0].1.addr);
+                        // In-process trace servers report what they received; a server in its
+                        // own process checks the request against its record itself.
+                        let Some(first) = first_delivery else {
+                            return Ok(());
+                        };
+                        let (sbdf, reg) = abi::split_pci_config_addr(first.addr);
                         if Sbdf::from_xen(sbdf) != bdf || reg != u32::from(c.reg) {
                             let name = self.name_of(handler);
                             self.diverge(
@@ -533,6 +575,22 @@ pub fn replay_engine(
     limit: Option<u64>,
     progress: bool,
 ) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
+    let opts = ReplayOptions {
+        show,
+        limit,
+        progress,
+        ..Default::default()
+    };
+    replay_with(trace_path, topology, &opts)
+}
+
+/// Replays a trace with every option.
+pub fn replay_with(
+    trace_path: &Path,
+    topology: &Path,
+    opts: &ReplayOptions,
+) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
+    let (show, limit, progress) = (opts.show, opts.limit, opts.progress);
     let cfg = Config::load(topology)?;
     let mut reader = TraceReader::open(trace_path).map_err(|source| ReplayError::Trace {
         path: trace_path.to_path_buf(),
@@ -558,10 +616,25 @@ pub fn replay_engine(
             default_server = Some(id);
         }
         devices.push(s.qemu_devices.clone());
-        models.push(build_model(s, id, &cursor)?);
+        let remote = opts.dm_mode == DmMode::Process
+            && s.kind == ServerKind::Trace
+            && !s.qemu_devices.iter().any(|d| d == "*");
+        if !remote {
+            models.push(build_model(s, id, &cursor)?);
+        }
     }
-    let engine = Engine::new(backend, models, &cfg.engine)?;
+    let mut engine = Engine::new(backend, models, &cfg.engine)?;
     engine.backend().set_enabled(true)?;
+    let mut children = match opts.dm_mode {
+        DmMode::InProcess => None,
+        DmMode::Process => Some(Children::start(
+            &mut engine,
+            &cfg,
+            trace_path,
+            topology,
+            opts.dm_exe.as_deref(),
+        )?),
+    };
     let names_in_engine = engine.router().server_names().to_vec();
     let engine_idx = names
         .iter()
@@ -580,8 +653,19 @@ pub fn replay_engine(
         .filter(|(_, s, _)| s.phase == Phase::Instead)
         .map(|(_, s, _)| (s.sbdf, s.offset, s.width))
         .collect();
+    let mut by_engine = vec![None; names_in_engine.len()];
+    for (id, e) in engine_idx.iter().enumerate() {
+        by_engine[usize::from(*e)] = Some(id as u16);
+    }
+    let remote: Vec<bool> = cfg
+        .servers
+        .iter()
+        .map(|s| children.as_ref().is_some_and(|c| c.has(&s.name)))
+        .collect();
     let chipset = engine.chipset().to_string();
     let mut h = Harness {
+        by_engine,
+        remote,
         engine,
         hv: hv.clone(),
         cursor,
@@ -649,6 +733,11 @@ pub fn replay_engine(
                     }
                     h.report.accesses += 1;
                     let n = h.report.accesses;
+                    if let (Some((who, at)), Some(c)) = (&opts.kill, children.as_mut()) {
+                        if *at == n {
+                            c.kill(who);
+                        }
+                    }
                     h.access(n, &access)?;
                 }
                 if let Some(b) = &bar {
@@ -665,6 +754,22 @@ pub fn replay_engine(
         b.finish_and_clear();
     }
     lock(&h.cursor).active = false;
+    if let Some(c) = children {
+        for (name, summary) in c.finish(&mut h.engine) {
+            if let Some(m) = summary.filter(|m| m.mismatches > 0) {
+                h.report.divergences += m.mismatches;
+                for e in m.examples {
+                    h.report.first_divergences.push(Divergence {
+                        access: 0,
+                        what: format!(
+                            "{name} (own process) received an access its record did not expect: {e}"
+                        ),
+                        recorded: String::new(),
+                    });
+                }
+            }
+        }
+    }
     for (i, n) in h.served.iter().enumerate() {
         let name = if i == 0 {
             MUX_NAME.to_string()
