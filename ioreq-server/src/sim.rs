@@ -302,13 +302,14 @@ impl SimHypervisor {
         st.servers[id] = Some(SimServer {
             enabled: false,
             ranges: Default::default(),
-            slots: vec![
-                (
-                    Slot::default(),
-                    Ioreq::new(IoreqType::Pio, Dir::Write, 0, 1, 0)
-                );
-                n
-            ],
+            // Xen writes each vCPU's event channel into its slot when the vCPU is added.
+            slots: (0..n as u32)
+                .map(|v| {
+                    let mut r = Ioreq::new(IoreqType::Pio, Dir::Write, 0, 1, 0);
+                    r.vp_eport = 1000 + id as u32 * 256 + v;
+                    (Slot::default(), r)
+                })
+                .collect(),
             eports: (0..n as u32).map(|v| 1000 + id as u32 * 256 + v).collect(),
             ring: Arc::new(BufferedIoPage::default()),
             mode,
@@ -451,7 +452,8 @@ impl SimHypervisor {
             return Err(SimError::NoSuchServer(id));
         };
         let (slot, cur) = &mut srv.slots[vcpu as usize];
-        if cur.vp_eport != srv.eports[vcpu as usize] && slot.state() != IoreqState::None {
+        // Xen checks the state first ("bad IO state"), then the event channel.
+        if slot.state() == IoreqState::None && cur.vp_eport != srv.eports[vcpu as usize] {
             st.violations
                 .push(format!("server {id} changed vp_eport of vCPU {vcpu}"));
             return Err(SimError::BadEventChannel { server: id, vcpu });
