@@ -763,7 +763,8 @@ impl Backend for SimBackend {
         timeout: Option<Duration>,
         out: &mut Vec<BackendEvent>,
     ) -> Result<(), BackendError> {
-        let start = Instant::now();
+        // Taken only when we first have to sleep: the fast path reads no clock.
+        let mut start: Option<Instant> = None;
         loop {
             {
                 let mut st = lock(&self.hv.sh.st);
@@ -791,7 +792,8 @@ impl Backend for SimBackend {
             }
             // Drain doorbells rung before we slept, then sleep until the next one.
             while self.rx.try_recv().is_ok() {}
-            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+            let started = *start.get_or_insert_with(Instant::now);
+            let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
             let woke = match left {
                 None => self
                     .rx
@@ -820,22 +822,25 @@ impl Backend for SimBackend {
         if vcpu >= self.hv.sh.nr_vcpus {
             return Err(BackendError::NoSuchVcpu(vcpu));
         }
-        self.with_server(|srv, st| {
-            let (slot, req) = &mut srv.slots[vcpu as usize];
-            if let Err(source) = slot.advance(Actor::Server, IoreqState::RespReady) {
-                st.violations
-                    .push(format!("server completed vCPU {vcpu}: {source}"));
-                return Err(BackendError::Slot { vcpu, source });
-            }
-            if req.dir == Dir::Read && !req.data_is_ptr {
-                req.data = data;
-            }
-            req.state = IoreqState::RespReady;
-            if std::mem::take(&mut st.vcpus[vcpu as usize].sleeping) {
-                let _ = self.hv.sh.done[vcpu as usize].0.send(());
-            }
-            Ok(())
-        })
+        let mut st = lock(&self.hv.sh.st);
+        let st = &mut *st;
+        let srv = st.servers[usize::from(self.id)]
+            .as_mut()
+            .ok_or(BackendError::Disconnected)?;
+        let (slot, req) = &mut srv.slots[vcpu as usize];
+        if let Err(source) = slot.advance(Actor::Server, IoreqState::RespReady) {
+            st.violations
+                .push(format!("server completed vCPU {vcpu}: {source}"));
+            return Err(BackendError::Slot { vcpu, source });
+        }
+        if req.dir == Dir::Read && !req.data_is_ptr {
+            req.data = data;
+        }
+        req.state = IoreqState::RespReady;
+        if std::mem::take(&mut st.vcpus[vcpu as usize].sleeping) {
+            let _ = self.hv.sh.done[vcpu as usize].0.send(());
+        }
+        Ok(())
     }
 }
 

@@ -414,6 +414,9 @@ impl<B: Backend> Engine<B> {
 
     fn drain_control(&mut self) {
         let Some((_, rx)) = &self.control else { return };
+        if rx.is_empty() {
+            return;
+        }
         let msgs: Vec<Control> = rx.try_iter().collect();
         for m in msgs {
             match m {

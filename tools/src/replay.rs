@@ -232,7 +232,10 @@ struct Harness<'a> {
     default_server: Option<u16>,
     /// Device type string id -> model id, resolved lazily.
     by_device: BTreeMap<StrId, Option<u16>>,
+    /// Memory BARs QEMU has mapped now.
     bars: Vec<LiveBar>,
+    /// I/O BARs (few: kept apart so port accesses scan only them).
+    port_bars: Vec<LiveBar>,
     /// Intercepted registers the model never sees: (function, offset, width).
     hidden: Vec<(Sbdf, u16, u16)>,
     report: ReplayReport,
@@ -248,6 +251,14 @@ struct Harness<'a> {
 impl Harness<'_> {
     fn string(&self, id: StrId) -> String {
         self.strings.get(id).unwrap_or("?").to_string()
+    }
+
+    fn bars_of(&mut self, space: Space) -> &mut Vec<LiveBar> {
+        if space == Space::Port {
+            &mut self.port_bars
+        } else {
+            &mut self.bars
+        }
     }
 
     fn name_of(&self, m: Option<u16>) -> String {
@@ -344,7 +355,7 @@ impl Harness<'_> {
                     };
                     if covered == Some(idx) {
                         // The server already has this range (its fixed claims cover it).
-                        self.bars.push(LiveBar {
+                        self.bars_of(ev.space).push(LiveBar {
                             space: ev.space,
                             base: ev.base,
                             last,
@@ -370,7 +381,7 @@ impl Harness<'_> {
                         }
                     }
                 }
-                self.bars.push(LiveBar {
+                self.bars_of(ev.space).push(LiveBar {
                     space: ev.space,
                     base: ev.base,
                     last,
@@ -379,10 +390,10 @@ impl Harness<'_> {
                 });
             }
             BarEventKind::Unmap => {
-                if let Some(i) = self.bars.iter().position(|b| {
+                if let Some(i) = self.bars_of(ev.space).iter().position(|b| {
                     b.space == ev.space && b.base == ev.base && b.last == last && b.device == device
                 }) {
-                    let b = self.bars.remove(i);
+                    let b = self.bars_of(ev.space).remove(i);
                     if let Some(m) = b.claimed_by {
                         let idx = self.engine_idx[usize::from(m)];
                         if let Err(e) = self.control(|reply| Control::Unmap {
@@ -532,11 +543,15 @@ impl Harness<'_> {
                 let want = if own {
                     None
                 } else {
-                    let dev = self
-                        .bars
+                    let bars = if a.space == Space::Port {
+                        &self.port_bars
+                    } else {
+                        &self.bars
+                    };
+                    let dev = bars
                         .iter()
                         .rev()
-                        .find(|b| b.space == a.space && b.base <= a.addr && a.addr <= b.last)
+                        .find(|b| b.base <= a.addr && a.addr <= b.last)
                         .map(|b| b.device);
                     match (dev, a.region) {
                         (Some(d), _) => self.server_for(d),
@@ -675,6 +690,7 @@ pub fn replay_with(
         default_server,
         by_device: BTreeMap::new(),
         bars: vec![],
+        port_bars: vec![],
         hidden,
         report: ReplayReport {
             trace: trace_path.display().to_string(),
