@@ -8,8 +8,9 @@
 //! program: number the bridges, enable ECAM (PCIEXBAR), program and enable the BARs; then the
 //! measured sequence, a fixed pseudo-random mix of CF8/CFC configuration reads and writes,
 //! port accesses and BAR MMIO accesses. Under plain Xen the chipset model claims
-//! 0xcf8-0xcff itself, as QEMU does, so every access reaches a server in both setups. Both
-//! setups must read the same values (checked).
+//! 0xcf8-0xcff itself and latches CF8, as QEMU does (Xen latches CF8 and still forwards the
+//! write), so every access reaches a server in both setups. Both setups must read the same
+//! values (checked).
 //!
 //! The direct loop is what a device model's own ioreq loop does: wait on its backend, call
 //! `handle`, complete. It is told which server the hypervisor picked (one event channel per
@@ -45,7 +46,7 @@ pub struct InProcess {
     pub sequence_ioreqs: usize,
 }
 
-const SEED: u64 = 0x1f_2e3d_4c5b;
+const SEED: u64 = 0x001f_2e3d_4c5b;
 const SEQUENCE_OPS: usize = 4096;
 
 const CHIPSET: usize = 0;
@@ -168,7 +169,7 @@ fn chipset_ranges() -> Vec<IoRange> {
     ]
 }
 
-fn build_models(direct: bool) -> Result<Vec<EmulatedModel>, String> {
+fn build_models(direct: bool) -> Result<Vec<Box<dyn DeviceModel>>, String> {
     let mut models: Vec<EmulatedModel> =
         MODEL_NAMES.iter().map(|n| EmulatedModel::new(n)).collect();
     for f in machine() {
@@ -180,12 +181,56 @@ fn build_models(direct: bool) -> Result<Vec<EmulatedModel>, String> {
     for r in chipset_ranges() {
         chipset = chipset.with_range(r);
     }
-    if direct {
-        // Under plain Xen, QEMU claims the configuration ports itself.
-        chipset = chipset.with_range(IoRange::ports(0xcf8, 0xcff));
-    }
     models[CHIPSET] = chipset;
-    Ok(models)
+    Ok(models
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| -> Box<dyn DeviceModel> {
+            if direct && i == CHIPSET {
+                Box::new(Cf8Latch { inner: m, cf8: 0 })
+            } else {
+                Box::new(m)
+            }
+        })
+        .collect())
+}
+
+/// Under plain Xen the chipset model (QEMU) owns 0xcf8-0xcff: Xen latches CF8 and still
+/// forwards the write to it, and QEMU's host bridge latches it too. This is that latch in
+/// front of the chipset model (the multiplexer has the same latch of its own).
+struct Cf8Latch {
+    inner: EmulatedModel,
+    cf8: u32,
+}
+
+impl DeviceModel for Cf8Latch {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
+        self.inner.attach(ctl)?;
+        ctl.map(Claim::Range(IoRange::ports(0xcf8, 0xcff)))
+    }
+
+    fn handle(
+        &mut self,
+        vcpu: u32,
+        req: &Ioreq,
+        ctl: &mut dyn DmControl,
+    ) -> Result<u64, ioreq_server::DmError> {
+        if req.ty == IoreqType::Pio && (0xcf8..=0xcff).contains(&req.addr) {
+            return Ok(match (req.addr, req.size, req.dir) {
+                (0xcf8, 4, Dir::Write) => {
+                    self.cf8 = req.data as u32;
+                    0
+                }
+                (0xcf8, 4, Dir::Read) => u64::from(self.cf8),
+                _ => req.size_mask(),
+            });
+        }
+        self.inner.handle(vcpu, req, ctl)
+    }
 }
 
 /// A guest access and the model that serves it under plain Xen.
@@ -357,10 +402,7 @@ impl MuxGuest {
         let backend = hv
             .create_server(BufioreqMode::Atomic)
             .map_err(|e| e.to_string())?;
-        let models: Vec<Box<dyn DeviceModel>> = build_models(false)?
-            .into_iter()
-            .map(|m| Box::new(m) as Box<dyn DeviceModel>)
-            .collect();
+        let models = build_models(false)?;
         let engine =
             Engine::new(backend, models, &EngineConfig::default()).map_err(|e| e.to_string())?;
         engine
@@ -451,7 +493,7 @@ impl DirectGuest {
             let mut backend = hv
                 .create_server(BufioreqMode::Atomic)
                 .map_err(|e| e.to_string())?;
-            let mut model: Box<dyn DeviceModel> = Box::new(m);
+            let mut model = m;
             model
                 .attach(&mut DirectCtl {
                     backend: &mut backend,
@@ -621,4 +663,45 @@ pub fn run(e: &Effort) -> Result<InProcess, String> {
         r.mux_per_s, r.direct_per_s, r.ratio, r.mux_ecam_per_s
     ));
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn mux_and_direct_serve_the_same_machine_alike() {
+        let mut mux = MuxGuest::new().unwrap();
+        let mut direct = DirectGuest::new().unwrap();
+        let setup = setup_program().unwrap();
+        mux.run(&setup).unwrap();
+        direct.run(&setup).unwrap();
+        assert_eq!(mux.engine.chipset(), chipset_intercept::Chipset::Q35);
+        assert!(!mux.engine.router().windows().is_empty(), "ECAM enabled");
+        let seq = measured_sequence().unwrap();
+        assert_eq!(mux.run(&seq).unwrap(), direct.run(&seq).unwrap());
+        // Every access reached a server in both setups (none answered by the hypervisor).
+        assert_eq!(mux.hv.stats().unclaimed, 0);
+        assert_eq!(direct.hv.stats().unclaimed, 0);
+        // ECAM reads of the same functions read what CF8 reads do.
+        let ecam = ecam_sequence().unwrap();
+        let mut cf8 = vec![];
+        for op in &ecam {
+            let off = op.req.addr - 0xb000_0000;
+            let s = Sbdf::from_devfn(0, (off >> 20) as u8, (off >> 12) as u8);
+            config_read(&mut cf8, s, op.owner, (off & 0xfff) as u16, 4);
+        }
+        let reads = |g: &mut MuxGuest, ops: &[Op]| -> Vec<u64> {
+            ops.iter()
+                .filter_map(|o| {
+                    let v = g.access(o).unwrap();
+                    (o.req.dir == Dir::Read).then_some(v)
+                })
+                .collect()
+        };
+        assert_eq!(reads(&mut mux, &ecam), reads(&mut mux, &cf8));
+        assert!(mux.hv.check().is_ok());
+        assert!(direct.hv.check().is_ok());
+    }
 }

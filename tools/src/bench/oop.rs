@@ -4,8 +4,16 @@
 //!    busy-polling round trip can do) and an eventfd ping-pong between two processes with
 //!    blocking reads (the best a blocking round trip can do).
 //!
+//! Each round trip is measured in chunks alternating with chunks of its floor, so both see
+//! the same machine: on this VM the two vCPUs are sometimes siblings of one core and
+//! sometimes not, which moves the cache-line floor between ~0.12 and ~0.45 us from one
+//! second to the next. For busy-polling, the engine's thread is pinned to one CPU and the
+//! peer (the floor's thread, the device-model process) to another, so the floor and the
+//! round trips spin on the same pair of CPUs (the way busy-polling is deployed: a core each).
+//! The blocking parts are left to the scheduler: pinned sleepers on a busy machine wait for
+//! whatever else runs on their CPU, which measures the neighbours, not the protocol.
 //! Every sample is one round trip timed with `Instant` (the floors too, so the clock's own
-//! cost is in both); percentiles come from an HDR histogram.
+//! cost is in both); percentiles come from HDR histograms.
 
 use super::util::{Reaped, TempDir};
 use super::{Effort, progress};
@@ -18,7 +26,9 @@ use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::oop::{RemoteOptions, RemoteStats, ServerOptions};
 use ioreq_server::sim::{SimBackend, SimHypervisor};
 use ioreq_server::{Dir, IoRange, Ioreq};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::unistd::Pid;
 use serde::Serialize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
@@ -43,30 +53,44 @@ pub struct Oop {
     pub poll_p99_ns: u64,
     pub block_p50_ns: u64,
     pub block_p99_ns: u64,
-    /// p50 of the thread-to-thread cache-line ping-pong.
+    /// p50 of the thread-to-thread cache-line ping-pong (measured between the busy-polling
+    /// chunks).
     pub spin_floor_ns: u64,
-    /// p50 of the process-to-process eventfd ping-pong.
+    /// p50 of the process-to-process eventfd ping-pong (measured between the blocking
+    /// chunks).
     pub eventfd_floor_ns: u64,
     /// poll_p50_ns / spin_floor_ns.
     pub poll_vs_floor: f64,
     /// block_p50_ns / eventfd_floor_ns.
     pub block_vs_floor: f64,
-    /// The defaults (the engine spins 50 us, the device model sleeps): p50, p99.
+    /// The defaults (the engine spins 50 us, the device model sleeps), on two CPUs: p50, p99.
     pub default_p50_ns: u64,
     pub default_p99_ns: u64,
     /// The same read served by the same model inside the engine (no process in the way).
     pub inprocess_p50_ns: u64,
+    /// One system call here: a non-blocking read of an empty eventfd (EAGAIN), mean ns.
+    pub syscall_ns: f64,
     pub detail: OopDetail,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OopDetail {
+    /// CPUs the engine and its peer were pinned to for busy-polling (none with fewer than
+    /// two CPUs).
+    pub cpus: Option<(usize, usize)>,
     pub spin_floor: Lat,
     pub eventfd_floor: Lat,
     pub poll: Lat,
     pub block: Lat,
+    /// Blocking with the engine and the peers on two CPUs (the targets use one CPU, where
+    /// a wake-up is a context switch; here it is a cross-CPU wake-up, on this VM dominated
+    /// by the host waking an idle vCPU).
+    pub eventfd_floor_two_cpus: Lat,
+    pub block_two_cpus: Lat,
     pub default: Lat,
     pub inprocess: Lat,
+    /// Chunks each round trip and its floor were split into.
+    pub chunks: u64,
     /// How many round trips the engine answered while spinning / after blocking.
     pub poll_spun: u64,
     pub poll_blocked: u64,
@@ -74,11 +98,33 @@ pub struct OopDetail {
     pub block_blocked: u64,
 }
 
+/// Parts of the section (all by default; one alone for profiling).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Busy-polling round trips and the cache-line floor.
+    Poll,
+    /// Blocking round trips and the eventfd floor.
+    Block,
+    /// Round trips with the default options.
+    Default,
+    /// The same model in process.
+    Inprocess,
+}
+
 fn histogram() -> Result<Histogram<u64>, String> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())
 }
 
 fn lat(h: &Histogram<u64>) -> Lat {
+    if h.is_empty() {
+        return Lat {
+            p50_ns: 0,
+            p99_ns: 0,
+            p999_ns: 0,
+            mean_ns: 0.0,
+            samples: 0,
+        };
+    }
     Lat {
         p50_ns: h.value_at_quantile(0.5),
         p99_ns: h.value_at_quantile(0.99),
@@ -91,6 +137,46 @@ fn lat(h: &Histogram<u64>) -> Lat {
 fn record(h: &mut Histogram<u64>, d: Duration) {
     let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
     h.saturating_record(ns);
+}
+
+/// The two CPUs the section runs on: (the engine's, the peers'). `None` with fewer than two
+/// CPUs allowed, in which case nothing is pinned.
+fn cpu_pair() -> Option<(usize, usize)> {
+    let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let mut it = (0..CpuSet::count()).filter(|&i| set.is_set(i).unwrap_or(false));
+    Some((it.next()?, it.next()?))
+}
+
+/// Pins a process (or, with pid 0, the calling thread) to one CPU; best effort.
+fn pin(pid: Pid, cpu: Option<usize>) {
+    let Some(cpu) = cpu else { return };
+    let mut set = CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = sched_setaffinity(pid, &set);
+    }
+}
+
+/// The calling thread's CPU mask, restored when dropped.
+struct PinGuard(Option<CpuSet>);
+
+impl PinGuard {
+    fn pin_self(cpu: Option<usize>) -> Self {
+        let old = sched_getaffinity(Pid::from_raw(0)).ok();
+        pin(Pid::from_raw(0), cpu);
+        PinGuard(old)
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = sched_setaffinity(Pid::from_raw(0), old);
+        }
+    }
+}
+
+fn child_pid(c: &std::process::Child) -> Pid {
+    Pid::from_raw(i32::try_from(c.id()).unwrap_or(0))
 }
 
 /// Longest any single wait of a floor may take before the bench gives up.
@@ -122,9 +208,14 @@ fn spin_until(line: &Line, want: u64, abort: &AtomicBool) -> bool {
     true
 }
 
-/// Thread ping-pong through one cache line: the main thread writes an odd value, the peer
-/// answers with the next even one.
-pub fn spin_floor(samples: u64, warmup: u64) -> Result<Lat, String> {
+/// Thread ping-pong through one cache line: this thread writes an odd value, a peer thread
+/// answers with the next even one. `warmup` round trips first (not recorded).
+pub fn spin_floor_into(
+    h: &mut Histogram<u64>,
+    samples: u64,
+    warmup: u64,
+    peer_cpu: Option<usize>,
+) -> Result<(), String> {
     let line = Arc::new(Line::default());
     let abort = Arc::new(AtomicBool::new(false));
     let total = samples + warmup;
@@ -132,6 +223,7 @@ pub fn spin_floor(samples: u64, warmup: u64) -> Result<Lat, String> {
     let peer = std::thread::Builder::new()
         .name("bench-spin-peer".into())
         .spawn(move || {
+            pin(Pid::from_raw(0), peer_cpu);
             for i in 0..total {
                 if !spin_until(&l2, 2 * i + 1, &a2) {
                     return;
@@ -140,7 +232,7 @@ pub fn spin_floor(samples: u64, warmup: u64) -> Result<Lat, String> {
             }
         })
         .map_err(|e| e.to_string())?;
-    let mut h = histogram()?;
+    let before = h.len();
     for i in 0..total {
         let t = Instant::now();
         line.0.store(2 * i + 1, Ordering::Release);
@@ -148,15 +240,15 @@ pub fn spin_floor(samples: u64, warmup: u64) -> Result<Lat, String> {
             break;
         }
         if i >= warmup {
-            record(&mut h, t.elapsed());
+            record(h, t.elapsed());
         }
     }
     abort.store(true, Ordering::Relaxed);
     let _ = peer.join();
-    if h.len() < samples {
+    if h.len() - before < samples {
         return Err("the spin peer thread stopped answering".into());
     }
-    Ok(lat(&h))
+    Ok(())
 }
 
 /// What the eventfd peer is told to stop with.
@@ -175,6 +267,20 @@ fn efd_read(fd: &impl AsRawFd) -> Result<u64, String> {
         Ok(n) => Err(format!("eventfd read of {n} bytes")),
         Err(e) => Err(format!("eventfd read: {e}")),
     }
+}
+
+/// Mean cost of one system call: a non-blocking read of an empty eventfd.
+pub fn syscall_cost(n: u64) -> Result<f64, String> {
+    let fd: OwnedFd =
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map(OwnedFd::from)
+            .map_err(|e| format!("eventfd: {e}"))?;
+    let mut b = [0u8; 8];
+    let t = Instant::now();
+    for _ in 0..n {
+        let _ = std::hint::black_box(nix::unistd::read(fd.as_raw_fd(), &mut b));
+    }
+    Ok(t.elapsed().as_nanos() as f64 / n.max(1) as f64)
 }
 
 /// The child side of the eventfd floor (`ioreq-mux bench --peer eventfd`): its stdin is the
@@ -198,69 +304,100 @@ pub fn eventfd_peer() -> ExitCode {
     }
 }
 
-/// Process ping-pong over two blocking eventfds (this binary as the peer).
-pub fn eventfd_floor(exe: &Path, samples: u64, warmup: u64) -> Result<Lat, String> {
-    let mk = || -> Result<OwnedFd, String> {
-        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
-            .map(OwnedFd::from)
-            .map_err(|e| format!("eventfd: {e}"))
-    };
-    let (ping, pong) = (mk()?, mk()?);
-    let ping_child = ping.try_clone().map_err(|e| e.to_string())?;
-    let pong_child = pong.try_clone().map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
-        .args(["bench", "--peer", "eventfd"])
-        .stdin(Stdio::from(ping_child))
-        .stdout(Stdio::from(pong_child))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("{}: {e}", exe.display()))?;
-    let mut child = Reaped(Some(child));
-    // A watchdog unblocks our read if the peer dies.
-    let done = Arc::new(AtomicBool::new(false));
-    let stuck = Arc::new(AtomicBool::new(false));
-    let pong_dog = pong.try_clone().map_err(|e| e.to_string())?;
-    let (d2, s2) = (done.clone(), stuck.clone());
-    let dog = std::thread::spawn(move || {
-        let total = STUCK * 4;
-        let t = Instant::now();
-        while !d2.load(Ordering::Acquire) {
-            if t.elapsed() > total {
-                s2.store(true, Ordering::Release);
-                let _ = efd_write(&pong_dog, 1);
-                return;
+/// This binary as the far end of a blocking eventfd ping-pong.
+struct EventfdPeer {
+    ping: OwnedFd,
+    pong: OwnedFd,
+    child: Reaped,
+    /// Round trips done (the watchdog's progress mark) and whether it had to step in.
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    stuck: Arc<AtomicBool>,
+    dog: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventfdPeer {
+    fn start(exe: &Path, cpu: Option<usize>) -> Result<Self, String> {
+        let mk = || -> Result<OwnedFd, String> {
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+                .map(OwnedFd::from)
+                .map_err(|e| format!("eventfd: {e}"))
+        };
+        let (ping, pong) = (mk()?, mk()?);
+        let ping_child = ping.try_clone().map_err(|e| e.to_string())?;
+        let pong_child = pong.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .args(["bench", "--peer", "eventfd"])
+            .stdin(Stdio::from(ping_child))
+            .stdout(Stdio::from(pong_child))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", exe.display()))?;
+        pin(child_pid(&child), cpu);
+        // A watchdog unblocks our read if the peer stops answering while we wait.
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stuck = Arc::new(AtomicBool::new(false));
+        let pong_dog = pong.try_clone().map_err(|e| e.to_string())?;
+        let (d2, st2, s2) = (done.clone(), stop.clone(), stuck.clone());
+        let dog = std::thread::Builder::new()
+            .name("bench-efd-watchdog".into())
+            .spawn(move || {
+                let mut last = (u64::MAX, Instant::now());
+                while !st2.load(Ordering::Acquire) {
+                    let now = d2.load(Ordering::Acquire);
+                    if now != last.0 {
+                        last = (now, Instant::now());
+                    } else if last.1.elapsed() > STUCK {
+                        s2.store(true, Ordering::Release);
+                        let _ = efd_write(&pong_dog, 1);
+                        last.1 = Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(EventfdPeer {
+            ping,
+            pong,
+            child: Reaped(Some(child)),
+            done,
+            stop,
+            stuck,
+            dog: Some(dog),
+        })
+    }
+
+    fn chunk(&mut self, h: &mut Histogram<u64>, samples: u64, warmup: u64) -> Result<(), String> {
+        for i in 0..samples + warmup {
+            let t = Instant::now();
+            efd_write(&self.ping, 1)?;
+            efd_read(&self.pong)?;
+            let el = t.elapsed();
+            self.done.fetch_add(1, Ordering::Release);
+            if self.stuck.load(Ordering::Acquire) {
+                return Err("the eventfd peer stopped answering".into());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if i >= warmup {
+                record(h, el);
+            }
         }
-    });
-    let mut h = histogram()?;
-    let mut err = None;
-    for i in 0..samples + warmup {
-        let t = Instant::now();
-        if let Err(e) = efd_write(&ping, 1).and_then(|()| efd_read(&pong)) {
-            err = Some(e);
-            break;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(d) = self.dog.take() {
+            let _ = d.join();
         }
-        let el = t.elapsed();
-        if stuck.load(Ordering::Acquire) {
-            err = Some("the eventfd peer stopped answering".into());
-            break;
-        }
-        if i >= warmup {
-            record(&mut h, el);
+        let _ = efd_write(&self.ping, STOP);
+        let status = self.child.finish(Duration::from_secs(5));
+        if status.is_some_and(|s| s.success()) {
+            Ok(())
+        } else {
+            Err(format!("the eventfd peer exited with {status:?}"))
         }
     }
-    done.store(true, Ordering::Release);
-    let _ = dog.join();
-    let _ = efd_write(&ping, STOP);
-    let status = child.finish(Duration::from_secs(5));
-    if let Some(e) = err {
-        return Err(e);
-    }
-    if !status.is_some_and(|s| s.success()) {
-        return Err(format!("the eventfd peer exited with {status:?}"));
-    }
-    Ok(lat(&h))
 }
 
 const FUNCTION: &str = "00:05.0";
@@ -278,11 +415,16 @@ fn engine(models: Vec<Box<dyn ioreq_server::DeviceModel>>) -> Result<Engine<SimB
     Engine::new(backend, models, &cfg).map_err(|e| e.to_string())
 }
 
-/// Times `samples` configuration reads straight into the engine (no hypervisor in the way,
-/// so the device-model path is all that is measured).
-fn measure(e: &mut Engine<SimBackend>, f: Sbdf, samples: u64, warmup: u64) -> Result<Lat, String> {
+/// Times configuration reads straight into the engine (no hypervisor in the way, so the
+/// device-model path is all that is measured).
+fn measure_into(
+    e: &mut Engine<SimBackend>,
+    f: Sbdf,
+    h: &mut Histogram<u64>,
+    samples: u64,
+    warmup: u64,
+) -> Result<(), String> {
     let req = Ioreq::pci_config(f.to_xen(), 0, Dir::Read, 4, 0);
-    let mut h = histogram()?;
     for i in 0..samples + warmup {
         let t = Instant::now();
         let v = e.handle(0, &req);
@@ -293,10 +435,10 @@ fn measure(e: &mut Engine<SimBackend>, f: Sbdf, samples: u64, warmup: u64) -> Re
             ));
         }
         if i >= warmup {
-            record(&mut h, el);
+            record(h, el);
         }
     }
-    Ok(lat(&h))
+    Ok(())
 }
 
 /// The same function served inside the engine.
@@ -306,107 +448,212 @@ fn inprocess(samples: u64) -> Result<Lat, String> {
     let local = crate::models::EmulatedModel::new("local")
         .with_function(crate::models::Placement::Bdf(f.to_xen()), &spec);
     let mut e = engine(vec![Box::new(local)])?;
-    measure(&mut e, f, samples, samples / 10)
+    let mut h = histogram()?;
+    measure_into(&mut e, f, &mut h, samples, samples / 10)?;
+    Ok(lat(&h))
 }
 
-/// One `ioreq-mux dm` child connected to a fresh engine, `samples` round trips.
-fn round_trip(
-    exe: &Path,
-    label: &str,
-    mux_spin: Duration,
-    dm_spin_us: u64,
-    samples: u64,
-) -> Result<(Lat, RemoteStats), String> {
-    let f: Sbdf = FUNCTION.parse().map_err(|e| format!("{e}"))?;
-    let mut e = engine(vec![])?;
-    let dir = TempDir::new(label).map_err(|e| e.to_string())?;
-    let path = dir.0.join("dm.sock");
-    let policy = Policy {
-        name: "ep".into(),
-        uid: None,
-        grant: Grant {
-            ranges: vec![IoRange::pci(f.to_xen())],
-            positions: vec![],
-        },
-    };
-    let opts = ServerOptions {
-        remote: RemoteOptions {
-            spin: mux_spin,
-            deadline: Duration::from_secs(5),
+/// An engine with one `ioreq-mux dm` child connected through a device-model socket.
+struct Dm {
+    e: Engine<SimBackend>,
+    sock: Option<DmSocket>,
+    child: Reaped,
+    f: Sbdf,
+    _dir: TempDir,
+}
+
+impl Dm {
+    fn start(
+        exe: &Path,
+        label: &str,
+        mux_spin: Duration,
+        dm_spin_us: u64,
+        cpu: Option<usize>,
+    ) -> Result<Self, String> {
+        let f: Sbdf = FUNCTION.parse().map_err(|e| format!("{e}"))?;
+        let mut e = engine(vec![])?;
+        let dir = TempDir::new(label).map_err(|e| e.to_string())?;
+        let path = dir.0.join("dm.sock");
+        let policy = Policy {
+            name: "ep".into(),
+            uid: None,
+            grant: Grant {
+                ranges: vec![IoRange::pci(f.to_xen())],
+                positions: vec![],
+            },
+        };
+        let opts = ServerOptions {
+            remote: RemoteOptions {
+                spin: mux_spin,
+                deadline: Duration::from_secs(5),
+                ..Default::default()
+            },
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    let sock = DmSocket::start(&path, vec![policy], e.control(), 1, opts)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let path_s = path.to_str().ok_or("temporary path is not UTF-8")?;
-    let child = Command::new(exe)
-        .args(["dm", "--socket", path_s, "--server", "ep", "--at", FUNCTION])
-        .args(["--vendor", "0x1af4", "--device", "0x1337"])
-        .args(["--spin-us", &dm_spin_us.to_string()])
-        .env("IOREQ_MUX_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("{}: {e}", exe.display()))?;
-    let mut child = Reaped(Some(child));
-    let t = Instant::now();
-    while e.router().config_owner(f).filter(|o| *o != MUX).is_none()
-        || !sock.servers().iter().any(|s| s.enabled)
-    {
-        if t.elapsed() > Duration::from_secs(20) {
-            return Err("the device model did not connect within 20 s".into());
+        };
+        let sock = DmSocket::start(&path, vec![policy], e.control(), 1, opts)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let path_s = path.to_str().ok_or("temporary path is not UTF-8")?;
+        let child = Command::new(exe)
+            .args(["dm", "--socket", path_s, "--server", "ep", "--at", FUNCTION])
+            .args(["--vendor", "0x1af4", "--device", "0x1337"])
+            .args(["--spin-us", &dm_spin_us.to_string()])
+            .env("IOREQ_MUX_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", exe.display()))?;
+        pin(child_pid(&child), cpu);
+        let mut dm = Dm {
+            e,
+            sock: Some(sock),
+            child: Reaped(Some(child)),
+            f,
+            _dir: dir,
+        };
+        let t = Instant::now();
+        while dm
+            .e
+            .router()
+            .config_owner(f)
+            .filter(|o| *o != MUX)
+            .is_none()
+            || !dm
+                .sock
+                .as_ref()
+                .is_some_and(|s| s.servers().iter().any(|s| s.enabled))
+        {
+            if t.elapsed() > Duration::from_secs(20) {
+                return Err("the device model did not connect within 20 s".into());
+            }
+            if let Ok(Some(s)) = dm.child.0.as_mut().map_or(Ok(None), |c| c.try_wait()) {
+                return Err(format!("the device model exited early: {s}"));
+            }
+            dm.e.poll(Some(Duration::from_millis(1)))
+                .map_err(|e| e.to_string())?;
         }
-        if let Ok(Some(s)) = child.0.as_mut().map_or(Ok(None), |c| c.try_wait()) {
-            return Err(format!("the device model exited early: {s}"));
+        Ok(dm)
+    }
+
+    fn chunk(&mut self, h: &mut Histogram<u64>, samples: u64, warmup: u64) -> Result<(), String> {
+        measure_into(&mut self.e, self.f, h, samples, warmup)
+    }
+
+    fn stats(&self) -> RemoteStats {
+        self.sock
+            .as_ref()
+            .and_then(|s| s.servers().first().map(|s| s.stats))
+            .unwrap_or_default()
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        if let Some(s) = self.sock.take() {
+            s.stop();
         }
-        e.poll(Some(Duration::from_millis(1)))
-            .map_err(|e| e.to_string())?;
+        let status = self.child.finish(Duration::from_secs(5));
+        if status.is_some_and(|s| s.success()) {
+            Ok(())
+        } else {
+            Err(format!("the device model exited with {status:?}"))
+        }
     }
-    let r = measure(&mut e, f, samples, samples / 10 + 1000);
-    let stats = sock.servers().first().map(|s| s.stats).unwrap_or_default();
-    sock.stop();
-    let status = child.finish(Duration::from_secs(5));
-    let l = r?;
-    if !status.is_some_and(|s| s.success()) {
-        return Err(format!("the device model exited with {status:?}"));
-    }
-    Ok((l, stats))
+}
+
+/// Blocking round trips and the eventfd floor in alternating chunks, the engine's thread on
+/// CPU `mine` and the peers on `theirs`.
+fn blocking(
+    e: &Effort,
+    exe: &Path,
+    mine: Option<usize>,
+    theirs: Option<usize>,
+) -> Result<(Lat, Lat, RemoteStats), String> {
+    let chunks = e.oop_chunks.max(1);
+    let per = |n: u64| (n / chunks).max(1);
+    let (mut efd_h, mut block_h) = (histogram()?, histogram()?);
+    let _pinned = PinGuard::pin_self(mine);
+    let mut peer = EventfdPeer::start(exe, theirs)?;
+    let mut dm = Dm::start(exe, "block", Duration::ZERO, 0, theirs)?;
+    dm.chunk(&mut block_h, 0, 500)?;
+    peer.chunk(&mut efd_h, 0, 500)?;
+    let r = (0..chunks).try_for_each(|_| {
+        peer.chunk(&mut efd_h, per(e.eventfd_samples), 50)?;
+        dm.chunk(&mut block_h, per(e.block_samples), 50)
+    });
+    let st = dm.stats();
+    let (a, b) = (dm.finish(), peer.finish());
+    r.and(a).and(b)?;
+    Ok((lat(&efd_h), lat(&block_h), st))
 }
 
 pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
-    let spin = spin_floor(e.spin_samples, e.spin_samples / 10)?;
+    let want = |p: Part| e.oop_parts.is_empty() || e.oop_parts.contains(&p);
+    let chunks = e.oop_chunks.max(1);
+    let per = |n: u64| (n / chunks).max(1);
+    let pair = cpu_pair();
+    let (me, them) = (pair.map(|p| p.0), pair.map(|p| p.1));
+    let syscall_ns = syscall_cost(100_000)?;
     progress(&format!(
-        "floor: cache-line ping-pong between threads p50 {} ns, p99 {} ns",
-        spin.p50_ns, spin.p99_ns
+        "one system call (empty eventfd read): {syscall_ns:.0} ns"
     ));
-    let efd = eventfd_floor(exe, e.eventfd_samples, e.eventfd_samples / 10)?;
-    progress(&format!(
-        "floor: eventfd ping-pong between processes p50 {} ns, p99 {} ns",
-        efd.p50_ns, efd.p99_ns
-    ));
-    let local = inprocess(e.poll_samples)?;
+    let local = if want(Part::Inprocess) {
+        inprocess(e.poll_samples)?
+    } else {
+        lat(&histogram()?)
+    };
+
     // Busy-polling: the engine spins up to 500 ms, the device model 1 ms after each request.
-    let (poll, ps) = round_trip(
-        exe,
-        "poll",
-        Duration::from_millis(500),
-        1000,
-        e.poll_samples,
-    )?;
+    // Between chunks the model goes to sleep while the floor runs; a short warm-up wakes it.
+    // The floor's warm-up outlasts the model's 1 ms of spinning after the last request.
+    let (mut spin_h, mut poll_h) = (histogram()?, histogram()?);
+    let mut ps = RemoteStats::default();
+    if want(Part::Poll) {
+        let _pinned = PinGuard::pin_self(me);
+        let mut dm = Dm::start(exe, "poll", Duration::from_millis(500), 1000, them)?;
+        dm.chunk(&mut poll_h, 0, 2000)?;
+        for _ in 0..chunks {
+            spin_floor_into(&mut spin_h, per(e.spin_samples), 20_000, them)?;
+            dm.chunk(&mut poll_h, per(e.poll_samples), 200)?;
+        }
+        ps = dm.stats();
+        dm.finish()?;
+    }
+    let (spin, poll) = (lat(&spin_h), lat(&poll_h));
     progress(&format!(
-        "out of process, busy-polling: p50 {} ns, p99 {} ns (spun {}, blocked {})",
-        poll.p50_ns, poll.p99_ns, ps.spun, ps.blocked
+        "busy-polling: p50 {} ns, p99 {} ns (spun {}, blocked {}); cache-line floor p50 {} ns, p99 {} ns",
+        poll.p50_ns, poll.p99_ns, ps.spun, ps.blocked, spin.p50_ns, spin.p99_ns
     ));
-    let (block, bs) = round_trip(exe, "block", Duration::ZERO, 0, e.block_samples)?;
-    progress(&format!(
-        "out of process, blocking: p50 {} ns, p99 {} ns (spun {}, blocked {})",
-        block.p50_ns, block.p99_ns, bs.spun, bs.blocked
-    ));
+
+    // Blocking: both sleep on their eventfds; the floor's peer sleeps between its chunks.
+    // Everything on one CPU (the figures the targets use), then engine and peers on two.
+    let (mut efd, mut block, mut bs) = (lat(&histogram()?), lat(&histogram()?), None);
+    let (mut efd_x, mut block_x) = (efd, block);
+    if want(Part::Block) {
+        let (f, b, st) = blocking(e, exe, me, me)?;
+        (efd, block, bs) = (f, b, Some(st));
+        progress(&format!(
+            "blocking, one CPU: p50 {} ns, p99 {} ns (spun {}, blocked {}); eventfd floor p50 {} ns, p99 {} ns",
+            block.p50_ns, block.p99_ns, st.spun, st.blocked, efd.p50_ns, efd.p99_ns
+        ));
+        if pair.is_some() {
+            (efd_x, block_x, _) = blocking(e, exe, me, them)?;
+            progress(&format!(
+                "blocking, two CPUs: p50 {} ns, p99 {} ns; eventfd floor p50 {} ns, p99 {} ns",
+                block_x.p50_ns, block_x.p99_ns, efd_x.p50_ns, efd_x.p99_ns
+            ));
+        }
+    }
+    let bs = bs.unwrap_or_default();
+
     let def = RemoteOptions::default().spin;
-    let (dflt, _) = round_trip(exe, "default", def, 0, e.block_samples)?;
+    let mut dflt_h = histogram()?;
+    if want(Part::Default) {
+        let _pinned = PinGuard::pin_self(me);
+        let mut dm = Dm::start(exe, "default", def, 0, them)?;
+        dm.chunk(&mut dflt_h, e.block_samples, 1000)?;
+        dm.finish()?;
+    }
+    let dflt = lat(&dflt_h);
     progress(&format!(
-        "out of process, defaults (engine spins {def:?}, model sleeps): p50 {} ns, p99 {} ns",
+        "defaults (engine spins {def:?}, model sleeps): p50 {} ns, p99 {} ns",
         dflt.p50_ns, dflt.p99_ns
     ));
     Ok(Oop {
@@ -421,13 +668,18 @@ pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
         default_p50_ns: dflt.p50_ns,
         default_p99_ns: dflt.p99_ns,
         inprocess_p50_ns: local.p50_ns,
+        syscall_ns,
         detail: OopDetail {
+            cpus: pair,
             spin_floor: spin,
             eventfd_floor: efd,
             poll,
             block,
+            eventfd_floor_two_cpus: efd_x,
+            block_two_cpus: block_x,
             default: dflt,
             inprocess: local,
+            chunks,
             poll_spun: ps.spun,
             poll_blocked: ps.blocked,
             block_spun: bs.spun,

@@ -18,20 +18,6 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Nanoseconds per operation of `f(iters)`: the iteration count is calibrated so one round
-/// takes about `round`, then `rounds` rounds are timed and the median is returned.
-pub fn ns_per_op(rounds: usize, round: Duration, mut f: impl FnMut(u64)) -> f64 {
-    let iters = calibrate(round, &mut f);
-    let mut v: Vec<f64> = (0..rounds.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f(iters);
-            t.elapsed().as_nanos() as f64 / iters as f64
-        })
-        .collect();
-    median(&mut v)
-}
-
 /// An iteration count for which `f` takes about `round`.
 pub fn calibrate(round: Duration, f: &mut impl FnMut(u64)) -> u64 {
     let mut iters = 1u64;
