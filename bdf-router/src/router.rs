@@ -132,9 +132,8 @@ impl Router {
         old: Option<EcamWindow>,
         new: Option<EcamWindow>,
     ) -> Result<(), ClaimError> {
-        if let Some(o) = &old {
-            self.layout.remove(o);
-        }
+        // Only a window that was there is put back if the new one is refused.
+        let removed = old.filter(|o| self.layout.remove(o));
         if let Some(n) = new {
             let clash = self
                 .layout
@@ -146,7 +145,7 @@ impl Router {
                         .map(|(s, e, o)| format!("mmio {s:#x}-{e:#x} of {}", self.server_name(o)))
                 });
             if let Some(what) = clash {
-                if let Some(o) = old {
+                if let Some(o) = removed {
                     let _ = self.layout.insert(o);
                 }
                 return Err(ClaimError::Invalid {

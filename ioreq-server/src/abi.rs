@@ -181,8 +181,9 @@ pub const fn cf8_decode(cf8: u32, port: u16, size: u32) -> Option<(u32, u32)> {
     if cf8 & CF8_ENABLE == 0 || port < PCI_CONFIG_DATA_PORT || port > PCI_CONFIG_DATA_PORT + 3 {
         return None;
     }
-    // The whole access must stay inside the 4-byte data window.
-    if (port - PCI_CONFIG_DATA_PORT) as u32 + size > 4 {
+    // The whole access must stay inside the 4-byte data window (written so that no size
+    // overflows it).
+    if size > 4 - (port - PCI_CONFIG_DATA_PORT) as u32 {
         return None;
     }
     let sbdf = (cf8 >> 8) & 0xffff;

@@ -156,7 +156,8 @@ impl BufferedIoPage {
         let size_code = req.size.trailing_zeros() as u8;
         let needed: u32 = if req.size == 8 { 2 } else { 1 };
         let (r, w) = self.pointers();
-        if w.wrapping_sub(r) + needed > IOREQ_BUFFER_SLOT_NUM {
+        // (Not `w - r + needed`: a peer that corrupts the pointers must not overflow it.)
+        if w.wrapping_sub(r) > IOREQ_BUFFER_SLOT_NUM - needed {
             return Err(BufferError::Full);
         }
         let first = BufSlot {
@@ -213,10 +214,11 @@ impl BufferedIoPage {
 
     /// Consumer side (the server): hands every queued entry, oldest first, to `f` as a
     /// completed-looking write ioreq, then advances read_pointer past it. An 8-byte entry whose
-    /// second slot has not been published is an error and is left in the ring.
+    /// second slot has not been published is an error and is left in the ring. At most one
+    /// ring's worth (511 slots) per call, whatever the pointers say.
     pub fn drain(&self, mut f: impl FnMut(Ioreq)) -> Result<usize, AbiError> {
         let mut n = 0;
-        loop {
+        for _ in 0..IOREQ_BUFFER_SLOT_NUM {
             let (r, w) = self.pointers();
             if r == w {
                 return Ok(n);
@@ -230,7 +232,7 @@ impl BufferedIoPage {
                 abi::IOREQ_TYPE_TIMEOFFSET => IoreqType::TimeOffset,
                 other => {
                     // Skip it so one bad entry cannot wedge the ring, but report it.
-                    self.ptrs.fetch_add(1, Ordering::AcqRel);
+                    self.advance_read(1);
                     return Err(AbiError::BufferedType(other));
                 }
             };
@@ -263,10 +265,22 @@ impl BufferedIoPage {
             };
             // The slots are read before the pointer that frees them moves.
             fence(Ordering::Acquire);
-            self.ptrs.fetch_add(used, Ordering::AcqRel);
+            self.advance_read(used);
             f(req);
             n += 1;
         }
+        Ok(n)
+    }
+
+    /// Adds `k` to read_pointer alone: it wraps at 2^32 like Xen's, never carrying into
+    /// write_pointer (a plain 64-bit add would, once a Legacy ring's pointer wraps).
+    fn advance_read(&self, k: u32) {
+        let _ = self
+            .ptrs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                let (r, w) = split(p);
+                Some(join(r.wrapping_add(k), w))
+            });
     }
 }
 

@@ -105,6 +105,8 @@ pub enum IoreqError {
     ConfigPtr,
     #[error("PCI_CONFIG register {reg:#x} size {size} is beyond the 4 KiB config space")]
     ConfigRegister { reg: u32, size: u32 },
+    #[error("PCI_CONFIG register {reg:#x} size {size} leaves its dword")]
+    ConfigDword { reg: u32, size: u32 },
 }
 
 impl Ioreq {
@@ -222,6 +224,14 @@ impl Ioreq {
                 let (_, reg) = abi::split_pci_config_addr(self.addr);
                 if u64::from(reg) + u64::from(self.size) > 0x1000 {
                     return Err(IoreqError::ConfigRegister {
+                        reg,
+                        size: self.size,
+                    });
+                }
+                // Xen makes PCI_CONFIG requests only from CFC..CFF accesses, which stay in
+                // the 4-byte data window (`cf8_decode`): 1, 2 or 4 bytes inside one dword.
+                if (reg & 3) + self.size > 4 {
+                    return Err(IoreqError::ConfigDword {
                         reg,
                         size: self.size,
                     });
