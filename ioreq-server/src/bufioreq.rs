@@ -96,6 +96,90 @@ pub enum BufferError {
     Full,
 }
 
+/// The consumer's view of a buffered ring, wherever its page lives: a [`BufferedIoPage`] in
+/// this process, or Xen's page mapped by xen-ffi. [`drain_ring`] is the one implementation of
+/// the consumer side on top of it.
+pub trait BufferedRing {
+    /// (read_pointer, write_pointer), read together (one 64-bit Acquire load).
+    fn pointers(&self) -> (u32, u32);
+    /// The raw slot `i` (< 511), read with Acquire ordering.
+    fn slot(&self, i: u32) -> u64;
+    /// Frees `n` slots: read_pointer += n (Release), never touching write_pointer.
+    fn advance_read(&self, n: u32);
+}
+
+/// Hands every queued entry of `ring`, oldest first, to `f` as a write ioreq and frees its
+/// slot(s). At most one ring's worth (511 slots) per call, whatever the pointers say. An entry
+/// of a type other than PIO/COPY/TIMEOFFSET is skipped (so it cannot wedge the ring) and
+/// reported as an error, which ends the call; an 8-byte entry whose second slot has not been
+/// published yet is left in the ring and reported likewise.
+pub fn drain_ring<R: BufferedRing + ?Sized>(
+    ring: &R,
+    mut f: impl FnMut(Ioreq),
+) -> Result<usize, AbiError> {
+    let mut n = 0;
+    for _ in 0..IOREQ_BUFFER_SLOT_NUM {
+        let (r, w) = ring.pointers();
+        if r == w {
+            return Ok(n);
+        }
+        let slot = BufSlot::decode(ring.slot(r % IOREQ_BUFFER_SLOT_NUM));
+        let ty = match slot.ty {
+            abi::IOREQ_TYPE_PIO => IoreqType::Pio,
+            abi::IOREQ_TYPE_COPY => IoreqType::Copy,
+            abi::IOREQ_TYPE_TIMEOFFSET => IoreqType::TimeOffset,
+            other => {
+                ring.advance_read(1);
+                return Err(AbiError::BufferedType(other));
+            }
+        };
+        let size = 1u32 << slot.size_code;
+        let mut data = u64::from(slot.data);
+        let used = if size == 8 {
+            if w.wrapping_sub(r) < 2 {
+                return Err(AbiError::MissingSecondSlot(slot.size_code));
+            }
+            let hi = BufSlot::decode(ring.slot(r.wrapping_add(1) % IOREQ_BUFFER_SLOT_NUM));
+            data |= u64::from(hi.data) << 32;
+            2
+        } else {
+            1
+        };
+        let req = Ioreq {
+            addr: u64::from(slot.addr),
+            data,
+            count: 1,
+            size,
+            vp_eport: 0,
+            state: IoreqState::Ready,
+            data_is_ptr: false,
+            dir: slot.dir,
+            df: false,
+            ty,
+        };
+        // The slots are read before the pointer that frees them moves.
+        fence(Ordering::Acquire);
+        ring.advance_read(used);
+        f(req);
+        n += 1;
+    }
+    Ok(n)
+}
+
+impl BufferedRing for BufferedIoPage {
+    fn pointers(&self) -> (u32, u32) {
+        BufferedIoPage::pointers(self)
+    }
+
+    fn slot(&self, i: u32) -> u64 {
+        self.slots[(i % IOREQ_BUFFER_SLOT_NUM) as usize].load(Ordering::Acquire)
+    }
+
+    fn advance_read(&self, n: u32) {
+        self.add_read(n);
+    }
+}
+
 /// The buffered page as it lies in memory (shared with the hypervisor on real Xen).
 #[repr(C)]
 #[derive(Debug)]
@@ -212,69 +296,14 @@ impl BufferedIoPage {
         }
     }
 
-    /// Consumer side (the server): hands every queued entry, oldest first, to `f` as a
-    /// completed-looking write ioreq, then advances read_pointer past it. An 8-byte entry whose
-    /// second slot has not been published is an error and is left in the ring. At most one
-    /// ring's worth (511 slots) per call, whatever the pointers say.
-    pub fn drain(&self, mut f: impl FnMut(Ioreq)) -> Result<usize, AbiError> {
-        let mut n = 0;
-        for _ in 0..IOREQ_BUFFER_SLOT_NUM {
-            let (r, w) = self.pointers();
-            if r == w {
-                return Ok(n);
-            }
-            let slot = BufSlot::decode(
-                self.slots[(r % IOREQ_BUFFER_SLOT_NUM) as usize].load(Ordering::Acquire),
-            );
-            let ty = match slot.ty {
-                abi::IOREQ_TYPE_PIO => IoreqType::Pio,
-                abi::IOREQ_TYPE_COPY => IoreqType::Copy,
-                abi::IOREQ_TYPE_TIMEOFFSET => IoreqType::TimeOffset,
-                other => {
-                    // Skip it so one bad entry cannot wedge the ring, but report it.
-                    self.advance_read(1);
-                    return Err(AbiError::BufferedType(other));
-                }
-            };
-            let size = 1u32 << slot.size_code;
-            let mut data = u64::from(slot.data);
-            let used = if size == 8 {
-                if w.wrapping_sub(r) < 2 {
-                    return Err(AbiError::MissingSecondSlot(slot.size_code));
-                }
-                let hi = BufSlot::decode(
-                    self.slots[(r.wrapping_add(1) % IOREQ_BUFFER_SLOT_NUM) as usize]
-                        .load(Ordering::Acquire),
-                );
-                data |= u64::from(hi.data) << 32;
-                2
-            } else {
-                1
-            };
-            let req = Ioreq {
-                addr: u64::from(slot.addr),
-                data,
-                count: 1,
-                size,
-                vp_eport: 0,
-                state: IoreqState::Ready,
-                data_is_ptr: false,
-                dir: slot.dir,
-                df: false,
-                ty,
-            };
-            // The slots are read before the pointer that frees them moves.
-            fence(Ordering::Acquire);
-            self.advance_read(used);
-            f(req);
-            n += 1;
-        }
-        Ok(n)
+    /// Consumer side (the server): see [`drain_ring`].
+    pub fn drain(&self, f: impl FnMut(Ioreq)) -> Result<usize, AbiError> {
+        drain_ring(self, f)
     }
 
     /// Adds `k` to read_pointer alone: it wraps at 2^32 like Xen's, never carrying into
     /// write_pointer (a plain 64-bit add would, once a Legacy ring's pointer wraps).
-    fn advance_read(&self, k: u32) {
+    fn add_read(&self, k: u32) {
         let _ = self
             .ptrs
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {

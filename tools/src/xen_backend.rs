@@ -54,7 +54,7 @@ use ioreq_server::abi::{
     self, FLAG_DATA_IS_PTR, FLAG_DIR_READ, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT,
     STATE_IOREQ_INPROCESS, STATE_IOREQ_READY, STATE_IORESP_READY,
 };
-use ioreq_server::bufioreq::BufSlot;
+use ioreq_server::bufioreq;
 use ioreq_server::slot::{Actor, SlotError};
 use ioreq_server::{
     Backend, BackendError, BackendEvent, Dir, IoRange, Ioreq, IoreqState, IoreqType, RangeKind,
@@ -660,59 +660,29 @@ fn range_err(e: XenError, r: IoRange) -> BackendError {
 /// call (Xen publishes both with one pointer update, so this does not happen in practice).
 fn drain_ring(ring: &BufferedPageView<'_>, out: &mut Vec<BackendEvent>) -> (usize, usize) {
     let (mut taken, mut skipped) = (0, 0);
-    // Bounded by the ring size: Xen cannot publish more than 511 entries between two looks.
+    // Bounded: each call takes at most a ring's worth, and a bad entry ends a call.
     for _ in 0..BufferedPageView::SLOTS {
-        let (r, w) = ring.pointers();
-        if r == w {
-            break;
-        }
-        let slot = BufSlot::decode(ring.slot(r % BufferedPageView::SLOTS));
-        let ty = match slot.ty {
-            abi::IOREQ_TYPE_PIO => IoreqType::Pio,
-            abi::IOREQ_TYPE_COPY => IoreqType::Copy,
-            abi::IOREQ_TYPE_TIMEOFFSET => IoreqType::TimeOffset,
-            other => {
-                warn!(ty = other, "buffered entry of an unknown type skipped");
-                ring.advance_read(1);
+        match bufioreq::drain_ring(ring, |req| {
+            debug!(
+                kind = %kind_name(req.ty),
+                addr = format_args!("{:#x}", req.addr),
+                size = req.size,
+                data = format_args!("{:#x}", req.data),
+                "buffered write"
+            );
+            out.push(BackendEvent::Buffered(req));
+            taken += 1;
+        }) {
+            Ok(_) => break,
+            Err(ioreq_server::abi::AbiError::BufferedType(ty)) => {
+                warn!(ty, "buffered entry of an unknown type skipped");
                 skipped += 1;
-                continue;
             }
-        };
-        let size = 1u32 << slot.size_code;
-        let mut data = u64::from(slot.data);
-        let used = if size == 8 {
-            if w.wrapping_sub(r) < 2 {
-                debug!("8-byte buffered write without its second slot yet; left in the ring");
+            Err(e) => {
+                debug!(error = %e, "buffered entry left in the ring for now");
                 break;
             }
-            let hi = BufSlot::decode(ring.slot(r.wrapping_add(1) % BufferedPageView::SLOTS));
-            data |= u64::from(hi.data) << 32;
-            2
-        } else {
-            1
-        };
-        let req = Ioreq {
-            addr: u64::from(slot.addr),
-            data,
-            count: 1,
-            size,
-            vp_eport: 0,
-            state: IoreqState::Ready,
-            data_is_ptr: false,
-            dir: slot.dir,
-            df: false,
-            ty,
-        };
-        ring.advance_read(used);
-        debug!(
-            kind = %kind_name(ty),
-            addr = format_args!("{:#x}", req.addr),
-            size,
-            data = format_args!("{data:#x}"),
-            "buffered write"
-        );
-        out.push(BackendEvent::Buffered(req));
-        taken += 1;
+        }
     }
     (taken, skipped)
 }
@@ -1034,6 +1004,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use ioreq_server::abi::STATE_IOREQ_NONE;
+    use ioreq_server::bufioreq::BufSlot;
     use xen_ffi::PageBuf;
 
     /// Writes a request into slot `v` the way Xen lays it out, state READY.

@@ -304,6 +304,25 @@ impl<'a> BufferedPageView<'a> {
     }
 }
 
+/// The consumer side of the protocol (`ioreq_server::bufioreq::drain_ring`) runs on the
+/// mapped page through this: one implementation for Xen's ring and the simulated one.
+impl ioreq_server::bufioreq::BufferedRing for BufferedPageView<'_> {
+    fn pointers(&self) -> (u32, u32) {
+        BufferedPageView::pointers(self)
+    }
+
+    fn slot(&self, i: u32) -> u64 {
+        let v = BufferedPageView::slot(self, i % Self::SLOTS);
+        // The slot is read after the pointers' Acquire load; keep later reads after it too.
+        std::sync::atomic::fence(Ordering::Acquire);
+        v
+    }
+
+    fn advance_read(&self, n: u32) {
+        BufferedPageView::advance_read(self, n);
+    }
+}
+
 /// A page-aligned, zeroed 4 KiB page owned by this process, for tests and simulations: it
 /// gives the same views as a real mapping, and direct byte access to play Xen's side.
 #[repr(C, align(4096))]
