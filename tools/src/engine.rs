@@ -928,17 +928,19 @@ impl<B: Backend> Engine<B> {
         let events = std::mem::take(&mut self.layout);
         for ev in events {
             info!(event = %ev, "layout change");
-            match &ev {
-                LayoutEvent::Ecam { old, new } => self.apply_ecam(*old, *new),
+            // Into the history before it is applied: a refusal that applying it leads to is
+            // recorded after the event that asked for it.
+            self.history.push(ev.clone());
+            match ev {
+                LayoutEvent::Ecam { old, new } => self.apply_ecam(old, new),
                 LayoutEvent::PmBlock {
                     function,
                     old: _,
                     new,
-                } => self.apply_pm(*function, *new),
+                } => self.apply_pm(function, new),
                 LayoutEvent::MmioHole { .. } => {}
                 LayoutEvent::Refused { .. } => {}
             }
-            self.history.push(ev);
         }
     }
 
