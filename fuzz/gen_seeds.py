@@ -87,6 +87,11 @@ def ioreq_abi():
     # Pointers about to wrap (Legacy rings grow for ever).
     ring = u32(0xFFFFFFFE) + u8(0) + u8(3) + u8(2) + b"".join(u64(s) for s in slots) + u64(0) + ops
     write("ioreq_abi", "ring-wrapping", b"\x01" + ring)
+    # Found by fuzzing: 247 entries from read_pointer 0xffffffff (the consumer's add carried
+    # into write_pointer); and a write_pointer just behind read_pointer, then a push.
+    write("ioreq_abi", "ring-read-pointer-wrap", bytes.fromhex("ffffffffffe7f700000006"))
+    push = b"\x01" + u8(0x02) + u32(0xA0000) + u8(0) + u8(7) + u64(1) + u8(2)
+    write("ioreq_abi", "ring-corrupt-pointers", b"\x01" + u32(1) + u8(0xE9) + u8(0) + b"\x00" + push)
 
 
 # ---- ecam_router ----
@@ -139,6 +144,8 @@ def ecam_router():
     s += u8(0) + u8(1) + r_sbdf(1, 0x40, 0x00) + u8(7)
     s += u8(2) + u8(1) + r_sbdf(1, 0x40, 0x00) + u8(7)
     write("ecam_router", "windows", s)
+    # Found by fuzzing: CF8 decode of port 0xcfd with size u32::MAX (overflowed).
+    write("ecam_router", "cf8-huge-size", bytes.fromhex("0f0000008005800f0000008007810100"))
 
 
 # ---- chipset_intercept ----
@@ -186,8 +193,9 @@ def e_cfg(write, ecam, func, reg, size, data=0, vcpu=0):
     return b + (u64(data) if write else b"")
 
 
-def engine():
-    mch, lpc, rp0, rp1 = (0, 0x00), (0, 0xF8), (0, 0x10), (0, 0x11)
+def q35_to_bar(bar):
+    """Q35: ECAM at 0xb0000000, the bridges to the vgpu numbered, its BAR placed at `bar`."""
+    mch, rp0 = (0, 0x00), (0, 0x10)
     s = u8(0x00)                                         # Q35, whole segments
     s += u8(0x7A) + u32(0xB0000000)                      # PCIEXBAR (| 1) through CF8
     s += e_cfg(False, True, mch, 0x00, 4)                # vendor/device through ECAM
@@ -203,8 +211,17 @@ def engine():
     s += e_cfg(False, True, (3, 0x00), 0x00, 4)          # the vgpu
     s += e_cfg(True, True, (3, 0x00), 0x10, 4, 0xFFFFFFFF)  # BAR sizing, then placement
     s += e_cfg(False, True, (3, 0x00), 0x10, 4)
-    s += e_cfg(True, True, (3, 0x00), 0x10, 8, 0xFE000004)
+    s += e_cfg(True, True, (3, 0x00), 0x10, 8, bar | 4)
     s += e_cfg(True, True, (3, 0x00), 0x04, 2, 0x0006)
+    return s
+
+
+def engine():
+    mch, lpc, rp0, rp1 = (0, 0x00), (0, 0xF8), (0, 0x10), (0, 0x11)
+    # Found by fuzzing (a harness fix): PCIEXBAR moves the window over the vgpu's BAR; the
+    # router refuses it.
+    write("engine", "q35-window-over-bar", q35_to_bar(0xF9000000) + u8(0x7A) + u32(0xF8000004))
+    s = q35_to_bar(0xFE000000)
     s += e_cfg(True, False, lpc, 0x40, 4, 0x601)         # PMBASE, ACPI_EN
     s += e_cfg(True, False, lpc, 0x44, 1, 0x80)
     s += u8(0x41) + u8(0xC0) + u16(0x608) + u8(2) + u32(0) + u8(0)   # PM timer read
@@ -224,6 +241,11 @@ def engine():
     s += u8(0x41) + u8(0xC0) + u16(0xB008) + u8(2) + u32(0) + u8(0)
     s += e_cfg(False, False, (0, 0x18), 0x0E, 1) + e_cfg(True, False, (0, 0x18), 0x18, 4, 0x00010100)
     write("engine", "i440fx", s)
+    # Found by fuzzing: an 8-byte PCI_CONFIG read at register 3 straight into the engine
+    # (panicked in Router::observe_read), and a 4-byte write across into PCIEXBAR.
+    write("engine", "pci-config-8-bytes", u8(0) + u8(0x71) + u8(0) + u8(0) + u8(3) + u8(3) + u64(0))
+    write("engine", "pci-config-across-dwords",
+          u8(0) + u8(0x70) + u8(0) + u8(0xFF) + u16(0x5C) + u8(2) + u8(2) + u64(0x00010000))
 
 
 # ---- wire ----
