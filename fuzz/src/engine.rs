@@ -407,7 +407,8 @@ impl Guest {
             }
             (None, Some(x)) => {
                 // Refused: by the intercept (over RAM or the APICs: a refusal, then the old
-                // window goes), or by the router (over claimed MMIO).
+                // window goes), or by the router (over claimed MMIO: the engine records the
+                // refusal after the event that asked for the window).
                 let mut relevant = e.layout_history().iter().rev().filter(|ev| {
                     matches!(ev, LayoutEvent::Ecam { .. })
                         || matches!(ev, LayoutEvent::Refused { register, .. } if *register == "PCIEXBAR" || *register == "ECAM window")
@@ -422,7 +423,11 @@ impl Guest {
                 };
                 assert!(
                     refused,
-                    "PCIEXBAR {pciexbar:#x?} decodes to {x} but there is no window and no refusal: {last:?}"
+                    "PCIEXBAR {pciexbar:#x?} decodes to {x} but there is no window and no refusal: \
+                     {last:?}\nrouter MMIO {:x?}\nhypervisor MMIO {:x?}\n{:?}",
+                    r.mmio_ranges(),
+                    self.hv.server_ranges(self.id, RangeKind::Mmio),
+                    e.stats()
                 );
             }
         }
