@@ -82,15 +82,11 @@ impl Guest {
         self.access(Ioreq::new(IoreqType::Copy, Dir::Write, addr, size, v));
     }
 
-    fn cf8(sbdf: Sbdf, reg: u16) -> u64 {
-        0x8000_0000 | (u64::from(sbdf.bdf()) << 8) | u64::from(reg & 0xfc)
-    }
-
     /// Reads a configuration register the way firmware does.
     pub fn cfg_read(&mut self, path: Path, sbdf: Sbdf, reg: u16, size: u32) -> u64 {
         match path {
             Path::Cf8 => {
-                self.outb(0xcf8, 4, Self::cf8(sbdf, reg));
+                self.outb(0xcf8, 4, cf8_value(sbdf, reg));
                 self.inb(0xcfc + (reg & 3), size)
             }
             Path::Ecam => {
@@ -104,7 +100,7 @@ impl Guest {
     pub fn cfg_write(&mut self, path: Path, sbdf: Sbdf, reg: u16, size: u32, v: u64) {
         match path {
             Path::Cf8 => {
-                self.outb(0xcf8, 4, Self::cf8(sbdf, reg));
+                self.outb(0xcf8, 4, cf8_value(sbdf, reg));
                 self.outb(0xcfc + (reg & 3), size, v);
             }
             Path::Ecam => {
@@ -424,6 +420,7 @@ impl Recorder {
     }
 }
 
+/// The CF8 value that selects `reg` of `sbdf` (configuration mechanism #1, enable bit set).
 fn cf8_value(sbdf: Sbdf, reg: u16) -> u64 {
     0x8000_0000 | (u64::from(sbdf.bdf()) << 8) | u64::from(reg & 0xfc)
 }

@@ -216,7 +216,7 @@ struct LiveBar {
     claimed_by: Option<u16>,
 }
 
-struct Harness<'a> {
+struct Harness {
     /// Engine server index -> our model id.
     by_engine: Vec<Option<u16>>,
     /// Per model id: runs in its own process (claims its BARs itself).
@@ -245,10 +245,9 @@ struct Harness<'a> {
     kinds: [u64; 4],
     show: usize,
     strings: StringTable,
-    _life: std::marker::PhantomData<&'a ()>,
 }
 
-impl Harness<'_> {
+impl Harness {
     fn string(&self, id: StrId) -> String {
         self.strings.get(id).unwrap_or("?").to_string()
     }
@@ -713,7 +712,6 @@ pub fn replay_with(
         kinds: [0; 4],
         show,
         strings: reader.strings().clone(),
-        _life: std::marker::PhantomData,
     };
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new_spinner();
