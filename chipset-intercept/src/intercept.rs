@@ -4,7 +4,6 @@
 use bdf_router::{ConfigAccess, EcamWindow, Sbdf};
 use ioreq_server::IoRange;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::fmt;
 
 /// When a handler runs relative to the owning model, and whether the model sees the access.
@@ -225,13 +224,20 @@ pub struct ModelPart {
     pub bytes: u8,
 }
 
-/// Every intercept, indexed by (function, dword) for a quick "anything here?" test.
+/// The intercepted dwords of one function, sorted by offset (a chipset function has a
+/// handful, so a short scan beats hashing on the per-access path).
+#[derive(Debug, Default)]
+struct FunctionHits {
+    sbdf: Sbdf,
+    dwords: Vec<(u16, Vec<Hit>)>,
+}
+
+/// Every intercept, indexed by function and dword for a quick "anything here?" test.
 #[derive(Debug, Default)]
 pub struct InterceptTable {
     items: Vec<Box<dyn Intercept>>,
-    by_dword: HashMap<(Sbdf, u16), Vec<Hit>>,
-    /// Functions with any intercept (checked before the hash lookup).
-    functions: Vec<Sbdf>,
+    /// Functions with any intercept; an access to any other function costs one short scan.
+    functions: Vec<FunctionHits>,
     pub platform: Platform,
 }
 
@@ -248,14 +254,26 @@ impl InterceptTable {
         for (r, spec) in it.registers().iter().enumerate() {
             let first = spec.offset & !3;
             let last = (spec.offset + spec.width - 1) & !3;
+            let f = match self.functions.iter().position(|f| f.sbdf == spec.sbdf) {
+                Some(k) => &mut self.functions[k],
+                None => {
+                    self.functions.push(FunctionHits {
+                        sbdf: spec.sbdf,
+                        dwords: vec![],
+                    });
+                    let last = self.functions.len() - 1;
+                    &mut self.functions[last]
+                }
+            };
             for dw in (first..=last).step_by(4) {
-                self.by_dword.entry((spec.sbdf, dw)).or_default().push(Hit {
+                let hit = Hit {
                     intercept: i,
                     reg: r,
-                });
-            }
-            if !self.functions.contains(&spec.sbdf) {
-                self.functions.push(spec.sbdf);
+                };
+                match f.dwords.binary_search_by_key(&dw, |(d, _)| *d) {
+                    Ok(k) => f.dwords[k].1.push(hit),
+                    Err(k) => f.dwords.insert(k, (dw, vec![hit])),
+                }
             }
         }
         self.items.push(it);
@@ -273,11 +291,12 @@ impl InterceptTable {
     #[inline]
     pub fn hits(&self, acc: &ConfigAccess) -> HitList {
         let mut list = HitList::default();
-        if !self.functions.contains(&acc.sbdf) {
+        let Some(f) = self.functions.iter().find(|f| f.sbdf == acc.sbdf) else {
             return list;
-        }
+        };
         // Accesses never cross a dword, so the dword's registers are the candidates.
-        if let Some(hits) = self.by_dword.get(&(acc.sbdf, acc.reg & !3)) {
+        let dw = acc.reg & !3;
+        if let Some((_, hits)) = f.dwords.iter().find(|(d, _)| *d == dw) {
             for h in hits {
                 if self.spec(*h).overlap(acc).is_some() {
                     list.push(*h);

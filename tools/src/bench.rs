@@ -102,8 +102,8 @@ impl Effort {
             Effort {
                 route_passes: 7,
                 route_round: Duration::from_millis(8),
-                inproc_rounds: 3,
-                inproc_round: Duration::from_millis(200),
+                inproc_rounds: 15,
+                inproc_round: Duration::from_millis(50),
                 spin_samples: 200_000,
                 eventfd_samples: 20_000,
                 poll_samples: 50_000,
@@ -116,8 +116,8 @@ impl Effort {
             Effort {
                 route_passes: 21,
                 route_round: Duration::from_millis(25),
-                inproc_rounds: 7,
-                inproc_round: Duration::from_millis(700),
+                inproc_rounds: 31,
+                inproc_round: Duration::from_millis(150),
                 spin_samples: 2_000_000,
                 eventfd_samples: 200_000,
                 poll_samples: 500_000,
