@@ -184,6 +184,11 @@ pub trait Intercept: Send + fmt::Debug {
         platform: &mut Platform,
         out: &mut Vec<LayoutEvent>,
     ) -> bool;
+
+    /// The engine could not apply `event` (the router or the hypervisor refused what it
+    /// asked for). A handler that emitted it goes back to holding nothing active, so the
+    /// guest writing the register again is a retry, not "no change". Others ignore it.
+    fn not_applied(&mut self, _event: &LayoutEvent) {}
 }
 
 /// One (intercept, register) pair hit by an access.
@@ -281,6 +286,13 @@ impl InterceptTable {
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// Tells the handlers that `event` could not be applied (see [`Intercept::not_applied`]).
+    pub fn not_applied(&mut self, event: &LayoutEvent) {
+        for it in &mut self.items {
+            it.not_applied(event);
+        }
     }
 
     pub fn intercepts(&self) -> &[Box<dyn Intercept>] {

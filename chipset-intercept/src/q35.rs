@@ -125,6 +125,16 @@ impl Intercept for Pciexbar {
         }
         true
     }
+
+    fn not_applied(&mut self, event: &LayoutEvent) {
+        // The engine removes the old window before it installs the new one, so a refused
+        // window leaves none.
+        if let LayoutEvent::Ecam { new: Some(w), .. } = event {
+            if self.active == Some(*w) {
+                self.active = None;
+            }
+        }
+    }
 }
 
 /// Where a PM block is when it decodes, or why it cannot be placed there.
@@ -275,6 +285,20 @@ impl Intercept for PmBlockIntercept {
             self.active = want;
         }
         true
+    }
+
+    fn not_applied(&mut self, event: &LayoutEvent) {
+        // As for PCIEXBAR: the old block was released before the new one was refused.
+        if let LayoutEvent::PmBlock {
+            function,
+            new: Some(r),
+            ..
+        } = event
+        {
+            if *function == self.regs[0].sbdf && self.active == Some(*r) {
+                self.active = None;
+            }
+        }
     }
 }
 
@@ -481,6 +505,43 @@ mod tests {
         );
         let e = run(&mut pm, 1, 0, &mut p);
         assert!(matches!(e[0], LayoutEvent::PmBlock { new: None, .. }));
+    }
+
+    #[test]
+    fn events_the_engine_could_not_apply_are_retried() {
+        let mut p = Platform {
+            low_ram_top: Some(0x8000_0000),
+            ..Default::default()
+        };
+        let mut x = Pciexbar::new(Phase::Before, 0);
+        let e = run(&mut x, 0, 0xb000_0001, &mut p);
+        assert_eq!(e.len(), 1);
+        // Rewriting an applied value is no change...
+        assert!(run(&mut x, 0, 0xb000_0001, &mut p).is_empty());
+        // ...but after the engine reports it was not applied, the same value asks again.
+        x.not_applied(&e[0]);
+        assert_eq!(x.window(), None);
+        assert_eq!(run(&mut x, 0, 0xb000_0001, &mut p), e);
+        // An event about something else changes nothing.
+        let other = LayoutEvent::PmBlock {
+            function: bus0(ICH9_LPC_DEVFN),
+            old: None,
+            new: Some(IoRange::ports(0x600, 0x67f)),
+        };
+        x.not_applied(&other);
+        assert!(x.window().is_some());
+
+        let mut pm = PmBlockIntercept::ich9(Phase::After);
+        run(&mut pm, 0, 0x600, &mut p);
+        let e = run(&mut pm, 1, 0x80, &mut p);
+        assert_eq!(e.len(), 1);
+        pm.not_applied(&e[0]);
+        assert_eq!(pm.block(), None);
+        assert_eq!(
+            run(&mut pm, 1, 0x80, &mut p),
+            e,
+            "ACPI_EN rewritten: retried"
+        );
     }
 
     #[test]

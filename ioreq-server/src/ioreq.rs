@@ -107,6 +107,8 @@ pub enum IoreqError {
     ConfigRegister { reg: u32, size: u32 },
     #[error("PCI_CONFIG register {reg:#x} size {size} leaves its dword")]
     ConfigDword { reg: u32, size: u32 },
+    #[error("MMIO ioreq at {addr:#x}, {count} x {size} bytes, wraps around the address space")]
+    MmioWraps { addr: u64, size: u32, count: u32 },
 }
 
 impl Ioreq {
@@ -214,6 +216,15 @@ impl Ioreq {
                     size: self.size,
                 });
             }
+            IoreqType::Copy if self.mmio_span_wraps() => {
+                // No guest instruction spans the top of the address space; a claim check on
+                // a wrapped span would compare a start above its end.
+                return Err(IoreqError::MmioWraps {
+                    addr: self.addr,
+                    size: self.size,
+                    count: self.count,
+                });
+            }
             IoreqType::PciConfig => {
                 if self.count != 1 {
                     return Err(IoreqError::ConfigRep(self.count));
@@ -240,6 +251,24 @@ impl Ioreq {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether the bytes of every rep item (see [`Ioreq::byte_span`]) fail to fit between 0
+    /// and 2^64 - 1 without wrapping.
+    fn mmio_span_wraps(&self) -> bool {
+        let size = u64::from(self.size);
+        let reps = u64::from(self.count.saturating_sub(1));
+        let Some(back) = reps.checked_mul(size) else {
+            return true;
+        };
+        if self.df {
+            self.addr.checked_sub(back).is_none() || self.addr.checked_add(size - 1).is_none()
+        } else {
+            self.addr
+                .checked_add(back)
+                .and_then(|a| a.checked_add(size - 1))
+                .is_none()
+        }
     }
 
     /// Mask of the `size` low bytes (all ones for 8).
@@ -371,6 +400,33 @@ mod tests {
         ));
         let t = Ioreq::new(IoreqType::Invalidate, Dir::Write, 0, 0, 0);
         assert_eq!(t.validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_rejects_mmio_spans_that_wrap() {
+        // The last 8 bytes of the address space are fine; one more rep item wraps.
+        let mut m = Ioreq::new(IoreqType::Copy, Dir::Write, u64::MAX - 7, 8, 0);
+        assert_eq!(m.validate(), Ok(()));
+        m.count = 2;
+        let wraps = Err(IoreqError::MmioWraps {
+            addr: u64::MAX - 7,
+            size: 8,
+            count: 2,
+        });
+        assert_eq!(m.validate(), wraps);
+        // Backwards (df) from low addresses wraps below 0.
+        let mut d = Ioreq::new(IoreqType::Copy, Dir::Read, 0x8, 4, 0);
+        d.df = true;
+        d.count = 3;
+        assert_eq!(d.validate(), Ok(()), "0x0..0xb");
+        d.count = 4;
+        assert!(matches!(d.validate(), Err(IoreqError::MmioWraps { .. })));
+        // A huge count whose byte length overflows.
+        let mut h = Ioreq::new(IoreqType::Copy, Dir::Read, 0x1000, 8, 0);
+        h.count = u32::MAX;
+        assert_eq!(h.validate(), Ok(()), "2^35 bytes from 0x1000 fit");
+        h.addr = u64::MAX - (1 << 34);
+        assert!(matches!(h.validate(), Err(IoreqError::MmioWraps { .. })));
     }
 
     #[test]

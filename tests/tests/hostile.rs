@@ -65,6 +65,76 @@ fn pciexbar_values_a_chipset_must_refuse() {
     assert!(g.hv.check().is_ok());
 }
 
+/// A window the router refuses (a model's MMIO is under it) is not "in place": once the
+/// obstacle is gone, the guest writing the same PCIEXBAR value again opens it. The same holds
+/// for a PM block nobody could claim.
+#[test]
+fn a_refused_window_is_retried_when_the_guest_writes_it_again() {
+    let log: DeliveryLog = Arc::new(Mutex::new(vec![]));
+    let mut models = topology(&log);
+    // Something already decodes 4 KiB inside 0xb0000000..0xbfffffff.
+    models.push(Box::new(
+        EmulatedModel::new("squatter").with_range(IoRange::mmio(0xb010_0000, 0x1000)),
+    ));
+    let cfg = EngineConfig {
+        intercepts: chipset_intercept::InterceptConfig {
+            low_ram_top: Some(0x8000_0000),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut g = Guest::new(models, &cfg);
+    pciexbar(&mut g, 0xb000_0001);
+    assert!(
+        g.ecam.is_none(),
+        "a window over claimed MMIO must be refused"
+    );
+    let refusals = |g: &Guest| {
+        g.engine
+            .layout_history()
+            .iter()
+            .filter(|e| e.to_string().starts_with("refused ECAM window"))
+            .count()
+    };
+    assert_eq!(refusals(&g), 1);
+    // The same value again while the squatter is still there: retried, refused again.
+    pciexbar(&mut g, 0xb000_0001);
+    assert!(g.ecam.is_none());
+    assert_eq!(refusals(&g), 2, "the rewrite must be retried, not ignored");
+    // The squatter goes; the same value now opens the window, and ECAM works.
+    let squatter = g
+        .engine
+        .router()
+        .server_names()
+        .iter()
+        .position(|n| n == "squatter")
+        .unwrap();
+    let released = g.engine.remove_model(u16::try_from(squatter).unwrap());
+    assert_eq!(released.len(), 1, "{released:?}");
+    pciexbar(&mut g, 0xb000_0001);
+    assert!(g.ecam.is_some(), "the same PCIEXBAR value must be retried");
+    assert_eq!(g.cfg_read(Path::Ecam, bdf("00:00.0"), 0, 4), 0x29c0_8086);
+    assert!(g.hv.check().is_ok());
+}
+
+/// A rep 4-byte write to CF8 (count > 1, data in the ioreq) latches in Xen's CF8 handler;
+/// the multiplexer's latch, which answers CF8 reads, must agree with it.
+#[test]
+fn a_rep_cf8_write_latches_like_xen() {
+    let (mut g, _) = guest();
+    pciexbar(&mut g, 0xb000_0001); // leaves CF8 at 00:00.0 register 0x60
+    let mut w = Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, 0x8000_0000);
+    w.count = 2;
+    g.access(w);
+    assert_eq!(g.hv.cf8(), 0x8000_0000);
+    assert_eq!(g.engine.router().cf8_value(), 0x8000_0000);
+    assert_eq!(g.inb(0xcf8, 4), 0x8000_0000);
+    // CFC now reads 00:00.0 register 0 (the MCH's IDs), as ECAM does.
+    assert_eq!(g.inb(0xcfc, 4), 0x29c0_8086);
+    assert_eq!(g.cfg_read(Path::Ecam, bdf("00:00.0"), 0, 4), 0x29c0_8086);
+    assert!(g.hv.check().is_ok());
+}
+
 #[test]
 fn pmbase_over_legacy_ports_or_zero_is_refused() {
     let (mut g, log) = guest();

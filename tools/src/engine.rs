@@ -678,12 +678,16 @@ impl<B: Backend> Engine<B> {
     /// itself, CFC while CF8 is disabled, and backends that do not convert).
     fn config_ports(&mut self, vcpu: u32, req: &Ioreq) -> u64 {
         let port = req.addr;
-        if port == u64::from(PCI_CONFIG_ADDRESS_PORT) && req.size == 4 && req.count == 1 {
+        if port == u64::from(PCI_CONFIG_ADDRESS_PORT) && req.size == 4 {
+            // Xen latches every 4-byte write, rep or not (its CF8 handler runs for the first
+            // item and passes the access on); the latch here follows it so both agree.
             if req.dir == Dir::Write {
                 self.router.cf8().write(req.data);
                 return 0;
             }
-            return u64::from(self.router.cf8_value());
+            if req.count == 1 {
+                return u64::from(self.router.cf8_value());
+            }
         }
         if req.count == 1 && !req.data_is_ptr {
             if let Some(acc) = self.router.cf8().decode(port, req.size, req.dir) {
@@ -931,20 +935,26 @@ impl<B: Backend> Engine<B> {
             // Into the history before it is applied: a refusal that applying it leads to is
             // recorded after the event that asked for it.
             self.history.push(ev.clone());
-            match ev {
+            let applied = match ev {
                 LayoutEvent::Ecam { old, new } => self.apply_ecam(old, new),
                 LayoutEvent::PmBlock {
                     function,
                     old: _,
                     new,
                 } => self.apply_pm(function, new),
-                LayoutEvent::MmioHole { .. } => {}
-                LayoutEvent::Refused { .. } => {}
+                LayoutEvent::MmioHole { .. } => true,
+                LayoutEvent::Refused { .. } => true,
+            };
+            if !applied {
+                // The intercept must not go on believing its window or block is in place:
+                // the guest writing the same value again is then a retry.
+                self.intercepts.not_applied(&ev);
             }
         }
     }
 
-    fn apply_ecam(&mut self, old: Option<EcamWindow>, new: Option<EcamWindow>) {
+    /// Moves the ECAM window; false if the new window was refused (none is left in place).
+    fn apply_ecam(&mut self, old: Option<EcamWindow>, new: Option<EcamWindow>) -> bool {
         if let Some(o) = old {
             if let Some(i) = self.mapped.windows.iter().position(|w| *w == o) {
                 self.mapped.windows.remove(i);
@@ -955,7 +965,7 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let Some(n) = new else { return };
+        let Some(n) = new else { return true };
         if let Err(e) = self.router.replace_window(None, Some(n)) {
             warn!(window = %n, error = %e, "ECAM window refused; it stays disabled");
             self.history.push(LayoutEvent::Refused {
@@ -963,22 +973,29 @@ impl<B: Backend> Engine<B> {
                 value: n.base,
                 why: e.to_string(),
             });
-            return;
+            return false;
         }
         if let Err(e) = self.backend.map_range(IoRange::mmio(n.base, n.size())) {
             self.stats.backend_claim_errors += 1;
             warn!(window = %n, error = %e, "hypervisor refused the ECAM window; it stays disabled");
             let _ = self.router.replace_window(Some(n), None);
-            return;
+            self.history.push(LayoutEvent::Refused {
+                register: "ECAM window",
+                value: n.base,
+                why: format!("hypervisor: {e}"),
+            });
+            return false;
         }
         if let Err(e) = ensure_segment(&mut self.backend, &mut self.mapped, n.segment) {
             self.stats.backend_claim_errors += 1;
             warn!(segment = n.segment, error = %e, "hypervisor refused the segment");
         }
         self.mapped.windows.push(n);
+        true
     }
 
-    fn apply_pm(&mut self, function: Sbdf, new: Option<IoRange>) {
+    /// Moves a PM block's port claim; false if the new block could not be claimed.
+    fn apply_pm(&mut self, function: Sbdf, new: Option<IoRange>) -> bool {
         if let Some(i) = self.mapped.pm.iter().position(|(f, _, _)| *f == function) {
             let (_, owner, r) = self.mapped.pm.remove(i);
             if self.router.release(owner, &Claim::Range(r)).is_ok() {
@@ -988,10 +1005,10 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let Some(r) = new else { return };
+        let Some(r) = new else { return true };
         let Some(owner) = self.router.config_owner(function).filter(|o| *o != MUX) else {
             warn!(%function, "PM block of a function nobody owns: not claimed");
-            return;
+            return false;
         };
         let mut ctl = Ctl {
             owner,
@@ -1002,7 +1019,10 @@ impl<B: Backend> Engine<B> {
             stats: &mut self.stats,
         };
         match ctl.map(Claim::Range(r)) {
-            Ok(()) => self.mapped.pm.push((function, owner, r)),
+            Ok(()) => {
+                self.mapped.pm.push((function, owner, r));
+                true
+            }
             Err(e) => {
                 warn!(ports = %r, error = %e, "PM block not claimed");
                 self.history.push(LayoutEvent::Refused {
@@ -1010,6 +1030,7 @@ impl<B: Backend> Engine<B> {
                     value: r.start,
                     why: e.to_string(),
                 });
+                false
             }
         }
     }
