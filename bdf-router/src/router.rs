@@ -335,13 +335,7 @@ impl Router {
         for (s, e) in self.mmio.remove_owner(owner) {
             gone.push(Claim::Range(IoRange::new(RangeKind::Mmio, s, e)));
         }
-        let raw: Vec<Sbdf> = self
-            .raw
-            .iter()
-            .filter(|(_, o)| *o == owner)
-            .map(|(s, _)| s)
-            .collect();
-        for s in raw {
+        for s in self.raw.owned_by(owner) {
             self.raw.set(s, None);
             self.table.set(s, None);
             gone.push(Claim::Range(IoRange::pci(s.to_xen())));

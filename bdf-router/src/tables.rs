@@ -13,9 +13,13 @@ const FUNCTIONS_PER_SEGMENT: usize = 1 << 16;
 
 /// Owner per BDF: one flat `[u16; 65536]` per segment in use (128 KiB), indexed by
 /// `bus << 8 | devfn`; segments are indexed directly, so a lookup is two loads.
+/// It also counts the functions each owner holds, so finding an owner's functions (a model
+/// going away) costs nothing for an owner with none and stops at its last one otherwise.
 #[derive(Debug, Clone, Default)]
 pub struct BdfTable {
     segs: Vec<Option<Box<[u16]>>>,
+    /// Functions held, by owner.
+    held: Vec<usize>,
 }
 
 impl BdfTable {
@@ -27,6 +31,8 @@ impl BdfTable {
     }
 
     pub fn set(&mut self, sbdf: Sbdf, owner: Option<ServerIdx>) {
+        // u16::MAX is the table's "nobody": it cannot be an owner.
+        let owner = owner.filter(|o| *o != NONE);
         let s = usize::from(sbdf.segment);
         if owner.is_none() && self.segs.get(s).is_none_or(Option::is_none) {
             return;
@@ -36,7 +42,36 @@ impl BdfTable {
         }
         let seg = self.segs[s]
             .get_or_insert_with(|| vec![NONE; FUNCTIONS_PER_SEGMENT].into_boxed_slice());
-        seg[usize::from(sbdf.bdf())] = owner.unwrap_or(NONE);
+        let slot = &mut seg[usize::from(sbdf.bdf())];
+        let old = std::mem::replace(slot, owner.unwrap_or(NONE));
+        if old != NONE {
+            self.held[usize::from(old)] -= 1;
+        }
+        if let Some(o) = owner {
+            let o = usize::from(o);
+            if self.held.len() <= o {
+                self.held.resize(o + 1, 0);
+            }
+            self.held[o] += 1;
+        }
+    }
+
+    /// How many functions `owner` holds.
+    pub fn held_by(&self, owner: ServerIdx) -> usize {
+        self.held.get(usize::from(owner)).copied().unwrap_or(0)
+    }
+
+    /// The functions `owner` holds, in order.
+    pub fn owned_by(&self, owner: ServerIdx) -> Vec<Sbdf> {
+        let n = self.held_by(owner);
+        if n == 0 {
+            return vec![];
+        }
+        self.iter()
+            .filter(|(_, o)| *o == owner)
+            .map(|(s, _)| s)
+            .take(n)
+            .collect()
     }
 
     /// Every (function, owner) pair, in order.
@@ -240,6 +275,21 @@ mod tests {
     }
 
     proptest! {
+        /// The per-owner counts and `owned_by` agree with a walk of the whole table, across
+        /// segments, overwrites and releases.
+        #[test]
+        fn owner_counts_match_the_table(ops in prop::collection::vec((0u16..3, any::<u16>(), prop::option::of(0u16..5)), 1..200)) {
+            let mut t = BdfTable::default();
+            for (seg, bdf, owner) in ops {
+                t.set(Sbdf::from_devfn(seg, (bdf >> 8) as u8, bdf as u8), owner);
+            }
+            for o in 0u16..6 {
+                let walked: Vec<Sbdf> = t.iter().filter(|(_, x)| *x == o).map(|(s, _)| s).collect();
+                prop_assert_eq!(t.held_by(o), walked.len());
+                prop_assert_eq!(t.owned_by(o), walked);
+            }
+        }
+
         /// The range map agrees with a brute-force model on every lookup.
         #[test]
         fn range_map_matches_model(ops in prop::collection::vec((0u64..200, 0u64..20, 0u16..4, any::<bool>()), 1..100), probes in prop::collection::vec((0u64..220, 0u64..8), 50)) {
