@@ -17,6 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn guest() -> (Guest, DeliveryLog) {
+    guest_with(|_| {})
+}
+
+/// The test topology (plus whatever `extra` adds), 2 GiB of RAM below 4G.
+fn guest_with(extra: impl FnOnce(&mut Vec<Box<dyn DeviceModel>>)) -> (Guest, DeliveryLog) {
     let log: DeliveryLog = Arc::new(Mutex::new(vec![]));
     let cfg = EngineConfig {
         intercepts: chipset_intercept::InterceptConfig {
@@ -25,7 +30,9 @@ fn guest() -> (Guest, DeliveryLog) {
         },
         ..Default::default()
     };
-    (Guest::new(topology(&log), &cfg), log)
+    let mut models = topology(&log);
+    extra(&mut models);
+    (Guest::new(models, &cfg), log)
 }
 
 fn pciexbar(g: &mut Guest, v: u64) {
@@ -70,20 +77,12 @@ fn pciexbar_values_a_chipset_must_refuse() {
 /// for a PM block nobody could claim.
 #[test]
 fn a_refused_window_is_retried_when_the_guest_writes_it_again() {
-    let log: DeliveryLog = Arc::new(Mutex::new(vec![]));
-    let mut models = topology(&log);
     // Something already decodes 4 KiB inside 0xb0000000..0xbfffffff.
-    models.push(Box::new(
-        EmulatedModel::new("squatter").with_range(IoRange::mmio(0xb010_0000, 0x1000)),
-    ));
-    let cfg = EngineConfig {
-        intercepts: chipset_intercept::InterceptConfig {
-            low_ram_top: Some(0x8000_0000),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let mut g = Guest::new(models, &cfg);
+    let (mut g, _) = guest_with(|models| {
+        models.push(Box::new(
+            EmulatedModel::new("squatter").with_range(IoRange::mmio(0xb010_0000, 0x1000)),
+        ));
+    });
     pciexbar(&mut g, 0xb000_0001);
     assert!(
         g.ecam.is_none(),
