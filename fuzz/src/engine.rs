@@ -23,11 +23,14 @@ use bdf_router::{EcamWindow, Sbdf};
 use chipset_intercept::registers::{PCIEXBAR_DEFAULT, PCIEXBAR_WMASK};
 use chipset_intercept::{Chipset, InterceptConfig, LayoutEvent, Phase};
 use ioreq_mux::engine::{Engine, EngineConfig, MUX, PciClaims};
-use ioreq_mux::models::{BarKind, EmulatedModel, FunctionKind, FunctionSpec, Placement};
+use ioreq_mux::models::{
+    BarKind, DeliveryLog, EmulatedModel, FunctionKind, FunctionSpec, Placement,
+};
 use ioreq_server::abi::{self, IOREQ_SIZE};
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::sim::{Issued, SimBackend, SimError, SimHypervisor};
 use ioreq_server::{DeviceModel, Dir, IoRange, Ioreq, IoreqType, Position, RangeKind, size_mask};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn at(bus: u8, dev: u8, func: u8) -> Placement {
@@ -42,66 +45,18 @@ fn pos(path: &[(u8, u8)]) -> Placement {
     })
 }
 
-/// The Q35 topology of `tests/src/lib.rs` (MCH, LPC, two root ports, a switch, a PCIe-to-PCI
-/// bridge, endpoints behind them) plus a "vgpu" model with an endpoint behind the switch and
-/// fixed port and MMIO ranges where firmware may try to put the PM block or the ECAM window.
+/// The Q35 topology of the end-to-end tests (MCH, LPC, two root ports, a switch, a
+/// PCIe-to-PCI bridge, endpoints behind them, a "vgpu" model behind the switch) plus fixed
+/// port and MMIO ranges where firmware may try to put the PM block or the ECAM window.
 fn q35() -> Vec<Box<dyn DeviceModel>> {
-    let rp = FunctionSpec::bridge(0x1b36, 0x000c, FunctionKind::RootPort);
-    let mut rp_multi = rp.clone();
-    rp_multi.multifunction = true;
-    let chipset = EmulatedModel::new("chipset")
-        .with_function(
-            at(0, 0, 0),
-            &FunctionSpec {
-                pcie: false,
-                ..FunctionSpec::endpoint(0x8086, 0x29c0, 0x060000)
-            },
-        )
-        .with_function(
-            at(0, 0x1f, 0),
-            &FunctionSpec {
-                pcie: false,
-                multifunction: true,
-                ..FunctionSpec::endpoint(0x8086, 0x2918, 0x060100)
-            },
-        )
-        .with_function(at(0, 2, 0), &rp_multi)
-        .with_function(at(0, 2, 1), &rp)
-        .with_function(
-            pos(&[(2, 0), (0, 0)]),
-            &FunctionSpec::bridge(0x104c, 0x8232, FunctionKind::UpstreamPort),
-        )
-        .with_function(
-            pos(&[(2, 0), (0, 0), (0, 0)]),
-            &FunctionSpec::bridge(0x104c, 0x8233, FunctionKind::DownstreamPort),
-        )
-        .with_function(
-            pos(&[(2, 0), (0, 0), (1, 0)]),
-            &FunctionSpec::bridge(0x104c, 0x8233, FunctionKind::DownstreamPort),
-        )
-        .with_function(
-            pos(&[(2, 0), (0, 0), (1, 0), (0, 0)]),
-            &FunctionSpec::endpoint(0x1af4, 0x1044, 0x00ff00).with_bar(BarKind::Mem32, 0x1000),
-        )
-        .with_function(
-            pos(&[(2, 1), (0, 0)]),
-            &FunctionSpec::bridge(0x1b36, 0x000e, FunctionKind::PciBridge),
-        )
-        .with_function(
-            pos(&[(2, 1), (0, 0), (1, 0)]),
-            &FunctionSpec {
-                pcie: false,
-                ..FunctionSpec::endpoint(0x8086, 0x100e, 0x020000).with_bar(BarKind::Io, 0x40)
-            },
-        );
-    let vgpu = EmulatedModel::new("vgpu")
-        .with_function(
-            pos(&[(2, 0), (0, 0), (0, 0), (0, 0)]),
-            &FunctionSpec::endpoint(0x10de, 0x1eb8, 0x030000).with_bar(BarKind::Mem64, 0x10_0000),
-        )
-        .with_range(IoRange::ports(0x700, 0x70f))
-        .with_range(IoRange::mmio(0xfd00_0000, 0x10_0000));
-    vec![Box::new(chipset), Box::new(vgpu)]
+    let log: DeliveryLog = Arc::new(Mutex::new(vec![]));
+    let mut models = ioreq_mux_tests::topology(&log);
+    models.push(Box::new(
+        EmulatedModel::new("fixed")
+            .with_range(IoRange::ports(0x700, 0x70f))
+            .with_range(IoRange::mmio(0xfd00_0000, 0x10_0000)),
+    ));
+    models
 }
 
 /// i440FX + PIIX3 + PIIX4 PM, a bridge and an endpoint.

@@ -83,6 +83,21 @@ fn model_validate(r: &Ioreq) -> Result<(), &'static str> {
         IoreqType::Pio if u128::from(r.addr) + u128::from(r.size) > 0x1_0000 => {
             Err("PortOutOfRange")
         }
+        IoreqType::Copy => {
+            // Every byte of every rep item within 0..2^64, in 128-bit arithmetic.
+            let (addr, size) = (i128::from(r.addr), i128::from(r.size));
+            let back = i128::from(r.count - 1) * size;
+            let (lo, hi) = if r.df {
+                (addr - back, addr + size - 1)
+            } else {
+                (addr, addr + back + size - 1)
+            };
+            if lo < 0 || hi > i128::from(u64::MAX) {
+                Err("MmioWraps")
+            } else {
+                Ok(())
+            }
+        }
         IoreqType::PciConfig => {
             let reg = r.addr as u32;
             if r.count != 1 {
@@ -113,6 +128,7 @@ fn variant(e: &IoreqError) -> &'static str {
         IoreqError::ConfigPtr => "ConfigPtr",
         IoreqError::ConfigRegister { .. } => "ConfigRegister",
         IoreqError::ConfigDword { .. } => "ConfigDword",
+        IoreqError::MmioWraps { .. } => "MmioWraps",
     }
 }
 
@@ -145,7 +161,13 @@ fn check_validate(r: &Ioreq) {
     if r.size < 8 {
         assert_eq!(mask, (1u64 << (8 * r.size)) - 1);
     }
-    let _ = r.byte_span();
+    let (s, e) = r.byte_span();
+    if r.ty == IoreqType::Copy {
+        assert!(
+            s <= e,
+            "a validated MMIO span does not wrap: {s:#x}..{e:#x}"
+        );
+    }
 }
 
 // ---- the buffered ring ----
