@@ -11,7 +11,7 @@
 
 use super::shm::SharedPages;
 use super::slots::Collect;
-use super::sys::{Doorbell, SeqPacket, wait_readable};
+use super::sys::{Doorbell, SeqPacket, Trigger, Waiter};
 use super::wire::{self, Code, Message, Notice};
 use crate::bufioreq::BufioreqMode;
 use crate::ioreq::{Dir, Ioreq, IoreqType};
@@ -144,6 +144,10 @@ pub(crate) struct Shared {
     pub inbox: Mutex<Inbox>,
     /// Connection thread -> RemoteModel: DMOPs queued, or the connection died.
     pub wake: Doorbell,
+    /// What a blocked `handle` sleeps on: the response eventfd and `wake`, both
+    /// edge-triggered (never read back: `handle` looks at the slot and the flags after every
+    /// wake-up, whichever rang).
+    pub waiter: Waiter,
     pub sock: Arc<SeqPacket>,
     /// The server's memory (its notification page counts the notices sent on `sock`).
     pub res: Arc<Resources>,
@@ -159,6 +163,10 @@ pub(crate) const CLOCK_EVERY: u32 = 16;
 
 impl Shared {
     pub fn new(name: &str, sock: Arc<SeqPacket>, res: Arc<Resources>) -> io::Result<Self> {
+        let wake = Doorbell::new()?;
+        let waiter = Waiter::new()?;
+        waiter.add(res.resp_bell.as_fd(), 0, Trigger::Edge)?;
+        waiter.add(wake.as_fd(), 1, Trigger::Edge)?;
         Ok(Shared {
             name: name.to_string(),
             id: AtomicU32::new(NO_ID),
@@ -167,7 +175,8 @@ impl Shared {
             has_ops: AtomicBool::new(false),
             positions_gen: AtomicU64::new(0),
             inbox: Mutex::new(Inbox::default()),
-            wake: Doorbell::new()?,
+            wake,
+            waiter,
             sock,
             res,
             counters: RemoteCounters::default(),
@@ -558,19 +567,10 @@ impl RemoteModel {
                 });
             }
             let left = self.opts.deadline - elapsed;
-            let fds = [self.res.resp_bell.as_fd(), self.shared.wake.as_fd()];
-            match wait_readable(&fds, Some(left)) {
-                // Read only the eventfds that rang: the other one's read would be a system
-                // call that finds nothing.
-                Ok(r) => {
-                    if r[0].readable {
-                        let _ = self.res.resp_bell.clear();
-                    }
-                    if r[1].readable {
-                        let _ = self.shared.wake.clear();
-                    }
-                }
-                Err(e) => warn!(server = %self.name, error = %e, "poll failed; retrying"),
+            // One system call: the eventfds are edge-triggered in an epoll set, so neither is
+            // read back (a level-triggered eventfd would cost a read per wake-up).
+            if let Err(e) = self.shared.waiter.wait(Some(left), |_, _| {}) {
+                warn!(server = %self.name, error = %e, "epoll_wait failed; retrying");
             }
             if self.shared.has_ops.load(Ordering::Acquire) {
                 self.apply_ops(ctl.as_deref_mut());
