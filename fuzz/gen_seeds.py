@@ -250,8 +250,8 @@ def engine():
 
 # ---- wire ----
 
-def packet(op, tag, body):
-    return b"IOMX" + u16(1) + u16(op) + u32(tag) + u32(len(body)) + body
+def packet(op, tag, body, version=2):
+    return b"IOMX" + u16(version) + u16(op) + u32(tag) + u32(len(body)) + body
 
 
 def wire():
@@ -264,7 +264,9 @@ def wire():
         "map-pcidev": packet(0x101, 6, u16(1) + u16(0) + u8(2) + u8(0) + u8(0) + u8(0)),
         "map-position": packet(0x103, 7, u16(1) + u16(0) + u8(0) + u8(3) + u16(0) + bytes([0x10, 0x00, 0x08])),
         "reply-created": packet(0x8001, 1, u16(1) + u16(0) + u32(2)),
-        "reply-info": packet(0x8002, 2, u16(1) + u8(2) + u8(0) + u32(2) + u32(8192) + u32(0) + u32(4096)),
+        "reply-info": packet(0x8002, 2, u16(1) + u8(2) + u8(0) + u32(2) + u32(12288) + u32(0) + u32(4096) + u32(8192)),
+        # A version-1 peer's CREATE (refused with EPROTONOSUPPORT).
+        "create-v1": packet(1, 1, u8(2) + u8(0) + u16(6) + b"vgpu-0", version=1),
         "reply-done": packet(0x8005, 5, b""),
         "reply-error": packet(0xFFFF, 3, u32(22) + u16(3) + u16(0) + b"invalid range"),
         "position-moved": packet(0x4001, 0, u16(1) + u8(1) + u8(0) + u32(0x0300) + u16(0) + u8(0) + u8(2) + bytes([0x10, 0x00])),

@@ -162,6 +162,7 @@ fn message(b: &mut Bytes<'_>) -> Message {
                 shm_size: b.u32(),
                 buf_offset: b.u32(),
                 ioreq_offset: b.u32(),
+                notify_offset: b.u32(),
             }),
         },
         12 => {

@@ -74,7 +74,8 @@ fn replay_policy(s: &Server) -> Policy {
 
 impl Children {
     /// Starts the socket and one process per remote server, and waits until every one has
-    /// joined the engine.
+    /// joined the engine and enabled its server (so its claims are made: a device model
+    /// enables only after its initial claims are answered).
     pub(crate) fn start(
         engine: &mut Engine<SimBackend>,
         cfg: &Config,
@@ -139,7 +140,19 @@ impl Children {
                 .poll(Some(Duration::from_millis(5)))
                 .map_err(|e| ReplayError::Topology(e.to_string()))?;
             let names = engine.router().server_names();
-            if remote.iter().all(|s| names.contains(&s.name)) {
+            // Joined is not enough: a server joins at CREATE, before its claims and
+            // SET_STATE, and the replay's first accesses would find it disabled (master
+            // aborts, then divergences).
+            let enabled = c.socket.as_ref().map(DmSocket::servers).unwrap_or_default();
+            let ready = |name: &str| {
+                enabled
+                    .iter()
+                    .any(|st| st.enabled && st.name.as_deref() == Some(name))
+            };
+            if remote
+                .iter()
+                .all(|s| names.contains(&s.name) && ready(&s.name))
+            {
                 info!(
                     servers = remote.len(),
                     "every trace server joined from its own process"

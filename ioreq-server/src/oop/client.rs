@@ -14,6 +14,8 @@
 //! # Ok::<(), ioreq_server::oop::ClientError>(())
 //! ```
 
+use super::notify::NotifyPage;
+use super::remote::CLOCK_EVERY;
 use super::shm::SharedPages;
 use super::sys::{Doorbell, SeqPacket, wait_readable};
 use super::wire::{self, Code, Info, Message, Notice, Reply, Request};
@@ -91,7 +93,8 @@ pub struct ClientOptions {
     /// Buffered ring mode asked for at create.
     pub bufioreq: BufioreqMode,
     /// After serving, keep polling the slots this long before sleeping in `poll` (lower
-    /// latency for bursts, at the cost of a busy core).
+    /// latency for bursts, at the cost of a busy core). While it polls, the model says so in
+    /// the notification page and the multiplexer does not ring its eventfds.
     pub spin: Duration,
     pub stop: Option<Stopper>,
 }
@@ -188,8 +191,13 @@ impl Connection {
                 "truncated message from the multiplexer".into(),
             ));
         }
-        let m =
-            wire::decode(&self.buf[..r.len]).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let m = wire::decode(&self.buf[..r.len]).map_err(|e| match e {
+            wire::WireError::Version(v) => ClientError::Protocol(format!(
+                "the multiplexer speaks device-model protocol version {v}; this device model speaks version {}",
+                wire::VERSION
+            )),
+            e => ClientError::Protocol(e.to_string()),
+        })?;
         Ok(Some((m, r.fds)))
     }
 
@@ -270,6 +278,7 @@ impl Connection {
         if info.shm_size as usize != super::shm::SHM_SIZE
             || info.buf_offset as usize != super::shm::BUF_OFFSET
             || info.ioreq_offset as usize != super::shm::IOREQ_OFFSET
+            || info.notify_offset as usize != super::shm::NOTIFY_OFFSET
             || info.nr_vcpus as usize > crate::abi::SHARED_PAGE_SLOTS
         {
             return Err(ClientError::Protocol(format!(
@@ -430,6 +439,12 @@ pub fn serve_with(
 }
 
 /// The request loop of a created, attached and enabled server.
+///
+/// No system call on the request path while both sides poll: the socket is read only when
+/// the notification page's notice counter moved (or, while sleeping, when `poll` says it is
+/// readable), the response eventfd is rung only when the multiplexer is not polling the
+/// slot, and while this loop polls it says so, so the multiplexer does not ring the request
+/// eventfds. The rules, and why no wake-up is lost, are in [`super::notify`].
 pub fn run(
     conn: &mut Connection,
     id: u16,
@@ -438,53 +453,123 @@ pub fn run(
     opts: &ClientOptions,
 ) -> Result<Ended, ClientError> {
     let nr = sp.vcpu_bells.len();
+    let notify = sp.pages.notify();
     let mut batch: Vec<Ioreq> = Vec::with_capacity(64);
+    // Notices already queued are read now; from here on the counter says when to look.
+    let mut seen = notify.notices();
+    if let Some(end) = pump(conn)? {
+        return end;
+    }
     loop {
         if opts.stop.as_ref().is_some_and(Stopper::stopped) {
             let _ = conn.destroy(id);
             return Ok(Ended::Stopped);
         }
-        match conn.pump() {
-            Ok(()) => {}
-            Err(ClientError::Disconnected { goodbye }) => return closed(goodbye),
-            Err(e) => return Err(e),
+        if let Some(end) = pump_if_noticed(conn, notify, &mut seen)? {
+            return end;
         }
         let mut served = drain_ring(conn, id, sp, model, &mut batch);
         for v in 0..nr {
-            served |= serve_slot(conn, id, sp, model, v, &mut batch)?;
+            served |= serve_slot(conn, id, sp, model, v, &mut batch, &mut seen)?;
         }
         if served {
             continue;
         }
         if !opts.spin.is_zero() {
+            notify.set_dm_polling();
             let until = Instant::now() + opts.spin;
-            let mut found = false;
-            while Instant::now() < until && !found {
-                found = sp.pages.buffered().pending() != 0
-                    || (0..nr).any(|v| {
-                        sp.pages
-                            .slot(v)
-                            .is_some_and(|s| s.control().1 == crate::abi::STATE_IOREQ_READY)
-                    });
+            let mut polls = 0u32;
+            let found = loop {
+                if has_work(sp, nr)
+                    || notify.notices() != seen
+                    || opts.stop.as_ref().is_some_and(Stopper::stopped)
+                {
+                    break true;
+                }
+                polls = polls.wrapping_add(1);
+                if polls % CLOCK_EVERY == 0 && Instant::now() >= until {
+                    break false;
+                }
                 std::hint::spin_loop();
-            }
+            };
             if found {
                 continue;
             }
         }
+        // About to sleep: stop saying "polling", fence, and look once more. Work published
+        // before the multiplexer could see the flag cleared is found here; work published
+        // after it rings an eventfd (see `super::notify`).
+        notify.clear_dm_polling();
+        if has_work(sp, nr) {
+            continue;
+        }
         let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(nr + 3);
         fds.push(conn.sock.as_fd());
         fds.push(sp.buf_bell.as_fd());
+        fds.extend(sp.vcpu_bells.iter().map(AsFd::as_fd));
         if let Some(s) = &opts.stop {
             fds.push(s.inner.1.as_fd());
         }
-        fds.extend(sp.vcpu_bells.iter().map(AsFd::as_fd));
-        wait_readable(&fds, Some(Duration::from_secs(1)))?;
-        let _ = sp.buf_bell.clear();
-        for b in &sp.vcpu_bells {
-            let _ = b.clear();
+        let ready = wait_readable(&fds, Some(Duration::from_secs(1)))?;
+        // Read only the eventfds that rang (each read is a system call).
+        if ready.get(1).is_some_and(|r| r.readable) {
+            let _ = sp.buf_bell.clear();
+        }
+        for (b, r) in sp.vcpu_bells.iter().zip(ready.iter().skip(2)) {
+            if r.readable {
+                let _ = b.clear();
+            }
+        }
+        // The socket: a notice, or the end of the connection (which may come without one,
+        // if the multiplexer's process died).
+        if ready.first().is_some_and(|r| r.readable || r.hangup) {
+            let now = notify.notices();
+            if let Some(end) = pump(conn)? {
+                return end;
+            }
+            seen = now;
         }
     }
+}
+
+/// A READY slot or a buffered write waiting.
+fn has_work(sp: &ServerPages, nr: usize) -> bool {
+    sp.pages.buffered().pending() != 0
+        || (0..nr).any(|v| {
+            sp.pages
+                .slot(v)
+                .is_some_and(|s| s.control().1 == crate::abi::STATE_IOREQ_READY)
+        })
+}
+
+/// Reads every queued notice. `Some`: the connection ended, and how serving ends.
+#[allow(clippy::type_complexity)]
+fn pump(conn: &mut Connection) -> Result<Option<Result<Ended, ClientError>>, ClientError> {
+    match conn.pump() {
+        Ok(()) => Ok(None),
+        Err(ClientError::Disconnected { goodbye }) => Ok(Some(closed(goodbye))),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`pump`] if the notice counter moved since `seen`. `seen` becomes the value loaded before
+/// reading, so a notice sent meanwhile moves the counter past it again; it stays unchanged
+/// if the connection ended, so the next call reads the end again.
+#[allow(clippy::type_complexity)]
+fn pump_if_noticed(
+    conn: &mut Connection,
+    notify: &NotifyPage,
+    seen: &mut u64,
+) -> Result<Option<Result<Ended, ClientError>>, ClientError> {
+    let now = notify.notices();
+    if now == *seen {
+        return Ok(None);
+    }
+    let r = pump(conn)?;
+    if r.is_none() {
+        *seen = now;
+    }
+    Ok(r)
 }
 
 fn closed(goodbye: Option<(Code, String)>) -> Result<Ended, ClientError> {
@@ -529,6 +614,7 @@ fn serve_slot(
     model: &mut dyn DeviceModel,
     v: usize,
     batch: &mut Vec<Ioreq>,
+    seen: &mut u64,
 ) -> Result<bool, ClientError> {
     let Some(slot) = sp.pages.slot(v) else {
         return Ok(false);
@@ -536,12 +622,11 @@ fn serve_slot(
     let Some(t) = slot.take() else {
         return Ok(false);
     };
-    // Notices sent before the request (a position moved) are queued by now; so are buffered
-    // writes made before it. Both are handled first.
-    match conn.pump() {
-        Ok(()) | Err(ClientError::Disconnected { .. }) => {}
-        Err(e) => return Err(e),
-    }
+    // Notices sent before the request (a position moved) are queued by now, and counted in
+    // the notification page (bumped before the request was posted, which `take` acquired);
+    // so are buffered writes made before it. Both are handled first. The end of the
+    // connection is seen by the loop; this request is still answered.
+    let _ended = pump_if_noticed(conn, sp.pages.notify(), seen)?;
     drain_ring(conn, id, sp, model, batch);
     let data = match t.req {
         Ok(req) => match req.ty {
@@ -572,6 +657,10 @@ fn serve_slot(
             "slot changed under us; answer dropped"
         );
     }
-    sp.resp_bell.ring()?;
+    // `mux_is_polling` fences after the answer's store: the multiplexer either sees the
+    // answer when it looks before sleeping, or has cleared its flag and is rung here.
+    if !sp.pages.notify().mux_is_polling(v) {
+        sp.resp_bell.ring()?;
+    }
     Ok(true)
 }

@@ -8,6 +8,8 @@
 //!   mirroring the DMOPs a Xen device model uses;
 //! - [`slots`] and [`shm`]: the request path, one sealed memfd per server holding Xen's
 //!   buffered page and shared ioreq page, with eventfds for notification;
+//! - [`notify`]: the third page of that memfd, which says when an eventfd need not be rung
+//!   and when the control socket has a notice to read;
 //! - [`remote`]: the multiplexer's proxy, a [`crate::DeviceModel`];
 //! - [`server`]: the multiplexer's listener, generic over a [`server::Host`] (the engine);
 //! - [`client`]: the device-model side.
@@ -15,6 +17,7 @@
 //! `docs/dm-protocol.md` is the specification.
 
 pub mod client;
+pub mod notify;
 pub mod remote;
 pub mod server;
 pub mod shm;

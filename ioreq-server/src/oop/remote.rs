@@ -1,7 +1,9 @@
 //! The multiplexer's stand-in for an out-of-process device model: [`RemoteModel`] is a
 //! [`DeviceModel`] whose `handle` writes the vCPU's slot in the shared page, rings the
-//! vCPU's eventfd and waits for IORESP_READY: spinning for a short while, then blocking on
-//! the response eventfd, never past the deadline.
+//! vCPU's eventfd (unless the device model says it is polling) and waits for IORESP_READY:
+//! spinning for a short while (saying so, so the device model need not ring back), then
+//! blocking on the response eventfd, never past the deadline. The rules that make skipping
+//! an eventfd safe are in [`super::notify`].
 //!
 //! DMOPs the device model sends while a request is in flight (a BAR was programmed, say)
 //! reach the connection thread, which hands them here: they are applied with the `ctl` of
@@ -9,7 +11,7 @@
 
 use super::shm::SharedPages;
 use super::slots::Collect;
-use super::sys::{Doorbell, SeqPacket, wait_readable};
+use super::sys::{Doorbell, SeqPacket, Trigger, Waiter};
 use super::wire::{self, Code, Message, Notice};
 use crate::bufioreq::BufioreqMode;
 use crate::ioreq::{Dir, Ioreq, IoreqType};
@@ -55,6 +57,10 @@ pub struct RemoteCounters {
     pub spun: AtomicU64,
     /// ... answered after blocking on the eventfd.
     pub blocked: AtomicU64,
+    /// Request and buffered-ring eventfds rung for the device model.
+    pub bells_rung: AtomicU64,
+    /// ... and not rung because the device model said it was polling.
+    pub bells_skipped: AtomicU64,
     /// Writes put on the buffered ring.
     pub buffered: AtomicU64,
     /// DMOPs applied while a request was in flight.
@@ -69,6 +75,8 @@ pub struct RemoteStats {
     pub requests: u64,
     pub spun: u64,
     pub blocked: u64,
+    pub bells_rung: u64,
+    pub bells_skipped: u64,
     pub buffered: u64,
     pub dmops_in_request: u64,
     pub refused: u64,
@@ -136,14 +144,29 @@ pub(crate) struct Shared {
     pub inbox: Mutex<Inbox>,
     /// Connection thread -> RemoteModel: DMOPs queued, or the connection died.
     pub wake: Doorbell,
+    /// What a blocked `handle` sleeps on: the response eventfd and `wake`, both
+    /// edge-triggered (never read back: `handle` looks at the slot and the flags after every
+    /// wake-up, whichever rang).
+    pub waiter: Waiter,
     pub sock: Arc<SeqPacket>,
+    /// The server's memory (its notification page counts the notices sent on `sock`).
+    pub res: Arc<Resources>,
     pub counters: RemoteCounters,
 }
 
 pub(crate) const NO_ID: u32 = u32::MAX;
 
+/// Spin loops read the clock once per this many polls of shared memory: a clock read
+/// (`clock_gettime` through the vDSO) takes longer than a poll, and while a loop reads the
+/// clock it does not see the other side's write.
+pub(crate) const CLOCK_EVERY: u32 = 16;
+
 impl Shared {
-    pub fn new(name: &str, sock: Arc<SeqPacket>) -> io::Result<Self> {
+    pub fn new(name: &str, sock: Arc<SeqPacket>, res: Arc<Resources>) -> io::Result<Self> {
+        let wake = Doorbell::new()?;
+        let waiter = Waiter::new()?;
+        waiter.add(res.resp_bell.as_fd(), 0, Trigger::Edge)?;
+        waiter.add(wake.as_fd(), 1, Trigger::Edge)?;
         Ok(Shared {
             name: name.to_string(),
             id: AtomicU32::new(NO_ID),
@@ -152,8 +175,10 @@ impl Shared {
             has_ops: AtomicBool::new(false),
             positions_gen: AtomicU64::new(0),
             inbox: Mutex::new(Inbox::default()),
-            wake: Doorbell::new()?,
+            wake,
+            waiter,
             sock,
+            res,
             counters: RemoteCounters::default(),
         })
     }
@@ -173,6 +198,21 @@ impl Shared {
         first
     }
 
+    /// Sends a notice without blocking, then tells the device model through the notification
+    /// page that there is something on its socket.
+    pub fn send_notice(&self, n: Notice) -> io::Result<()> {
+        let b = wire::encode(&Message::Notice(n)).map_err(io::Error::other)?;
+        self.sock.send_now(&b)?;
+        self.res.pages.notify().notice_sent();
+        Ok(())
+    }
+
+    /// Tells a device model that only looks at its socket when the notification page says so
+    /// that the connection is closing (after its shutdown, so the model then reads the end).
+    pub fn closed(&self) {
+        self.res.pages.notify().notice_sent();
+    }
+
     /// The fault path: tell the device model why (best effort, never blocking), then cut the
     /// connection; the connection thread sees it end and releases the claims.
     pub fn fault(&self, code: Code, why: &str) {
@@ -180,14 +220,12 @@ impl Shared {
             return;
         }
         error!(server = %self.name, code = %code, "{why}: dropping the device model");
-        let msg = Message::Notice(Notice::Goodbye {
+        let _ = self.send_notice(Notice::Goodbye {
             code,
             message: truncate(why),
         });
-        if let Ok(b) = wire::encode(&msg) {
-            let _ = self.sock.send_now(&b);
-        }
         self.sock.shutdown();
+        self.closed();
     }
 
     pub fn stats(&self) -> RemoteStats {
@@ -197,6 +235,8 @@ impl Shared {
             requests: l(&c.requests),
             spun: l(&c.spun),
             blocked: l(&c.blocked),
+            bells_rung: l(&c.bells_rung),
+            bells_skipped: l(&c.bells_skipped),
             buffered: l(&c.buffered),
             dmops_in_request: l(&c.dmops_in_request),
             refused: l(&c.refused),
@@ -314,14 +354,11 @@ impl RemoteModel {
             if now == *last {
                 continue;
             }
-            let msg = Message::Notice(Notice::PositionMoved {
+            let sent = self.shared.send_notice(Notice::PositionMoved {
                 id,
                 position: p.clone(),
                 sbdf: now,
             });
-            let sent = wire::encode(&msg)
-                .map_err(io::Error::other)
-                .and_then(|b| self.shared.sock.send_now(&b));
             if let Err(e) = sent {
                 let why = format!("cannot send a position notice: {e}");
                 self.shared.fault(Code::EPROTO, &why);
@@ -374,8 +411,22 @@ impl RemoteModel {
             .counters
             .buffered
             .fetch_add(1, Ordering::Relaxed);
-        let _ = self.res.buf_bell.ring();
+        let _ = self.ring_dm(&self.res.buf_bell);
         true
+    }
+
+    /// Rings one of the device model's eventfds after publishing work for it (a slot posted,
+    /// a write queued), unless it says it is polling: `dm_is_polling` fences first, so the
+    /// model either sees the work when it looks before sleeping or finds the eventfd rung
+    /// (the argument is in [`super::notify`]).
+    fn ring_dm(&self, bell: &Doorbell) -> io::Result<()> {
+        let c = &self.shared.counters;
+        if self.res.pages.notify().dm_is_polling() {
+            c.bells_skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        c.bells_rung.fetch_add(1, Ordering::Relaxed);
+        bell.ring()
     }
 
     /// Posts `req` in slot `vcpu` and waits for the answer.
@@ -408,7 +459,7 @@ impl RemoteModel {
             .counters
             .requests
             .fetch_add(1, Ordering::Relaxed);
-        let r = match bell.ring() {
+        let r = match self.ring_dm(bell) {
             Ok(()) => self.wait(vcpu, seq, ctl.as_deref_mut()),
             Err(e) => {
                 self.shared.fault(
@@ -460,8 +511,14 @@ impl RemoteModel {
                 }
             }
         };
-        // Spin: the answer often comes within microseconds, sooner than a wakeup.
+        let notify = self.res.pages.notify();
+        // Spin: the answer often comes within microseconds, sooner than a wakeup. Saying so
+        // spares the device model the response eventfd; the flag may stay set after the
+        // answer (the next wait sets it again anyway), since this side looks at the slot
+        // before it ever sleeps.
         if !self.opts.spin.is_zero() {
+            notify.set_mux_polling(vcpu as usize);
+            let mut polls = 0u32;
             loop {
                 if let Some(r) = check(self) {
                     if r.is_ok() {
@@ -475,11 +532,16 @@ impl RemoteModel {
                 if self.shared.has_ops.load(Ordering::Acquire) {
                     self.apply_ops(ctl.as_deref_mut());
                 }
-                if start.elapsed() >= self.opts.spin {
+                // The clock only every few polls: reading it takes longer than a poll.
+                polls = polls.wrapping_add(1);
+                if polls % CLOCK_EVERY == 0 && start.elapsed() >= self.opts.spin {
                     break;
                 }
                 std::hint::spin_loop();
             }
+            // Before sleeping: clear the flag and fence; the loop below looks at the slot
+            // once more before its first sleep (see `super::notify`).
+            notify.clear_mux_polling(vcpu as usize);
         }
         // Block on the response eventfd (and the wake-up from the connection thread).
         loop {
@@ -505,12 +567,11 @@ impl RemoteModel {
                 });
             }
             let left = self.opts.deadline - elapsed;
-            let fds = [self.res.resp_bell.as_fd(), self.shared.wake.as_fd()];
-            if let Err(e) = wait_readable(&fds, Some(left)) {
-                warn!(server = %self.name, error = %e, "poll failed; retrying");
+            // One system call: the eventfds are edge-triggered in an epoll set, so neither is
+            // read back (a level-triggered eventfd would cost a read per wake-up).
+            if let Err(e) = self.shared.waiter.wait(Some(left), |_, _| {}) {
+                warn!(server = %self.name, error = %e, "epoll_wait failed; retrying");
             }
-            let _ = self.res.resp_bell.clear();
-            let _ = self.shared.wake.clear();
             if self.shared.has_ops.load(Ordering::Acquire) {
                 self.apply_ops(ctl.as_deref_mut());
             }
@@ -560,7 +621,7 @@ impl DeviceModel for RemoteModel {
                 if self.bufioreq != BufioreqMode::Off
                     && self.res.pages.buffered().push(req, self.bufioreq).is_ok()
                 {
-                    let _ = self.res.buf_bell.ring();
+                    let _ = self.ring_dm(&self.res.buf_bell);
                 }
                 Ok(())
             }

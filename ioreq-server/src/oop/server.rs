@@ -243,6 +243,11 @@ impl DmListener {
                 s.kill();
             }
             r.sock.shutdown();
+            // A device model that polls its slots reads its socket only when the notification
+            // page says so: the goodbye and the end of the connection are there now.
+            if let Some(s) = &r.shared {
+                s.closed();
+            }
         }
         for c in conns {
             if c.join().is_err() {
@@ -396,6 +401,7 @@ impl Conn {
             }
             let bytes = &buf[..r.len.min(buf.len())];
             let (op, tag) = wire::peek(bytes).unwrap_or((0, 0));
+            let version = wire::peek_version(bytes).unwrap_or(wire::VERSION);
             let result = if r.truncated {
                 Err(DmopError::new(
                     Code::EMSGSIZE,
@@ -431,7 +437,7 @@ impl Conn {
                     message: super::remote::truncate(&e.message),
                 })
             });
-            if let Err(e) = self.send(tag, &answer) {
+            if let Err(e) = self.send(tag, &answer, version) {
                 break format!("send failed: {e}");
             }
         };
@@ -445,11 +451,18 @@ impl Conn {
         );
     }
 
-    fn send(&self, tag: u32, a: &Answer) -> io::Result<()> {
-        let bytes = wire::encode(&Message::Reply {
-            tag,
-            reply: a.reply.clone(),
-        })
+    /// Sends the answer to a packet that came in protocol version `version`: an ERROR to a
+    /// peer of another version is framed so that it can read it ([`wire::encode_refusal`]).
+    fn send(&self, tag: u32, a: &Answer, version: u16) -> io::Result<()> {
+        let bytes = match &a.reply {
+            Reply::Error { op, code, message } if version != wire::VERSION => {
+                wire::encode_refusal(tag, *op, version, *code, message)
+            }
+            reply => wire::encode(&Message::Reply {
+                tag,
+                reply: reply.clone(),
+            }),
+        }
         .map_err(io::Error::other)?;
         match (&self.server, a.fds) {
             (Some(s), true) => {
@@ -497,6 +510,7 @@ impl Conn {
                     shm_size: super::shm::SHM_SIZE as u32,
                     buf_offset: super::shm::BUF_OFFSET as u32,
                     ioreq_offset: super::shm::IOREQ_OFFSET as u32,
+                    notify_offset: super::shm::NOTIFY_OFFSET as u32,
                 }),
                 fds: true,
             }),
@@ -573,7 +587,7 @@ impl Conn {
         }
         let io = |e: io::Error| DmopError::new(Code::EIO, format!("cannot set up the server: {e}"));
         let res = Arc::new(Resources::new(name, nr).map_err(io)?);
-        let shared = Arc::new(Shared::new(name, self.sock.clone()).map_err(io)?);
+        let shared = Arc::new(Shared::new(name, self.sock.clone(), res.clone()).map_err(io)?);
         let model = RemoteModel::new(
             shared.clone(),
             res.clone(),

@@ -12,13 +12,14 @@
 //! - the memfd is sealed (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) before the device
 //!   model ever sees it, so nobody can shrink it under the mapping (no SIGBUS); a device
 //!   model checks the seals and the size before it maps;
-//! - the mapping is only ever reached through atomics ([`SlotWords`], [`BufferedIoPage`]),
-//!   every bit pattern of which is a valid value, so whatever the other process writes is
+//! - the mapping is only ever reached through atomics ([`SlotWords`], [`BufferedIoPage`],
+//!   [`NotifyPage`]), every bit pattern of which is a valid value, so whatever the other process writes is
 //!   at worst a protocol violation, never undefined behaviour here;
 //! - the mapping lives exactly as long as [`SharedPages`], and every reference into it
 //!   borrows the `SharedPages`.
 #![allow(unsafe_code)]
 
+use super::notify::NotifyPage;
 use super::slots::SlotWords;
 use crate::abi;
 use crate::bufioreq::BufferedIoPage;
@@ -31,12 +32,14 @@ use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
-/// Size of the shared memory: the buffered page, then the ioreq page.
-pub const SHM_SIZE: usize = 8192;
+/// Size of the shared memory: the buffered page, the ioreq page, the notification page.
+pub const SHM_SIZE: usize = 12288;
 /// Offset of the buffered page (Xen's resource frame 0).
 pub const BUF_OFFSET: usize = 0;
 /// Offset of the ioreq page (Xen's resource frame 1).
 pub const IOREQ_OFFSET: usize = 4096;
+/// Offset of the notification page (protocol version 2; no Xen counterpart).
+pub const NOTIFY_OFFSET: usize = 8192;
 /// The seals the multiplexer puts on the memfd.
 pub const SEALS: SealFlag = SealFlag::F_SEAL_SHRINK
     .union(SealFlag::F_SEAL_GROW)
@@ -46,7 +49,7 @@ fn errno(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-/// The two pages of one ioreq server, mapped shared.
+/// The three pages of one ioreq server, mapped shared.
 #[derive(Debug)]
 pub struct SharedPages {
     base: NonNull<c_void>,
@@ -61,7 +64,8 @@ unsafe impl Send for SharedPages {}
 unsafe impl Sync for SharedPages {}
 
 impl SharedPages {
-    /// Multiplexer side: a new sealed memfd, zeroed (every slot NONE, empty ring), mapped.
+    /// Multiplexer side: a new sealed memfd, zeroed (every slot NONE, empty ring, no flag
+    /// set), mapped.
     pub fn create(name: &str) -> io::Result<Self> {
         let cname = std::ffi::CString::new(format!("ioreq-mux:{name}"))
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in server name"))?;
@@ -157,6 +161,27 @@ impl SharedPages {
     }
 }
 
+impl SharedPages {
+    /// The notification page (page 2).
+    pub fn notify(&self) -> &NotifyPage {
+        const _: () = assert!(std::mem::size_of::<NotifyPage>() <= SHM_SIZE - NOTIFY_OFFSET);
+        const _: () = assert!(std::mem::align_of::<NotifyPage>() <= 4096);
+        const _: () = assert!(NOTIFY_OFFSET % 4096 == 0);
+        // SAFETY: page-aligned (mmap base + a multiple of 4096, the asserts above) and in
+        // bounds; NotifyPage is repr(C) and made only of AtomicU64, for which every bit pattern
+        // is valid and all access is through shared references; the reference borrows `self`,
+        // which keeps the mapping alive.
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .cast::<u8>()
+                .add(NOTIFY_OFFSET)
+                .cast::<NotifyPage>()
+        }
+    }
+}
+
 impl Drop for SharedPages {
     fn drop(&mut self) {
         // SAFETY: `base` is the mapping made in `map` with this length; no reference into it
@@ -200,6 +225,10 @@ mod tests {
             super::super::slots::Collect::Done(0x1234)
         );
         assert!(a.slot(128).is_none());
+        a.notify().set_dm_polling();
+        a.notify().notice_sent();
+        assert!(b.notify().dm_is_polling());
+        assert_eq!(b.notify().notices(), 1);
         let w = Ioreq::new(crate::IoreqType::Copy, Dir::Write, 0xa0000, 4, 5);
         a.buffered()
             .push(&w, crate::bufioreq::BufioreqMode::Atomic)

@@ -5,6 +5,7 @@ use super::shm::adopt;
 use super::wire::MAX_MESSAGE;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
     AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, Shutdown, SockFlag,
@@ -305,6 +306,80 @@ pub struct Ready {
     pub hangup: bool,
 }
 
+fn poll_timeout(timeout: Option<Duration>) -> PollTimeout {
+    match timeout {
+        None => PollTimeout::NONE,
+        // Round up so a short positive wait does not become a busy 0 ms poll.
+        Some(d) => {
+            let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128);
+            PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
+        }
+    }
+}
+
+/// How a descriptor in a [`Waiter`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Whenever it is readable (a socket: reported until everything queued is read).
+    Level,
+    /// Once per change: for an eventfd, once per ring, without reading the eventfd. Its
+    /// count is then never read back and only grows; a write would fail only at 2^64 - 2
+    /// (centuries of rings), which [`Doorbell::ring`] treats as rung.
+    Edge,
+}
+
+/// A set of descriptors registered once and waited on with one `epoll_wait`: unlike `poll`,
+/// which registers with every descriptor and checks each one again at every call, and unlike
+/// a level-triggered eventfd, which must be read (a second system call) before the next wait.
+#[derive(Debug)]
+pub struct Waiter {
+    ep: Epoll,
+}
+
+impl Waiter {
+    pub fn new() -> io::Result<Self> {
+        Ok(Waiter {
+            ep: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(errno)?,
+        })
+    }
+
+    /// Adds `fd`, reported with `token`. The descriptor must stay open while it is in the set
+    /// (the kernel drops it from the set when its last copy closes).
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64, trigger: Trigger) -> io::Result<()> {
+        let mut flags = EpollFlags::EPOLLIN;
+        if trigger == Trigger::Edge {
+            flags |= EpollFlags::EPOLLET;
+        }
+        self.ep
+            .add(fd, EpollEvent::new(flags, token))
+            .map_err(errno)
+    }
+
+    /// Waits until a descriptor in the set reports or `timeout` passes (`None`: forever), and
+    /// calls `f` with the token and state of each one that did (none on timeout or signal).
+    pub fn wait(&self, timeout: Option<Duration>, mut f: impl FnMut(u64, Ready)) -> io::Result<()> {
+        let mut events = [EpollEvent::empty(); 16];
+        let n = match self.ep.wait(&mut events, poll_timeout(timeout)) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(e) => return Err(errno(e)),
+        };
+        for e in events.iter().take(n) {
+            let fl = e.events();
+            f(
+                e.data(),
+                Ready {
+                    readable: fl.contains(EpollFlags::EPOLLIN),
+                    hangup: fl.intersects(
+                        EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR | EpollFlags::EPOLLRDHUP,
+                    ),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Waits until one of `fds` is readable or hung up, or `timeout` passes (`None`: forever).
 /// Returns one entry per descriptor; all false on timeout.
 pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<Ready>> {
@@ -312,15 +387,7 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::R
         .iter()
         .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
         .collect();
-    let t = match timeout {
-        None => PollTimeout::NONE,
-        // Round up so a short positive wait does not become a busy 0 ms poll.
-        Some(d) => {
-            let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128);
-            PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
-        }
-    };
-    match poll(&mut pfds, t) {
+    match poll(&mut pfds, poll_timeout(timeout)) {
         Ok(_) => {}
         Err(Errno::EINTR) => return Ok(vec![Ready::default(); fds.len()]),
         Err(e) => return Err(errno(e)),
@@ -387,6 +454,46 @@ mod tests {
         let r = wait_readable(&[bell.as_fd(), b.as_fd()], None).unwrap();
         assert!(r[0].readable);
         assert!(r[1].hangup);
+    }
+
+    #[test]
+    fn waiter_reports_each_ring_once_and_a_socket_until_read() {
+        let bell = Doorbell::new().unwrap();
+        let (a, b) = SeqPacket::pair().unwrap();
+        let w = Waiter::new().unwrap();
+        w.add(bell.as_fd(), 7, Trigger::Edge).unwrap();
+        w.add(b.as_fd(), 9, Trigger::Level).unwrap();
+        let got = |w: &Waiter| {
+            let mut v = vec![];
+            w.wait(Some(Duration::from_millis(1)), |t, r| v.push((t, r)))
+                .unwrap();
+            v.sort_by_key(|(t, _)| *t);
+            v
+        };
+        assert!(got(&w).is_empty());
+        bell.ring().unwrap();
+        let ready = Ready {
+            readable: true,
+            hangup: false,
+        };
+        assert_eq!(got(&w), vec![(7, ready)]);
+        assert!(
+            got(&w).is_empty(),
+            "an edge: reported once, the count left alone"
+        );
+        bell.ring().unwrap();
+        assert_eq!(got(&w), vec![(7, ready)], "each ring is a new edge");
+        assert_eq!(bell.clear().unwrap(), 2);
+        a.send(b"x", &[]).unwrap();
+        assert_eq!(got(&w), vec![(9, ready)]);
+        assert_eq!(got(&w), vec![(9, ready)], "a level: until read");
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        b.recv(&mut buf, false).unwrap();
+        assert!(got(&w).is_empty());
+        drop(a);
+        let v = got(&w);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].1.hangup);
     }
 
     #[test]

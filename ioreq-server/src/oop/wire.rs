@@ -9,7 +9,7 @@
 //! | offset | width | field                                                     |
 //! |--------|-------|-----------------------------------------------------------|
 //! | 0      | 4     | magic `"IOMX"`                                            |
-//! | 4      | 2     | version (1)                                               |
+//! | 4      | 2     | version (2)                                               |
 //! | 6      | 2     | op                                                        |
 //! | 8      | 4     | tag: chosen by the sender of a request, echoed in its reply; 0 in notices |
 //! | 12     | 4     | body length (= packet length - 16)                        |
@@ -21,8 +21,14 @@ use thiserror::Error;
 
 /// Bytes 0..4 of every message.
 pub const MAGIC: [u8; 4] = *b"IOMX";
-/// The protocol version this code speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this code speaks. Version 2 added the notification page (a third
+/// page of shared memory, [`super::notify`]) and `notify_offset` in the
+/// GET_IOREQ_SERVER_INFO reply; every other message is laid out as in version 1.
+pub const VERSION: u16 = 2;
+/// The oldest version whose ERROR reply is laid out as this version's: a packet of a version
+/// from here up to [`VERSION`] is refused with an ERROR framed in the peer's own version,
+/// which that peer can decode ([`encode_refusal`]).
+pub const OLDEST_KNOWN_VERSION: u16 = 1;
 /// Size of the message header.
 pub const HEADER_SIZE: usize = 16;
 /// Largest message either side sends or accepts, header included.
@@ -255,12 +261,14 @@ pub struct Info {
     pub id: u16,
     pub bufioreq: BufioreqMode,
     pub nr_vcpus: u32,
-    /// Size of the shared memory (8192).
+    /// Size of the shared memory (12288).
     pub shm_size: u32,
     /// Offset of the buffered page (0; Xen's resource frame 0).
     pub buf_offset: u32,
     /// Offset of the ioreq page (4096; Xen's resource frame 1).
     pub ioreq_offset: u32,
+    /// Offset of the notification page (8192; version 2).
+    pub notify_offset: u32,
 }
 
 /// The multiplexer's answer to a request (same tag).
@@ -545,7 +553,13 @@ fn encode_reply(r: &Reply) -> Result<(u16, Vec<u8>), WireError> {
             b.extend_from_slice(&i.id.to_le_bytes());
             b.push(bufioreq_code(i.bufioreq));
             b.push(0);
-            for v in [i.nr_vcpus, i.shm_size, i.buf_offset, i.ioreq_offset] {
+            for v in [
+                i.nr_vcpus,
+                i.shm_size,
+                i.buf_offset,
+                i.ioreq_offset,
+                i.notify_offset,
+            ] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
             op::GET_IOREQ_SERVER_INFO | op::REPLY
@@ -596,6 +610,39 @@ fn encode_notice(n: &Notice) -> Result<(u16, Vec<u8>), WireError> {
         }
     };
     Ok((o, b))
+}
+
+/// The ERROR reply refusing a packet (tag `tag`, op `op`) that came in protocol version
+/// `version`: framed in that version when it is one whose ERROR layout this side knows
+/// ([`OLDEST_KNOWN_VERSION`] to [`VERSION`]), so an older peer can read why it was refused;
+/// in [`VERSION`] otherwise.
+pub fn encode_refusal(
+    tag: u32,
+    op: u16,
+    version: u16,
+    code: Code,
+    message: &str,
+) -> Result<Vec<u8>, WireError> {
+    let mut b = encode(&Message::Reply {
+        tag,
+        reply: Reply::Error {
+            op,
+            code,
+            message: message.to_string(),
+        },
+    })?;
+    if (OLDEST_KNOWN_VERSION..=VERSION).contains(&version) {
+        b[4..6].copy_from_slice(&version.to_le_bytes());
+    }
+    Ok(b)
+}
+
+/// The version field of a packet (`None` if shorter than a header or without the magic).
+pub fn peek_version(buf: &[u8]) -> Option<u16> {
+    if buf.len() < HEADER_SIZE || buf[0..4] != MAGIC {
+        return None;
+    }
+    Some(le16(&buf[4..6]))
 }
 
 /// Decodes one packet.
@@ -823,7 +870,7 @@ impl Body<'_> {
                 }
             }
             op::GET_IOREQ_SERVER_INFO => {
-                self.size(20)?;
+                self.size(24)?;
                 self.zero(3..4)?;
                 Reply::Info(Info {
                     id: self.u16_at(0),
@@ -832,6 +879,7 @@ impl Body<'_> {
                     shm_size: self.u32_at(8),
                     buf_offset: self.u32_at(12),
                     ioreq_offset: self.u32_at(16),
+                    notify_offset: self.u32_at(20),
                 })
             }
             o => {
@@ -966,9 +1014,10 @@ mod tests {
                 id: 4,
                 bufioreq: BufioreqMode::Legacy,
                 nr_vcpus: 2,
-                shm_size: 8192,
+                shm_size: 12288,
                 buf_offset: 0,
                 ioreq_offset: 4096,
+                notify_offset: 8192,
             }),
             Reply::Done {
                 op: op::SET_IOREQ_SERVER_STATE,
@@ -1033,7 +1082,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(&b[0..4], b"IOMX");
-        assert_eq!(&b[4..6], &[1, 0]);
+        assert_eq!(&b[4..6], &[2, 0]);
         assert_eq!(&b[6..8], &[3, 0]);
         assert_eq!(&b[8..12], &[0x0d, 0x0c, 0x0b, 0x0a]);
         assert_eq!(&b[12..16], &[24, 0, 0, 0]);
@@ -1068,6 +1117,63 @@ mod tests {
         .unwrap();
         assert_eq!(&b[6..8], &[6, 0x80]);
         assert_eq!(b.len(), HEADER_SIZE);
+        let b = encode(&Message::Reply {
+            tag: 2,
+            reply: Reply::Info(Info {
+                id: 1,
+                bufioreq: BufioreqMode::Atomic,
+                nr_vcpus: 2,
+                shm_size: 12288,
+                buf_offset: 0,
+                ioreq_offset: 4096,
+                notify_offset: 8192,
+            }),
+        })
+        .unwrap();
+        assert_eq!(
+            &b[12..],
+            &[
+                24, 0, 0, 0, 1, 0, 2, 0, 2, 0, 0, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0,
+                0x20, 0, 0
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_framed_in_a_version_the_peer_reads() {
+        // A version-1 peer gets its refusal in version 1: same ERROR layout, its own header.
+        let b =
+            encode_refusal(7, op::CREATE_IOREQ_SERVER, 1, Code::EPROTONOSUPPORT, "old").unwrap();
+        assert_eq!(peek_version(&b), Some(1));
+        assert_eq!(&b[6..8], &[0xff, 0xff]);
+        assert_eq!(&b[16..20], &93u32.to_le_bytes());
+        assert_eq!(
+            decode(&b),
+            Err(WireError::Version(1)),
+            "this side reads only 2"
+        );
+        let mut as_v2 = b.clone();
+        as_v2[4] = 2;
+        assert_eq!(
+            decode(&as_v2),
+            Ok(Message::Reply {
+                tag: 7,
+                reply: Reply::Error {
+                    op: op::CREATE_IOREQ_SERVER,
+                    code: Code::EPROTONOSUPPORT,
+                    message: "old".into()
+                }
+            })
+        );
+        // A version this side does not know gets one in its own.
+        let b = encode_refusal(7, 1, 9, Code::EPROTONOSUPPORT, "new").unwrap();
+        assert_eq!(peek_version(&b), Some(VERSION));
+        assert!(decode(&b).is_ok());
+        assert_eq!(peek_version(&b[..15]), None);
+        assert_eq!(
+            peek_version(b"XOMX\x02\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00"),
+            None
+        );
     }
 
     fn header(o: u16, tag: u32, body: &[u8]) -> Vec<u8> {
@@ -1094,7 +1200,7 @@ mod tests {
         let mut bad_magic = good.clone();
         bad_magic[0] = b'X';
         let mut bad_version = good.clone();
-        bad_version[4] = 2;
+        bad_version[4] = 1;
         let mut bad_len = good.clone();
         bad_len[12] = 5;
         let cases: Vec<(Vec<u8>, WireError, Code)> = vec![
@@ -1106,7 +1212,7 @@ mod tests {
                 Code::EMSGSIZE,
             ),
             (bad_magic, WireError::Magic(*b"XOMX"), Code::EPROTO),
-            (bad_version, WireError::Version(2), Code::EPROTONOSUPPORT),
+            (bad_version, WireError::Version(1), Code::EPROTONOSUPPORT),
             (
                 bad_len,
                 WireError::Length {
@@ -1350,11 +1456,21 @@ mod tests {
             ),
             (
                 header(GET_IOREQ_SERVER_INFO | REPLY, 1, &{
-                    let mut b = vec![0u8; 20];
+                    let mut b = vec![0u8; 24];
                     b[2] = 9;
                     b
                 }),
                 WireError::Bufioreq(9),
+                Code::EINVAL,
+            ),
+            (
+                // Version 1's reply, without notify_offset.
+                header(GET_IOREQ_SERVER_INFO | REPLY, 1, &[0u8; 20]),
+                WireError::BodySize {
+                    op: 0x8002,
+                    expected: 24,
+                    got: 20,
+                },
                 Code::EINVAL,
             ),
             (
