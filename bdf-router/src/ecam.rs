@@ -29,12 +29,35 @@ pub const ECAM_BUS_SIZE: u64 = 1 << ECAM_BUS_SHIFT;
 ///
 /// (`base` here is the address of `start_bus`; ACPI's MCFG gives the address bus 0 would
 /// have, which is `base - start_bus * 1 MiB`.)
+///
+/// Deserializing checks the window as [`EcamWindow::new`] does (a configuration file's window
+/// is refused with the reason, not installed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "WindowFields")]
 pub struct EcamWindow {
     pub segment: u16,
     pub base: u64,
     pub start_bus: u8,
     pub end_bus: u8,
+}
+
+/// The fields of a window as written, before they are checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowFields {
+    #[serde(default)]
+    segment: u16,
+    base: u64,
+    #[serde(default)]
+    start_bus: u8,
+    end_bus: u8,
+}
+
+impl TryFrom<WindowFields> for EcamWindow {
+    type Error = WindowError;
+    fn try_from(f: WindowFields) -> Result<Self, WindowError> {
+        EcamWindow::new(f.segment, f.base, f.start_bus, f.end_bus)
+    }
 }
 
 /// A window that cannot exist.

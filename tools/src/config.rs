@@ -5,6 +5,11 @@
 //! [engine.intercepts]
 //! low_ram_top = 0x80000000          # for a model without TOLUD
 //!
+//! [[engine.ecam]]                   # a window the toolstack sets up (any segment)
+//! segment = 1
+//! base = 0xe0000000
+//! end_bus = 0x3f
+//!
 //! [[server]]
 //! name = "qemu"
 //! kind = "trace"                    # replay: answers with the recorded values

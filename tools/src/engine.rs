@@ -24,6 +24,8 @@ use tracing::{debug, info, trace, warn};
 pub const MUX: ServerIdx = 0;
 /// Name the multiplexer has in claims and errors.
 pub const MUX_NAME: &str = "ioreq-mux";
+/// How a refusal by the hypervisor (not the router) starts in the layout history.
+const HYPERVISOR_REFUSED: &str = "hypervisor: ";
 
 /// What the engine claims from the hypervisor for PCI configuration space.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -48,6 +50,10 @@ pub struct EngineConfig {
     /// Skip detection and use this chipset.
     pub chipset: Option<Chipset>,
     pub pci_claims: PciClaims,
+    /// ECAM windows the toolstack sets up (any segment, as an MCFG table would list them),
+    /// installed before any model attaches and never moved by the guest. The Q35 PCIEXBAR
+    /// window comes on top of these, from the guest's own writes.
+    pub ecam: Vec<EcamWindow>,
 }
 
 /// The engine could not start.
@@ -61,6 +67,14 @@ pub enum EngineError {
     },
     #[error("hypervisor: {0}")]
     Backend(#[from] BackendError),
+    /// A configured window overlaps another (`hypervisor` false: a configuration error) or
+    /// the hypervisor refused it.
+    #[error("ECAM window {window}: {why}")]
+    Window {
+        window: String,
+        why: String,
+        hypervisor: bool,
+    },
 }
 
 /// Counters the engine keeps.
@@ -345,6 +359,9 @@ impl<B: Backend> Engine<B> {
             first_call: None,
         };
         ensure_segment(&mut e.backend, &mut e.mapped, 0)?;
+        for w in &cfg.ecam {
+            e.add_static_window(*w)?;
+        }
         for m in models {
             e.add_model(m)?;
         }
@@ -362,6 +379,29 @@ impl<B: Backend> Engine<B> {
         e.intercepts = chipset_intercept::build(e.chipset, &cfg.intercepts);
         e.seed_intercepts();
         Ok(e)
+    }
+
+    /// Installs a window of the toolstack's (see [`EngineConfig::ecam`]); a window the router
+    /// or the hypervisor refuses (it overlaps another) stops the engine from starting.
+    fn add_static_window(&mut self, w: EcamWindow) -> Result<(), EngineError> {
+        let ev = LayoutEvent::Ecam {
+            old: None,
+            new: Some(w),
+        };
+        info!(event = %ev, "ECAM window from the configuration");
+        self.history.push(ev);
+        if self.apply_ecam(None, Some(w)) {
+            return Ok(());
+        }
+        let why = match self.history.last() {
+            Some(LayoutEvent::Refused { why, .. }) => why.clone(),
+            _ => "refused".into(),
+        };
+        Err(EngineError::Window {
+            window: w.to_string(),
+            hypervisor: why.starts_with(HYPERVISOR_REFUSED),
+            why,
+        })
     }
 
     /// Adds a device model; it makes its claims now.
@@ -982,7 +1022,7 @@ impl<B: Backend> Engine<B> {
             self.history.push(LayoutEvent::Refused {
                 register: "ECAM window",
                 value: n.base,
-                why: format!("hypervisor: {e}"),
+                why: format!("{HYPERVISOR_REFUSED}{e}"),
             });
             return false;
         }

@@ -334,8 +334,11 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
                     source: ClaimError::Backend { .. },
                     ..
                 }
-                | EngineError::Backend(_) => exit::FAILURE,
-                EngineError::Attach { .. } => exit::USAGE,
+                | EngineError::Backend(_)
+                | EngineError::Window {
+                    hypervisor: true, ..
+                } => exit::FAILURE,
+                EngineError::Attach { .. } | EngineError::Window { .. } => exit::USAGE,
             };
         }
     };
