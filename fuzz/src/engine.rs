@@ -16,7 +16,11 @@
 //! - a configuration read of a function nobody owns reads all ones, and the same register
 //!   read through CF8 and through ECAM reads the same.
 //!
-//! Input: a set-up byte (topology, claim mode, platform), then operations (see `run`).
+//! - a configured window of segment 1, when there is one, stays in place and reaches none of
+//!   segment 0's functions.
+//!
+//! Input: a set-up byte (topology, claim mode, platform, a configured segment-1 window), then
+//! operations (see `run`).
 
 use crate::{Bytes, merge_ranges, size_from};
 use bdf_router::{EcamWindow, Sbdf};
@@ -132,6 +136,8 @@ struct Guest {
     functions_mode: bool,
     /// PCIEXBAR as the guest wrote it.
     pciexbar: Option<u64>,
+    /// A window of segment 1 from the configuration (`EngineConfig::ecam`), if any.
+    configured: Option<EcamWindow>,
 }
 
 /// Xen's rule for a claim: one range contains every byte (`XenRangeSet::contains`).
@@ -326,8 +332,14 @@ impl Guest {
         )
     }
 
+    /// The guest's (PCIEXBAR) window.
     fn window(&self) -> Option<EcamWindow> {
-        self.engine.router().windows().first().copied()
+        self.engine
+            .router()
+            .windows()
+            .iter()
+            .find(|w| Some(**w) != self.configured)
+            .copied()
     }
 
     fn cfg_ecam(
@@ -351,10 +363,23 @@ impl Guest {
         let pciexbar = snap.iter().find(|(n, _, _)| *n == "pciexbar").map(|x| x.2);
         assert_eq!(pciexbar, self.pciexbar, "PCIEXBAR");
         let windows = r.windows();
-        assert!(windows.len() <= 1, "one ECAM window at most: {windows:?}");
+        if let Some(c) = self.configured {
+            assert!(
+                windows.contains(&c),
+                "the configured window stays: {windows:?}"
+            );
+        }
+        let guest: Vec<&EcamWindow> = windows
+            .iter()
+            .filter(|w| Some(**w) != self.configured)
+            .collect();
+        assert!(
+            guest.len() <= 1,
+            "one guest ECAM window at most: {windows:?}"
+        );
         let want =
             pciexbar.and_then(|v| chipset_intercept::q35::pciexbar_window(v, 0).ok().flatten());
-        match (windows.first(), want) {
+        match (guest.first().copied(), want) {
             (Some(w), Some(x)) => assert_eq!(*w, x, "ECAM window vs PCIEXBAR {pciexbar:#x?}"),
             (None, None) => {}
             (Some(w), None) => {
@@ -427,6 +452,8 @@ pub fn run(data: &[u8]) {
     let setup = b.u8();
     let chipset_q35 = setup & 1 == 0;
     let functions_mode = setup & 2 != 0;
+    let configured = (setup & 0x80 != 0)
+        .then(|| EcamWindow::new(1, 0xc000_0000, 0, 0x0f).expect("a valid window"));
     let cfg = EngineConfig {
         intercepts: InterceptConfig {
             // The multiplexer owns PCIEXBAR (the default); the others in any phase.
@@ -453,8 +480,9 @@ pub fn run(data: &[u8]) {
         } else {
             PciClaims::Segments
         },
-        // Only the guest's PCIEXBAR window: the invariants below model that one.
-        ecam: vec![],
+        // Sometimes a configured window of segment 1 (16 MiB at 0xc0000000), next to the
+        // guest's PCIEXBAR window.
+        ecam: configured.into_iter().collect(),
     };
     let hv = SimHypervisor::new(2, Duration::from_secs(5));
     let backend = hv
@@ -478,6 +506,7 @@ pub fn run(data: &[u8]) {
         id,
         functions_mode,
         pciexbar: chipset_q35.then_some(PCIEXBAR_DEFAULT),
+        configured,
     };
     g.check();
     let mut ops = 0;
@@ -523,6 +552,18 @@ pub fn run(data: &[u8]) {
                 let e = g.cfg_ecam(vcpu, sbdf, reg, 4, Dir::Read, 0);
                 if let (Some(a), Some(e)) = (a, e) {
                     assert_eq!(a, e, "{sbdf} @{reg:#x} through CF8 and through ECAM");
+                }
+                // The same bus/device/function on segment 1 is nobody's: the configured
+                // window never reaches segment 0's functions.
+                let on1 = Sbdf::from_devfn(1, sbdf.bus, sbdf.devfn());
+                if let Some(a) = g.configured.and_then(|w| w.address_of(on1, reg)) {
+                    let req = Ioreq::new(IoreqType::Copy, Dir::Read, a, 4, 0);
+                    if let Some(v) = g.access(vcpu, req, false) {
+                        assert_eq!(
+                            v, 0xffff_ffff,
+                            "{on1} @{reg:#x} through the configured window"
+                        );
+                    }
                 }
             }
             // Raw port access of any shape.
