@@ -24,8 +24,6 @@ use tracing::{debug, info, trace, warn};
 pub const MUX: ServerIdx = 0;
 /// Name the multiplexer has in claims and errors.
 pub const MUX_NAME: &str = "ioreq-mux";
-/// How a refusal by the hypervisor (not the router) starts in the layout history.
-const HYPERVISOR_REFUSED: &str = "hypervisor: ";
 
 /// What the engine claims from the hypervisor for PCI configuration space.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -314,6 +312,13 @@ fn resolved(router: &Router, owner: ServerIdx, p: &Position) -> Option<Sbdf> {
         .and_then(|c| c.resolved)
 }
 
+/// Why an ECAM window was not installed.
+struct WindowRefused {
+    why: String,
+    /// The hypervisor refused the MMIO claim (the router had accepted the window).
+    by_hypervisor: bool,
+}
+
 /// What answers a configuration access.
 enum ConfigTarget {
     Model(ServerIdx),
@@ -390,18 +395,12 @@ impl<B: Backend> Engine<B> {
         };
         info!(event = %ev, "ECAM window from the configuration");
         self.history.push(ev);
-        if self.apply_ecam(None, Some(w)) {
-            return Ok(());
-        }
-        let why = match self.history.last() {
-            Some(LayoutEvent::Refused { why, .. }) => why.clone(),
-            _ => "refused".into(),
-        };
-        Err(EngineError::Window {
-            window: w.to_string(),
-            hypervisor: why.starts_with(HYPERVISOR_REFUSED),
-            why,
-        })
+        self.apply_ecam(None, Some(w))
+            .map_err(|r| EngineError::Window {
+                window: w.to_string(),
+                why: r.why,
+                hypervisor: r.by_hypervisor,
+            })
     }
 
     /// Adds a device model; it makes its claims now.
@@ -976,7 +975,7 @@ impl<B: Backend> Engine<B> {
             // recorded after the event that asked for it.
             self.history.push(ev.clone());
             let applied = match ev {
-                LayoutEvent::Ecam { old, new } => self.apply_ecam(old, new),
+                LayoutEvent::Ecam { old, new } => self.apply_ecam(old, new).is_ok(),
                 LayoutEvent::PmBlock {
                     function,
                     old: _,
@@ -993,8 +992,13 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Moves the ECAM window; false if the new window was refused (none is left in place).
-    fn apply_ecam(&mut self, old: Option<EcamWindow>, new: Option<EcamWindow>) -> bool {
+    /// Moves the ECAM window; an error if the new window was refused (none is left in place;
+    /// the refusal is in the history).
+    fn apply_ecam(
+        &mut self,
+        old: Option<EcamWindow>,
+        new: Option<EcamWindow>,
+    ) -> Result<(), WindowRefused> {
         if let Some(o) = old {
             if let Some(i) = self.mapped.windows.iter().position(|w| *w == o) {
                 self.mapped.windows.remove(i);
@@ -1005,33 +1009,33 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let Some(n) = new else { return true };
+        let Some(n) = new else { return Ok(()) };
         if let Err(e) = self.router.replace_window(None, Some(n)) {
             warn!(window = %n, error = %e, "ECAM window refused; it stays disabled");
-            self.history.push(LayoutEvent::Refused {
-                register: "ECAM window",
-                value: n.base,
-                why: e.to_string(),
-            });
-            return false;
+            return Err(self.window_refused(n, e.to_string(), false));
         }
         if let Err(e) = self.backend.map_range(IoRange::mmio(n.base, n.size())) {
             self.stats.backend_claim_errors += 1;
             warn!(window = %n, error = %e, "hypervisor refused the ECAM window; it stays disabled");
             let _ = self.router.replace_window(Some(n), None);
-            self.history.push(LayoutEvent::Refused {
-                register: "ECAM window",
-                value: n.base,
-                why: format!("{HYPERVISOR_REFUSED}{e}"),
-            });
-            return false;
+            return Err(self.window_refused(n, format!("hypervisor: {e}"), true));
         }
         if let Err(e) = ensure_segment(&mut self.backend, &mut self.mapped, n.segment) {
             self.stats.backend_claim_errors += 1;
             warn!(segment = n.segment, error = %e, "hypervisor refused the segment");
         }
         self.mapped.windows.push(n);
-        true
+        Ok(())
+    }
+
+    /// Records a refused window in the layout history.
+    fn window_refused(&mut self, w: EcamWindow, why: String, by_hypervisor: bool) -> WindowRefused {
+        self.history.push(LayoutEvent::Refused {
+            register: "ECAM window",
+            value: w.base,
+            why: why.clone(),
+        });
+        WindowRefused { why, by_hypervisor }
     }
 
     /// Moves a PM block's port claim; false if the new block could not be claimed.
