@@ -431,6 +431,16 @@ impl Guest {
     }
 }
 
+/// A flags byte: a rep count (bit 0, then a count byte), data_is_ptr (bit 1), df (bit 2).
+fn rep_flags(b: &mut Bytes<'_>, req: &mut Ioreq) {
+    let f = b.u8();
+    if f & 1 != 0 {
+        req.count = u32::from(b.u8());
+    }
+    req.data_is_ptr = f & 2 != 0;
+    req.df = f & 4 != 0;
+}
+
 fn pick_func(b: &mut Bytes<'_>) -> Sbdf {
     let k = b.u8();
     match FUNCS.get(usize::from(k)) {
@@ -581,12 +591,7 @@ pub fn run(data: &[u8]) {
                     size_from(b.u8()),
                     u64::from(b.u32()),
                 );
-                let f = b.u8();
-                if f & 1 != 0 {
-                    req.count = u32::from(b.u8());
-                }
-                req.data_is_ptr = f & 2 != 0;
-                req.df = f & 4 != 0;
+                rep_flags(&mut b, &mut req);
                 g.access(vcpu, req, op & 2 != 0);
             }
             // Raw MMIO access of any shape, mostly in or near the ECAM window.
@@ -605,12 +610,7 @@ pub fn run(data: &[u8]) {
                     size_from(b.u8()),
                     b.u64(),
                 );
-                let f = b.u8();
-                if f & 1 != 0 {
-                    req.count = u32::from(b.u8());
-                }
-                req.data_is_ptr = f & 2 != 0;
-                req.df = f & 4 != 0;
+                rep_flags(&mut b, &mut req);
                 g.access(vcpu, req, op & 2 != 0);
             }
             // Buffered write below 1 MiB (ports, or an ECAM window firmware put at 0).

@@ -100,6 +100,14 @@ pub trait DmControl {
     fn map(&mut self, claim: Claim) -> Result<(), ClaimError>;
     fn unmap(&mut self, claim: Claim) -> Result<(), ClaimError>;
 
+    /// Maps each claim in order, stopping at the first refusal (a model's initial claims).
+    fn map_all(&mut self, claims: &[Claim]) -> Result<(), ClaimError> {
+        for c in claims {
+            self.map(c.clone())?;
+        }
+        Ok(())
+    }
+
     /// Where a function this model claimed by position is now (packed SBDF), if firmware has
     /// numbered the buses above it. A model that owns several functions uses it to tell which
     /// one a PCI_CONFIG request is for.

@@ -258,10 +258,7 @@ impl DeviceModel for Rogue {
         &self.name
     }
     fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
-        for c in &self.claims {
-            ctl.map(c.clone())?;
-        }
-        Ok(())
+        ctl.map_all(&self.claims)
     }
     fn handle(&mut self, _: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError> {
         // A flood of claims and releases on every request.

@@ -167,10 +167,7 @@ impl DeviceModel for TraceModel {
     }
 
     fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
-        for c in &self.claims {
-            ctl.map(c.clone())?;
-        }
-        Ok(())
+        ctl.map_all(&self.claims)
     }
 
     fn handle(

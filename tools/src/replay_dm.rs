@@ -382,10 +382,7 @@ impl DeviceModel for DeviceSide {
     }
 
     fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
-        for c in &self.claims {
-            ctl.map(c.clone())?;
-        }
-        Ok(())
+        ctl.map_all(&self.claims)
     }
 
     fn handle(&mut self, _vcpu: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError> {

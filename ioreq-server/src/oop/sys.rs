@@ -50,17 +50,23 @@ pub struct Received {
     pub truncated: bool,
 }
 
+/// A new close-on-exec SOCK_SEQPACKET socket and the address of `path`, to connect or bind.
+fn unix_seqpacket(path: &Path) -> io::Result<(OwnedFd, UnixAddr)> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(errno)?;
+    let addr = UnixAddr::new(path).map_err(errno)?;
+    Ok((fd, addr))
+}
+
 impl SeqPacket {
     /// Connects to a listening socket at `path`.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(errno)?;
-        let addr = UnixAddr::new(path).map_err(errno)?;
+        let (fd, addr) = unix_seqpacket(path)?;
         connect(fd.as_raw_fd(), &addr).map_err(errno)?;
         Ok(SeqPacket { fd })
     }
@@ -207,14 +213,7 @@ impl SeqListener {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(errno)?;
-        let addr = UnixAddr::new(path).map_err(errno)?;
+        let (fd, addr) = unix_seqpacket(path)?;
         bind(fd.as_raw_fd(), &addr).map_err(errno)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         listen(&fd, Backlog::new(16).map_err(errno)?).map_err(errno)?;
