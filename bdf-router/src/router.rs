@@ -109,6 +109,17 @@ impl Router {
         self.mmio.lookup(s, e)
     }
 
+    /// Whether `owner` holds exactly the port or MMIO range `r` (not a part of it, not more):
+    /// a second claim of the same range by the same owner is then a repeat, not a conflict.
+    pub fn holds_exactly(&self, owner: ServerIdx, r: &IoRange) -> bool {
+        let map = match r.kind {
+            RangeKind::Port => &self.ports,
+            RangeKind::Mmio => &self.mmio,
+            RangeKind::Pci => return false,
+        };
+        map.overlapping(r.start, r.end) == Some((r.start, r.end, owner))
+    }
+
     /// The CF8 latch (for raw port accesses to 0xcf8..0xcff).
     pub fn cf8(&mut self) -> &mut Cf8Latch {
         &mut self.cf8

@@ -100,6 +100,15 @@ pub struct ServerConfig {
     /// Command line that starts a process server (optional).
     #[serde(default)]
     pub command: Vec<String>,
+    /// A process server that maps guest memory itself (QEMU does, through Xen's foreign
+    /// mappings): rep accesses through a guest buffer (`data_is_ptr`) reach it unchanged.
+    #[serde(default)]
+    pub guest_memory: bool,
+    /// A process server's deadline per request (`500ms`, `30s`; default 1 s): past it the
+    /// request completes as a master abort and the server is dropped. QEMU copies whole
+    /// files in one request (fw_cfg DMA) and wants minutes.
+    #[serde(default)]
+    pub deadline: Option<Spanned<String>>,
     /// Replay (`kind = "trace"`): the QEMU device types (as QEMU's trace names them, e.g.
     /// "nvme") this server stands for; `"*"` = every device no other server lists. Replay checks
     /// each access reached the server standing for the device QEMU routed it to.
@@ -138,6 +147,10 @@ pub struct Server {
     pub functions: Vec<(Placement, FunctionSpec)>,
     pub uid: Option<u32>,
     pub command: Vec<String>,
+    /// See [`ServerConfig::guest_memory`].
+    pub guest_memory: bool,
+    /// See [`ServerConfig::deadline`].
+    pub deadline: Option<std::time::Duration>,
     pub qemu_devices: Vec<String>,
     /// (function, dword 0) pairs.
     pub ids: Vec<(Sbdf, u32)>,
@@ -338,6 +351,21 @@ impl Config {
                     msg: format!("{who}: a trace server has no built-in functions"),
                 });
             }
+            let deadline = match &s.deadline {
+                Some(d) => Some(
+                    crate::serve::parse_duration(d.get_ref())
+                        .map_err(|m| field_err(d, format!("{who}: deadline"), m))?,
+                ),
+                None => None,
+            };
+            if s.kind != ServerKind::Process && (s.guest_memory || deadline.is_some()) {
+                return Err(ConfigError::Syntax {
+                    file: path.to_path_buf(),
+                    msg: format!(
+                        "{who}: guest_memory and deadline apply to kind = \"process\" servers only"
+                    ),
+                });
+            }
             let mut ids = vec![];
             for (at, v) in &s.ids {
                 let f: Sbdf = at.parse().map_err(|e| ConfigError::Syntax {
@@ -353,6 +381,8 @@ impl Config {
                 functions,
                 uid: s.uid,
                 command: s.command.clone(),
+                guest_memory: s.guest_memory,
+                deadline,
                 qemu_devices: s.qemu_devices.clone(),
                 ids,
             });
@@ -381,6 +411,19 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("t.toml"), t)
+    }
+
+    #[test]
+    fn guest_memory_and_deadline_are_for_process_servers() {
+        let e = parse("[[server]]\nname = \"a\"\nguest_memory = true\n").unwrap_err();
+        assert!(e.to_string().contains("apply to kind = \"process\""), "{e}");
+        let e = parse("[[server]]\nname = \"a\"\nkind = \"process\"\ndeadline = \"5x\"\n")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:4: server[0] 'a': deadline"), "{e}");
+        let c = parse("[[server]]\nname = \"q\"\nkind = \"process\"\nguest_memory = true\ndeadline = \"90s\"\n")
+            .unwrap();
+        assert!(c.servers[0].guest_memory);
+        assert_eq!(c.servers[0].deadline, Some(std::time::Duration::from_secs(90)));
     }
 
     #[test]

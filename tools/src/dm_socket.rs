@@ -13,8 +13,9 @@
 //! [`ioreq_server::oop`]; this module is the [`Host`] the listener calls.
 
 use crate::config::{Config, Server, ServerKind};
-use crate::engine::{Control, Grant};
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crate::engine::{Control, ControlSender, Grant};
+use crossbeam_channel::RecvTimeoutError;
+use ioreq_server::oop::RemoteOptions;
 use ioreq_server::oop::server::{DmListener, DmopError, Host, ServerOptions, ServerStatus};
 use ioreq_server::oop::sys::PeerCred;
 use ioreq_server::oop::wire::Code;
@@ -31,12 +32,17 @@ pub struct Policy {
     /// Required peer uid; `None`: the multiplexer's own uid.
     pub uid: Option<u32>,
     pub grant: Grant,
+    /// The server's own deadline per request (`None`: the listener's default).
+    pub deadline: Option<Duration>,
 }
 
 impl Policy {
     /// A process server's policy: its `owns` is its grant.
     pub fn from_server(s: &Server) -> Self {
-        let mut grant = Grant::default();
+        let mut grant = Grant {
+            guest_memory: s.guest_memory,
+            ..Grant::default()
+        };
         for c in &s.claims {
             match c {
                 Claim::Range(r) => grant.ranges.push(*r),
@@ -47,6 +53,7 @@ impl Policy {
             name: s.name.clone(),
             uid: s.uid,
             grant,
+            deadline: s.deadline,
         }
     }
 }
@@ -63,7 +70,7 @@ pub fn policies(cfg: &Config) -> Vec<Policy> {
 /// The engine, as the listener sees it.
 #[derive(Debug)]
 pub struct EngineHost {
-    control: Sender<Control>,
+    control: ControlSender,
     policies: Vec<Policy>,
     nr_vcpus: u32,
     /// Longest wait for the engine to apply a control message (it does so at the start of
@@ -74,7 +81,7 @@ pub struct EngineHost {
 
 impl EngineHost {
     pub fn new(
-        control: Sender<Control>,
+        control: ControlSender,
         policies: Vec<Policy>,
         nr_vcpus: u32,
         timeout: Duration,
@@ -202,6 +209,14 @@ impl Host for EngineHost {
         )
     }
 
+    fn remote_options(&self, name: &str, default: &RemoteOptions) -> RemoteOptions {
+        let mut o = default.clone();
+        if let Some(d) = self.policy(name).and_then(|p| p.deadline) {
+            o.deadline = d;
+        }
+        o
+    }
+
     fn remove(&self, id: u16) {
         if self.control.send(Control::Remove { model: id }).is_err() {
             warn!(
@@ -224,7 +239,7 @@ impl DmSocket {
     pub fn start(
         path: &Path,
         policies: Vec<Policy>,
-        control: Sender<Control>,
+        control: ControlSender,
         nr_vcpus: u32,
         opts: ServerOptions,
     ) -> io::Result<Self> {
@@ -237,7 +252,7 @@ impl DmSocket {
     pub fn from_config(
         path: &Path,
         cfg: &Config,
-        control: Sender<Control>,
+        control: ControlSender,
         nr_vcpus: u32,
         opts: ServerOptions,
     ) -> io::Result<Self> {
@@ -310,12 +325,13 @@ device = 0x29c0
 
     #[test]
     fn admission_checks_name_and_uid() {
-        let (tx, _rx) = crossbeam_channel::unbounded();
+        let (tx, _rx) = ControlSender::detached().unwrap();
         let me = nix::unistd::geteuid().as_raw();
         let pol = |name: &str, uid| Policy {
             name: name.into(),
             uid,
             grant: Grant::default(),
+            deadline: None,
         };
         let h = EngineHost::new(
             tx,
@@ -334,5 +350,25 @@ device = 0x29c0
         // Nobody polls the engine: a claim times out with ETIMEDOUT, not a hang.
         let e = h.map(1, Claim::Range(IoRange::ports(1, 1))).unwrap_err();
         assert_eq!(e.code, Code::ETIMEDOUT);
+    }
+
+    /// QEMU's entry of the front-of-QEMU configuration: guest memory and its own deadline
+    /// reach the grant and the request path; other servers keep the listener's defaults.
+    #[test]
+    fn guest_memory_and_deadline_from_the_configuration() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs/xen-e2e-front.toml");
+        let cfg = Config::load(&path).unwrap();
+        let pols = policies(&cfg);
+        let qemu = pols.iter().find(|p| p.name == "qemu").unwrap();
+        assert!(qemu.grant.guest_memory);
+        assert_eq!(qemu.deadline, Some(Duration::from_secs(300)));
+        let ep = pols.iter().find(|p| p.name == "bridge-ep").unwrap();
+        assert!(!ep.grant.guest_memory);
+        let (tx, _rx) = ControlSender::detached().unwrap();
+        let h = EngineHost::new(tx, pols, 2, Duration::from_millis(10));
+        let default = RemoteOptions::default();
+        assert_eq!(h.remote_options("qemu", &default).deadline, Duration::from_secs(300));
+        assert_eq!(h.remote_options("bridge-ep", &default), default);
     }
 }

@@ -14,6 +14,7 @@ use ioreq_server::{
     Backend, BackendError, BackendEvent, Claim, ClaimError, DeviceModel, Dir, DmControl, IoRange,
     Ioreq, IoreqType, Position, RangeKind, size_mask,
 };
+use ioreq_server::oop::sys::Doorbell;
 use serde::Serialize;
 use std::time::Duration;
 use thiserror::Error;
@@ -65,6 +66,8 @@ pub enum EngineError {
     },
     #[error("hypervisor: {0}")]
     Backend(#[from] BackendError),
+    #[error("cannot create the engine's control doorbell: {0}")]
+    Doorbell(#[from] std::io::Error),
     /// A configured window overlaps another (`hypervisor` false: a configuration error) or
     /// the hypervisor refused it.
     #[error("ECAM window {window}: {why}")]
@@ -102,9 +105,12 @@ pub struct EngineStats {
     pub completion_errors: u64,
     /// Hypervisor claims that failed.
     pub backend_claim_errors: u64,
-    /// Rep string accesses through a guest buffer (`data_is_ptr`): the engine has no access
-    /// to guest memory, so they complete without data (a read leaves the buffer unwritten).
+    /// Rep string accesses through a guest buffer (`data_is_ptr`) to a model that does not
+    /// map guest memory: they complete without data (a read leaves the buffer unwritten).
     pub data_ptr_unsupported: u64,
+    /// Rep string accesses through a guest buffer handed to a model that maps guest memory
+    /// ([`Grant::guest_memory`]).
+    pub data_ptr_forwarded: u64,
 }
 
 /// What a model may claim (from the configuration's `owns` of a process server). A range
@@ -113,6 +119,10 @@ pub struct EngineStats {
 pub struct Grant {
     pub ranges: Vec<IoRange>,
     pub positions: Vec<Position>,
+    /// The model maps guest memory itself (QEMU, through Xen's foreign mappings): rep
+    /// accesses through a guest buffer (`data_is_ptr`) reach it unchanged. Without it they
+    /// complete without data, since a pointer is no value.
+    pub guest_memory: bool,
 }
 
 impl Grant {
@@ -152,6 +162,33 @@ pub enum Control {
     Remove { model: ServerIdx },
 }
 
+/// The sending end of the engine's control channel: every message also rings the engine's
+/// doorbell ([`Engine::control_wake_fd`]), so a sleeping engine applies it at once.
+#[derive(Debug, Clone)]
+pub struct ControlSender {
+    tx: crossbeam_channel::Sender<Control>,
+    bell: std::sync::Arc<Doorbell>,
+}
+
+impl ControlSender {
+    /// A channel not tied to an engine (tests of what sends to one).
+    pub fn detached() -> std::io::Result<(Self, crossbeam_channel::Receiver<Control>)> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let bell = std::sync::Arc::new(Doorbell::new()?);
+        Ok((ControlSender { tx, bell }, rx))
+    }
+
+    /// Queues `msg` for the engine thread and wakes it. Fails when the engine is gone.
+    #[allow(clippy::result_large_err)]
+    pub fn send(&self, msg: Control) -> Result<(), crossbeam_channel::SendError<Control>> {
+        self.tx.send(msg)?;
+        if let Err(e) = self.bell.ring() {
+            warn!(error = %e, "ringing the engine's control doorbell");
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -176,8 +213,21 @@ struct Mapped {
     mode: PciClaims,
     windows: Vec<EcamWindow>,
     pci_segments: Vec<u16>,
-    /// PM blocks: (function, owner, ports).
-    pm: Vec<(Sbdf, ServerIdx, IoRange)>,
+    /// PM blocks the intercepts placed.
+    pm: Vec<PmClaim>,
+    /// Counts the PCI claims models made (chipset detection looks again when it moves).
+    pci_generation: u64,
+}
+
+/// A PM block placed by an intercept, claimed for the model that owns the PM function.
+#[derive(Debug, Clone, Copy)]
+struct PmClaim {
+    function: Sbdf,
+    owner: ServerIdx,
+    ports: IoRange,
+    /// The engine made the claim. False when the model had mapped the block itself (it
+    /// emulates it; QEMU does): the engine then neither claims nor releases it.
+    by_engine: bool,
 }
 
 /// The multiplexer engine over a backend `B`.
@@ -192,10 +242,15 @@ pub struct Engine<B: Backend> {
     events: Vec<BackendEvent>,
     layout: Vec<LayoutEvent>,
     history: Vec<LayoutEvent>,
-    control: Option<(
-        crossbeam_channel::Sender<Control>,
-        crossbeam_channel::Receiver<Control>,
-    )>,
+    control: Option<(ControlSender, crossbeam_channel::Receiver<Control>)>,
+    /// Rung with every control message, so a backend sleeping on it wakes to apply it.
+    control_bell: std::sync::Arc<Doorbell>,
+    /// No chipset was found when the engine started and none is configured: look again once
+    /// a model that joined later (QEMU through the device-model socket) claims functions.
+    detect_pending: bool,
+    /// `Mapped::pci_generation` when detection last ran.
+    detected_at: u64,
+    intercept_cfg: InterceptConfig,
     /// The first model called since [`Engine::mark`].
     first_call: Option<ServerIdx>,
 }
@@ -246,7 +301,25 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
                 });
             }
         }
+        if let Claim::Range(r) = &claim {
+            let by_intercept = self
+                .mapped
+                .pm
+                .iter()
+                .any(|p| p.by_engine && p.owner == self.owner && p.ports == *r);
+            if by_intercept && self.router.holds_exactly(self.owner, r) {
+                // Already in place: an intercept that runs before the model (the PM base)
+                // claimed the block on the model's behalf before the model mapped it itself.
+                debug!(model = self.router.server_name(self.owner), %claim, "already claimed for it by an intercept");
+                return Ok(());
+            }
+        }
         self.router.claim(self.owner, &claim)?;
+        if matches!(&claim, Claim::Position(_))
+            || matches!(&claim, Claim::Range(r) if r.kind == RangeKind::Pci)
+        {
+            self.mapped.pci_generation += 1;
+        }
         let functions = self.mapped.mode == PciClaims::Functions;
         let r = match &claim {
             Claim::Range(r) if r.kind != RangeKind::Pci || functions => self.backend.map_range(*r),
@@ -361,6 +434,10 @@ impl<B: Backend> Engine<B> {
             layout: vec![],
             history: vec![],
             control: None,
+            control_bell: std::sync::Arc::new(Doorbell::new()?),
+            detect_pending: false,
+            detected_at: 0,
+            intercept_cfg: cfg.intercepts,
             first_call: None,
         };
         ensure_segment(&mut e.backend, &mut e.mapped, 0)?;
@@ -370,20 +447,38 @@ impl<B: Backend> Engine<B> {
         for m in models {
             e.add_model(m)?;
         }
-        e.chipset = match cfg.chipset {
-            Some(c) => c,
+        match cfg.chipset {
+            Some(c) => e.install_chipset(c),
             None => {
-                let c = chipset_intercept::detect(&mut |s| e.probe(s, 0, 4) as u32);
-                info!(chipset = %c, "chipset detected");
-                c
+                e.detect_pending = true;
+                e.detect();
+                if e.detect_pending {
+                    info!(
+                        "no known chipset yet: running as a plain router; detection runs again \
+                         once a device model that joins later claims functions"
+                    );
+                }
             }
-        };
-        if e.chipset == Chipset::Unknown {
-            info!("unknown chipset: running as a plain router, no intercepts");
         }
-        e.intercepts = chipset_intercept::build(e.chipset, &cfg.intercepts);
-        e.seed_intercepts();
         Ok(e)
+    }
+
+    /// Probes the IDs of the chipset functions through whoever owns them; installs the
+    /// chipset's intercepts once one is recognised.
+    fn detect(&mut self) {
+        self.detected_at = self.mapped.pci_generation;
+        let c = chipset_intercept::detect(&mut |s| self.probe(s, 0, 4) as u32);
+        if c != Chipset::Unknown {
+            info!(chipset = %c, "chipset detected");
+            self.detect_pending = false;
+            self.install_chipset(c);
+        }
+    }
+
+    fn install_chipset(&mut self, c: Chipset) {
+        self.chipset = c;
+        self.intercepts = chipset_intercept::build(c, &self.intercept_cfg);
+        self.seed_intercepts();
     }
 
     /// Installs a window of the toolstack's (see [`EngineConfig::ecam`]); a window the router
@@ -443,18 +538,39 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The sending end of the engine's control channel (created on first use). Messages are
-    /// applied at the start of every [`Engine::poll`].
-    pub fn control(&mut self) -> crossbeam_channel::Sender<Control> {
+    /// applied at the start of every [`Engine::poll`]; each one also rings
+    /// [`Engine::control_wake_fd`].
+    pub fn control(&mut self) -> ControlSender {
+        let bell = &self.control_bell;
         self.control
-            .get_or_insert_with(crossbeam_channel::unbounded)
+            .get_or_insert_with(|| {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let tx = ControlSender {
+                    tx,
+                    bell: std::sync::Arc::clone(bell),
+                };
+                (tx, rx)
+            })
             .0
             .clone()
+    }
+
+    /// Readable while a control message waits: a backend that sleeps should wake on it (the
+    /// Xen backend polls it beside the event channel), so a device model's DMOP made outside
+    /// a request is applied at once, not at the next guest access.
+    pub fn control_wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.control_bell.as_fd()
     }
 
     fn drain_control(&mut self) {
         let Some((_, rx)) = &self.control else { return };
         if rx.is_empty() {
             return;
+        }
+        // Cleared before the messages are taken: one sent meanwhile rings it again.
+        if let Err(e) = self.control_bell.clear() {
+            warn!(error = %e, "clearing the control doorbell");
         }
         let msgs: Vec<Control> = rx.try_iter().collect();
         for m in msgs {
@@ -541,7 +657,7 @@ impl<B: Backend> Engine<B> {
                 warn!(claim = %r, error = %e, "hypervisor refused an unmap");
             }
         }
-        self.mapped.pm.retain(|(_, o, _)| *o != idx);
+        self.mapped.pm.retain(|p| p.owner != idx);
         info!(model = %slot.name, released = gone.len(), "device model removed");
         gone
     }
@@ -633,6 +749,12 @@ impl<B: Backend> Engine<B> {
         for ev in events.drain(..) {
             match ev {
                 BackendEvent::Request { vcpu, req } => {
+                    // Only now, with a guest access in hand: a device model that joined is
+                    // serving by the time the guest runs, not while it is still starting up
+                    // (QEMU claims its functions before its main loop runs).
+                    if self.detect_pending && self.detected_at != self.mapped.pci_generation {
+                        self.detect();
+                    }
                     let v = self.handle(vcpu, &req);
                     self.stats.requests += 1;
                     if let Err(e) = self.backend.complete(vcpu, v) {
@@ -656,18 +778,6 @@ impl<B: Backend> Engine<B> {
             self.stats.malformed += 1;
             warn!(vcpu, error = %e, ?req, "malformed ioreq answered as a master abort");
             return abort_value(req);
-        }
-        if req.data_is_ptr && matches!(req.ty, IoreqType::Pio | IoreqType::Copy) {
-            // The guest buffer is guest memory the engine cannot reach (no foreign mapping
-            // here): complete the request without data rather than hand a model a pointer as
-            // if it were a value. Xen then finishes the instruction with the buffer unchanged.
-            self.stats.data_ptr_unsupported += 1;
-            warn!(
-                vcpu,
-                ?req,
-                "rep access through a guest buffer is not supported; completed without data"
-            );
-            return 0;
         }
         match req.ty {
             IoreqType::PciConfig => {
@@ -705,7 +815,7 @@ impl<B: Backend> Engine<B> {
         let (s, e) = (req.addr, req.addr + u64::from(req.size) - 1);
         match self.router.port_owner(s, e) {
             Some(MUX) => self.config_ports(vcpu, req),
-            Some(o) => self.call(o, vcpu, req),
+            Some(o) => self.forward(o, vcpu, req),
             None => {
                 self.stats.master_aborts += 1;
                 abort_value(req)
@@ -764,12 +874,41 @@ impl<B: Backend> Engine<B> {
         }
         let (s, e) = req.byte_span();
         match self.router.mmio_owner(s, e) {
-            Some(o) if o != MUX => self.call(o, vcpu, req),
+            Some(o) if o != MUX => self.forward(o, vcpu, req),
             _ => {
                 self.stats.master_aborts += 1;
                 abort_value(req)
             }
         }
+    }
+
+    /// Hands a port or MMIO access to its owner. A rep access through a guest buffer
+    /// (`data_is_ptr`) names guest memory, not a value: only a model that maps guest memory
+    /// itself ([`Grant::guest_memory`], QEMU) gets it. For any other the request completes
+    /// without data, and Xen finishes the instruction with the buffer unchanged.
+    fn forward(&mut self, o: ServerIdx, vcpu: u32, req: &Ioreq) -> u64 {
+        if req.data_is_ptr && !self.maps_guest_memory(o) {
+            self.stats.data_ptr_unsupported += 1;
+            warn!(
+                vcpu,
+                model = self.router.server_name(o),
+                ?req,
+                "rep access through a guest buffer to a model without guest memory; completed without data"
+            );
+            return 0;
+        }
+        if req.data_is_ptr {
+            self.stats.data_ptr_forwarded += 1;
+        }
+        self.call(o, vcpu, req)
+    }
+
+    fn maps_guest_memory(&self, o: ServerIdx) -> bool {
+        self.models
+            .get(usize::from(o))
+            .and_then(Option::as_ref)
+            .and_then(|s| s.grant.as_ref())
+            .is_some_and(|g| g.guest_memory)
     }
 
     fn target(&self, sbdf: Sbdf) -> ConfigTarget {
@@ -802,6 +941,12 @@ impl<B: Backend> Engine<B> {
                         .before_write(&hits, acc, data, &mut self.layout)
                         .bytes
                 };
+                if !self.layout.is_empty() {
+                    // An intercept that runs before the model changes the layout before the
+                    // model sees the write (a PM block the model then maps finds its claim in
+                    // place).
+                    self.apply_layout();
+                }
                 match target {
                     ConfigTarget::Model(o) if bytes != 0 => {
                         self.forward_write(o, vcpu, acc, data, bytes);
@@ -1040,12 +1185,18 @@ impl<B: Backend> Engine<B> {
 
     /// Moves a PM block's port claim; false if the new block could not be claimed.
     fn apply_pm(&mut self, function: Sbdf, new: Option<IoRange>) -> bool {
-        if let Some(i) = self.mapped.pm.iter().position(|(f, _, _)| *f == function) {
-            let (_, owner, r) = self.mapped.pm.remove(i);
-            if self.router.release(owner, &Claim::Range(r)).is_ok() {
-                if let Err(e) = self.backend.unmap_range(r) {
+        if let Some(i) = self.mapped.pm.iter().position(|p| p.function == function) {
+            let old = self.mapped.pm.remove(i);
+            // Released only if the engine claimed it (and the model has not unmapped it).
+            if old.by_engine
+                && self
+                    .router
+                    .release(old.owner, &Claim::Range(old.ports))
+                    .is_ok()
+            {
+                if let Err(e) = self.backend.unmap_range(old.ports) {
                     self.stats.backend_claim_errors += 1;
-                    warn!(ports = %r, error = %e, "hypervisor refused to unmap the PM block");
+                    warn!(ports = %old.ports, error = %e, "hypervisor refused to unmap the PM block");
                 }
             }
         }
@@ -1054,6 +1205,18 @@ impl<B: Backend> Engine<B> {
             warn!(%function, "PM block of a function nobody owns: not claimed");
             return false;
         };
+        if self.router.holds_exactly(owner, &r) {
+            // The model mapped the block itself before the intercept ran (an `after`
+            // intercept beside a model that emulates the block): it is in place.
+            debug!(ports = %r, model = self.router.server_name(owner), "PM block already mapped by its model");
+            self.mapped.pm.push(PmClaim {
+                function,
+                owner,
+                ports: r,
+                by_engine: false,
+            });
+            return true;
+        }
         let mut ctl = Ctl {
             owner,
             grant: None,
@@ -1064,7 +1227,12 @@ impl<B: Backend> Engine<B> {
         };
         match ctl.map(Claim::Range(r)) {
             Ok(()) => {
-                self.mapped.pm.push((function, owner, r));
+                self.mapped.pm.push(PmClaim {
+                    function,
+                    owner,
+                    ports: r,
+                    by_engine: true,
+                });
                 true
             }
             Err(e) => {
@@ -1098,5 +1266,259 @@ fn abort_value(req: &Ioreq) -> u64 {
         size_mask(req.size)
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+    use super::*;
+    use chipset_intercept::Phase;
+    use ioreq_server::DmError;
+    use ioreq_server::bufioreq::BufioreqMode;
+    use ioreq_server::sim::{Issued, SimBackend, SimHypervisor};
+    use std::sync::{Arc, Mutex};
+
+    /// What a [`Chip`] saw: every request, and whether its own PM-block claim succeeded.
+    #[derive(Default)]
+    struct Seen {
+        requests: Vec<Ioreq>,
+        pm_claims: Vec<Result<(), ClaimError>>,
+    }
+
+    /// An i440FX + PIIX3 + PIIX4 as QEMU is in Xen: owns bus 0's chipset functions, answers
+    /// their IDs, and when the guest enables PIIX4's PM I/O space maps the PM block itself
+    /// (QEMU's memory listener does, during the config write).
+    struct Chip {
+        name: &'static str,
+        claims: Vec<Claim>,
+        pmba: u64,
+        /// Answer IDs no chipset has.
+        unknown_ids: bool,
+        seen: Arc<Mutex<Seen>>,
+    }
+
+    fn chip(name: &'static str, claims: Vec<Claim>) -> (Chip, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let c = Chip {
+            name,
+            claims,
+            pmba: 1,
+            unknown_ids: false,
+            seen: seen.clone(),
+        };
+        (c, seen)
+    }
+
+    const PIIX4_PM: &str = "00:01.3";
+
+    impl DeviceModel for Chip {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
+            ctl.map_all(&self.claims)
+        }
+        fn handle(&mut self, _: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError> {
+            self.seen.lock().unwrap().requests.push(*req);
+            if req.ty != IoreqType::PciConfig {
+                return Ok(0x5a);
+            }
+            let (sbdf, reg) = abi::split_pci_config_addr(req.addr);
+            let f = Sbdf::from_xen(sbdf).to_string();
+            let pm = f == format!("0000:{PIIX4_PM}");
+            match (req.dir, f.as_str(), reg) {
+                (Dir::Read, _, 0) if self.unknown_ids => Ok(0x1234_1af4),
+                (Dir::Read, "0000:00:00.0", 0) => Ok(0x1237_8086),
+                (Dir::Read, "0000:00:01.0", 0) => Ok(0x7000_8086),
+                (Dir::Read, _, 0) if pm => Ok(0x7113_8086),
+                (Dir::Read, _, 0x40) if pm => Ok(self.pmba),
+                (Dir::Write, _, 0x40) if pm => {
+                    self.pmba = req.data;
+                    Ok(0)
+                }
+                (Dir::Write, _, 0x80) if pm && req.data & 1 != 0 => {
+                    let base = self.pmba & 0xffc0;
+                    let r = ctl.map(Claim::Range(IoRange::ports(base as u16, base as u16 + 0x3f)));
+                    self.seen.lock().unwrap().pm_claims.push(r);
+                    Ok(0)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    fn engine(pm: Phase) -> (SimHypervisor, Engine<SimBackend>) {
+        let hv = SimHypervisor::new(2, Duration::from_secs(5));
+        let backend = hv.create_server(BufioreqMode::Off).unwrap();
+        let cfg = EngineConfig {
+            intercepts: InterceptConfig {
+                pm: Some(pm),
+                ..InterceptConfig::default()
+            },
+            ..EngineConfig::default()
+        };
+        let e = Engine::new(backend, vec![], &cfg).unwrap();
+        hv.set_server_enabled(e.backend().id(), true).unwrap();
+        (hv, e)
+    }
+
+    /// One guest access through the simulated hypervisor and the engine.
+    fn access(hv: &SimHypervisor, e: &mut Engine<SimBackend>, req: Ioreq) -> u64 {
+        match hv.issue(0, &req, false).unwrap() {
+            Issued::Done(v) => v,
+            Issued::Pending => {
+                e.poll(Some(Duration::ZERO)).unwrap();
+                hv.collect(0).unwrap().expect("the engine completed the access")
+            }
+        }
+    }
+
+    fn cfg_write(hv: &SimHypervisor, e: &mut Engine<SimBackend>, f: &str, reg: u8, size: u32, v: u64) {
+        let s: Sbdf = f.parse().unwrap();
+        let cf8 = 0x8000_0000 | s.to_xen() << 8 | u32::from(reg & 0xfc);
+        access(hv, e, Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8.into()));
+        let port = 0xcfc + u64::from(reg & 3);
+        access(hv, e, Ioreq::new(IoreqType::Pio, Dir::Write, port, size, v));
+    }
+
+    /// A read of the CF8 latch: an access that reaches the engine and no model.
+    fn cf8_read() -> Ioreq {
+        Ioreq::new(IoreqType::Pio, Dir::Read, 0xcf8, 4, 0)
+    }
+
+    fn segment0() -> Claim {
+        Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xffff))
+    }
+
+    /// QEMU joins after the engine started (through the device-model socket): nothing knew the
+    /// chipset then. It is detected at the first guest access after QEMU claimed functions,
+    /// not while QEMU is still setting up (it serves nothing until its main loop runs).
+    #[test]
+    fn a_chipset_that_joins_later_is_detected_at_the_next_guest_access() {
+        let (hv, mut e) = engine(Phase::Before);
+        assert_eq!(e.chipset(), Chipset::Unknown);
+        let (qemu, seen) = chip("qemu", vec![segment0()]);
+        e.add_model_granted(Box::new(qemu), None).unwrap();
+        assert_eq!(e.chipset(), Chipset::Unknown);
+        assert!(seen.lock().unwrap().requests.is_empty(), "probed during attach");
+        access(&hv, &mut e, cf8_read());
+        assert_eq!(e.chipset(), Chipset::I440fx);
+        assert!(!e.intercepts().snapshot().is_empty(), "PIIX4 PM intercept installed");
+        // Once known, nothing probes again.
+        let n = seen.lock().unwrap().requests.len();
+        access(&hv, &mut e, cf8_read());
+        assert_eq!(seen.lock().unwrap().requests.len(), n);
+        assert!(hv.check().is_ok());
+    }
+
+    /// Nobody owns a known chipset: detection runs once per change of PCI claims, not at every
+    /// access.
+    #[test]
+    fn detection_waits_for_new_claims() {
+        let (hv, mut e) = engine(Phase::Before);
+        let (mut other, seen) = chip("other", vec![segment0()]);
+        other.unknown_ids = true;
+        e.add_model_granted(Box::new(other), None).unwrap();
+        access(&hv, &mut e, cf8_read());
+        let probes = seen.lock().unwrap().requests.len();
+        assert!(probes > 0);
+        assert_eq!(e.chipset(), Chipset::Unknown);
+        for _ in 0..3 {
+            access(&hv, &mut e, cf8_read());
+        }
+        assert_eq!(seen.lock().unwrap().requests.len(), probes, "probed again without new claims");
+        let (late, _) = chip("late", vec![Claim::Range(IoRange::pci(0x1_0000))]);
+        e.add_model_granted(Box::new(late), None).unwrap();
+        access(&hv, &mut e, cf8_read());
+        assert_eq!(seen.lock().unwrap().requests.len(), 2 * probes, "a new claim: probed again");
+    }
+
+    /// hvmloader's PM base (PMBA 0xb001, then PMREGMISC enable) with a `before` intercept: the
+    /// block is claimed for QEMU before QEMU sees the enabling write, and QEMU's own map of the
+    /// same block during that write finds it in place instead of failing.
+    #[test]
+    fn pm_block_before_the_model_then_the_model_maps_it_too() {
+        let (hv, mut e) = engine(Phase::Before);
+        let (qemu, seen) = chip("qemu", vec![segment0()]);
+        let q = e.add_model_granted(Box::new(qemu), None).unwrap();
+        cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xb001);
+        cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 1);
+        assert_eq!(e.chipset(), Chipset::I440fx);
+        let block = IoRange::ports(0xb000, 0xb03f);
+        assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(())]);
+        assert!(e.router().holds_exactly(q, &block));
+        let claimed = hv.server_ranges(e.backend().id(), RangeKind::Port);
+        assert!(claimed.contains(&(0xb000, 0xb03f)), "{claimed:x?}");
+        assert!(e.layout_history().iter().any(|ev| matches!(ev, LayoutEvent::PmBlock { new: Some(r), .. } if *r == block)));
+        // A port access there reaches QEMU.
+        assert_eq!(access(&hv, &mut e, Ioreq::new(IoreqType::Pio, Dir::Read, 0xb004, 2, 0)), 0x5a);
+        // The guest moves the block: the engine's claim moves with it.
+        cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xc001);
+        assert!(e.router().port_owner(0xc000, 0xc03f) == Some(q));
+        assert!(e.router().port_owner(0xb000, 0xb03f).is_none());
+        assert!(hv.check().is_ok());
+    }
+
+    /// With an `after` intercept the model maps the block first; the intercept finds it in
+    /// place and neither claims nor later releases it.
+    #[test]
+    fn pm_block_after_a_model_that_mapped_it_itself() {
+        let (hv, mut e) = engine(Phase::After);
+        let (qemu, seen) = chip("qemu", vec![segment0()]);
+        let q = e.add_model_granted(Box::new(qemu), None).unwrap();
+        cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xb001);
+        cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 1);
+        assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(())]);
+        assert!(e.router().holds_exactly(q, &IoRange::ports(0xb000, 0xb03f)));
+        assert!(!e.layout_history().iter().any(|ev| ev.to_string().starts_with("refused")));
+        // Disabling: the model's own claim stays the model's business.
+        cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 0);
+        assert!(e.router().holds_exactly(q, &IoRange::ports(0xb000, 0xb03f)));
+        assert!(hv.check().is_ok());
+    }
+
+    /// A rep string access through a guest buffer reaches a model that maps guest memory,
+    /// unchanged (the pointer in `data`); any other model never sees it.
+    #[test]
+    fn guest_buffers_reach_only_models_that_map_guest_memory() {
+        let (_hv, mut e) = engine(Phase::After);
+        let (qemu, qseen) = chip("qemu", vec![Claim::Range(IoRange::ports(0x1f0, 0x1f7))]);
+        let grant = Grant {
+            ranges: vec![IoRange::ports(0, 0xffff)],
+            guest_memory: true,
+            ..Grant::default()
+        };
+        e.add_model_granted(Box::new(qemu), Some(grant)).unwrap();
+        let (other, oseen) = chip("other", vec![Claim::Range(IoRange::ports(0x170, 0x177))]);
+        e.add_model_granted(Box::new(other), None).unwrap();
+        let mut insw = Ioreq::new(IoreqType::Pio, Dir::Read, 0x1f0, 2, 0x0012_3000);
+        insw.count = 256;
+        insw.data_is_ptr = true;
+        e.handle(0, &insw);
+        let got = qseen.lock().unwrap().requests.clone();
+        assert_eq!(got, vec![insw], "QEMU gets the request as Xen sent it");
+        let mut other_insw = insw;
+        other_insw.addr = 0x170;
+        e.handle(0, &other_insw);
+        assert!(oseen.lock().unwrap().requests.is_empty());
+        assert_eq!(e.stats().data_ptr_unsupported, 1);
+    }
+
+    /// A control message rings the engine's wake fd; applying it clears the fd.
+    #[test]
+    fn control_messages_wake_a_sleeping_backend() {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let (_hv, mut e) = engine(Phase::After);
+        let readable = |e: &Engine<SimBackend>| {
+            let mut fds = [PollFd::new(e.control_wake_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+        };
+        let tx = e.control();
+        assert!(!readable(&e));
+        tx.send(Control::Remove { model: 7 }).unwrap();
+        assert!(readable(&e));
+        e.poll(Some(Duration::ZERO)).unwrap();
+        assert!(!readable(&e));
     }
 }

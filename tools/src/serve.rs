@@ -322,7 +322,7 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         }
     };
     match signals.as_fd().try_clone_to_owned() {
-        Ok(fd) => backend.set_wake_fd(fd),
+        Ok(fd) => backend.add_wake_fd(fd),
         Err(e) => warn!(error = %e, "signals will be noticed within half a second only"),
     }
     let mut engine = match Engine::new(backend, models.models, &engine_cfg) {
@@ -335,6 +335,7 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
                     ..
                 }
                 | EngineError::Backend(_)
+                | EngineError::Doorbell(_)
                 | EngineError::Window {
                     hypervisor: true, ..
                 } => exit::FAILURE,
@@ -342,6 +343,11 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
             };
         }
     };
+    // Device models' DMOPs outside a request wake the engine at once.
+    match engine.control_wake_fd().try_clone_to_owned() {
+        Ok(fd) => engine.backend_mut().add_wake_fd(fd),
+        Err(e) => warn!(error = %e, "device models' claims will wait for the next guest access"),
+    }
     let claims: Vec<String> = engine
         .backend()
         .claims()
@@ -483,6 +489,8 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         master_aborts = s.master_aborts,
         malformed = s.malformed + b.malformed_answered,
         dm_errors = s.dm_errors,
+        rep_ptr_requests = s.data_ptr_forwarded,
+        rep_ptr_unserved = s.data_ptr_unsupported,
         completion_errors = s.completion_errors,
         notifications = b.notifications,
         uptime = ?started.elapsed(),

@@ -229,7 +229,7 @@ pub struct XenBackend {
     skipped: Vec<IoRange>,
     /// PCI functions (packed SBDF) Xen routes to us.
     pci: BTreeSet<u32>,
-    wake: Option<OwnedFd>,
+    wake: Vec<OwnedFd>,
     /// For PCI ranges in one DMOP; `None` if privcmd could not be opened or lacks the ioctl.
     pci_range: Option<PciRangeDmOp>,
     stats: XenStats,
@@ -340,7 +340,7 @@ impl XenBackend {
             ranges: vec![],
             skipped: vec![],
             pci: BTreeSet::new(),
-            wake: None,
+            wake: vec![],
             pci_range: PciRangeDmOp::open()
                 .map_err(
                     |e| debug!(error = %e, "no PCI range DMOP: functions are claimed one by one"),
@@ -430,10 +430,11 @@ impl XenBackend {
         &self.skipped
     }
 
-    /// A file descriptor that ends [`Backend::wait`] early when it becomes readable (e.g. a
-    /// signalfd). The backend only polls it; reading it is the caller's business.
-    pub fn set_wake_fd(&mut self, fd: OwnedFd) {
-        self.wake = Some(fd);
+    /// Adds a file descriptor that ends [`Backend::wait`] early when it becomes readable (a
+    /// signalfd, the engine's control doorbell). The backend only polls it; reading it is
+    /// the caller's business.
+    pub fn add_wake_fd(&mut self, fd: OwnedFd) {
+        self.wake.push(fd);
     }
 
     /// Stops Xen from sending new requests (`set_ioreq_server_state(0)`). Requests already in
@@ -467,11 +468,13 @@ impl XenBackend {
                     .unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = Vec::with_capacity(2);
+        let mut fds = Vec::with_capacity(1 + self.wake.len());
         fds.push(PollFd::new(self.evtchn.as_fd(), PollFlags::POLLIN));
-        if let Some(w) = &self.wake {
-            fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
-        }
+        fds.extend(
+            self.wake
+                .iter()
+                .map(|w| PollFd::new(w.as_fd(), PollFlags::POLLIN)),
+        );
         match poll(&mut fds, t) {
             Ok(_) => {}
             Err(Errno::EINTR) => return Ok(false),

@@ -252,6 +252,7 @@ fn policy(name: &str, bdf: &str) -> Policy {
     Policy {
         name: name.into(),
         uid: None,
+        deadline: None,
         grant: Grant {
             ranges: vec![
                 IoRange::pci(bdf.parse::<Sbdf>().unwrap().to_xen()),
@@ -259,6 +260,7 @@ fn policy(name: &str, bdf: &str) -> Policy {
                 IoRange::ports(0xc000, 0xcfff),
             ],
             positions: vec![],
+            guest_memory: false,
         },
     }
 }

@@ -98,9 +98,11 @@ fn round_trip_latency() {
         let policy = Policy {
             name: "ep".into(),
             uid: None,
+            deadline: None,
             grant: Grant {
                 ranges: vec![IoRange::pci(f.to_xen())],
                 positions: vec![],
+                guest_memory: false,
             },
         };
         let opts = ServerOptions {

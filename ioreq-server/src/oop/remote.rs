@@ -42,9 +42,20 @@ impl Default for RemoteOptions {
     fn default() -> Self {
         RemoteOptions {
             deadline: Duration::from_secs(1),
-            spin: Duration::from_micros(50),
+            spin: spin_budget(Duration::from_micros(50)),
             buffered: vec![],
         }
+    }
+}
+
+/// `want`, or no spinning at all where it cannot pay: a process that may run on one CPU only
+/// (a dom0 with one vCPU, a service pinned to a core) would spin while the device model it
+/// waits for cannot run, and only delay it. Counts the CPUs this thread may run on
+/// (affinity and cgroup quota, as `available_parallelism` does).
+pub fn spin_budget(want: Duration) -> Duration {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() > 1 => want,
+        _ => Duration::ZERO,
     }
 }
 
@@ -633,5 +644,35 @@ impl DeviceModel for RemoteModel {
 impl Drop for RemoteModel {
     fn drop(&mut self) {
         debug!(server = %self.name, "remote model dropped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// On one CPU the default options never spin; with more they do. The thread's affinity
+    /// is what counts (as for a dom0 with one vCPU, or a pinned service).
+    #[test]
+    fn no_spinning_on_one_cpu() {
+        use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        std::thread::spawn(|| {
+            let all = sched_getaffinity(Pid::from_raw(0)).unwrap();
+            let first = (0..CpuSet::count()).find(|&c| all.is_set(c).unwrap_or(false)).unwrap();
+            let mut one = CpuSet::new();
+            one.set(first).unwrap();
+            sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+            assert_eq!(RemoteOptions::default().spin, Duration::ZERO);
+            assert_eq!(spin_budget(Duration::from_micros(50)), Duration::ZERO);
+            let cpus = (0..CpuSet::count()).filter(|&c| all.is_set(c).unwrap_or(false)).count();
+            sched_setaffinity(Pid::from_raw(0), &all).unwrap();
+            if cpus > 1 {
+                assert_eq!(RemoteOptions::default().spin, Duration::from_micros(50));
+            }
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -96,6 +96,11 @@ pub trait Host: Send + Sync + 'static {
     fn unmap(&self, id: u16, claim: Claim) -> Result<(), DmopError>;
     /// The server is gone: release its claims. Called once per added server.
     fn remove(&self, id: u16);
+    /// How the multiplexer serves the server called `name` (its deadline, say); `default`
+    /// is the listener's [`ServerOptions::remote`].
+    fn remote_options(&self, _name: &str, default: &RemoteOptions) -> RemoteOptions {
+        default.clone()
+    }
 }
 
 /// How the listener serves.
@@ -592,7 +597,7 @@ impl Conn {
             shared.clone(),
             res.clone(),
             bufioreq,
-            self.opts.remote.clone(),
+            self.host.remote_options(name, &self.opts.remote),
         );
         let id = self.host.add(Box::new(model))?;
         shared.id.store(u32::from(id), Ordering::Release);

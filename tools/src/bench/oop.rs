@@ -477,9 +477,11 @@ impl Dm {
         let policy = Policy {
             name: "ep".into(),
             uid: None,
+            deadline: None,
             grant: Grant {
                 ranges: vec![IoRange::pci(f.to_xen())],
                 positions: vec![],
+                guest_memory: false,
             },
         };
         let opts = ServerOptions {
