@@ -21,6 +21,7 @@ ROUTE_SPEEDUP_MIN = 5.0  # target 10x at 8 servers x 256 ranges (Xen's maximum)
 ROUTE_FLAT_MAX = 3.0  # slowest / fastest multiplexer cell over the grid; target: flat
 INPROCESS_MIN = 0.6  # target 0.8x the direct path
 OOP_FLOOR_MAX = 3.0  # target: p50 within 1.5x of the matching floor
+OOP_LOADED_MAX = 4.0  # target 2.5x: defaults' p50 with a busy loop per CPU / without (issue 14)
 REPLAY_VS_DECODE_MAX = 20.0  # regression guard only: the target (2x) is another issue's
 
 CHECK_IDS = {
@@ -31,6 +32,7 @@ CHECK_IDS = {
     "inprocess": f"in-process path >= {INPROCESS_MIN}x the direct path",
     "oop_poll": f"busy-polling round trip p50 <= {OOP_FLOOR_MAX}x the cache-line floor",
     "oop_block": f"blocking round trip p50 <= {OOP_FLOOR_MAX}x the eventfd floor",
+    "oop_loaded": f"defaults' round trip p50 with a busy loop per CPU <= {OOP_LOADED_MAX}x without",
     "replay": f"replay time <= {REPLAY_VS_DECODE_MAX}x decode-only time (regression guard)",
 }
 
@@ -118,9 +120,18 @@ def main():
         br = o["block_p50_ns"] / max(o["eventfd_floor_ns"], 1)
         check("oop_block", 0 < br <= OOP_FLOOR_MAX,
               f"{br:.2f}x ({o['block_p50_ns']} ns vs {o['eventfd_floor_ns']} ns)")
+        if "loaded_p50_ns" in o:
+            lr = o["loaded_p50_ns"] / max(o["unloaded_p50_ns"], 1)
+            check("oop_loaded", 0 < lr <= OOP_LOADED_MAX,
+                  f"{lr:.2f}x ({o['loaded_p50_ns']} ns vs {o['unloaded_p50_ns']} ns; p99 "
+                  f"{o['loaded_vs_unloaded_p99']:.2f}x; fixed 50 us spin: p50 "
+                  f"{o['fixed_loaded_vs_unloaded_p50']:.2f}x, p99 {o['fixed_loaded_vs_unloaded_p99']:.2f}x)")
+        else:
+            check("oop_loaded", False, "no loaded / unloaded figures in the oop section")
     else:
         missing("oop_poll", "oop")
         missing("oop_block", "oop")
+        missing("oop_loaded", "oop")
 
     rp = r.get("replay")
     if rp:

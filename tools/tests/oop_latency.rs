@@ -102,7 +102,7 @@ fn round_trip_latency() {
             grant: Grant {
                 ranges: vec![IoRange::pci(f.to_xen())],
                 positions: vec![],
-                guest_memory: false,
+                ..Grant::default()
             },
         };
         let opts = ServerOptions {

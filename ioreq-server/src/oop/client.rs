@@ -15,8 +15,9 @@
 //! ```
 
 use super::notify::NotifyPage;
-use super::remote::CLOCK_EVERY;
+use super::remote::{CLOCK_EVERY, spin_budget};
 use super::shm::SharedPages;
+use super::spin::{Awaited, Outcome, Peer, SpinMode, Spinner, Ticket};
 use super::sys::{Doorbell, SeqPacket, wait_readable};
 use super::wire::{self, Code, Info, Message, Notice, Reply, Request};
 use crate::bufioreq::BufioreqMode;
@@ -92,9 +93,13 @@ impl Stopper {
 pub struct ClientOptions {
     /// Buffered ring mode asked for at create.
     pub bufioreq: BufioreqMode,
-    /// After serving, keep polling the slots this long before sleeping in `poll` (lower
-    /// latency for bursts, at the cost of a busy core). While it polls, the model says so in
-    /// the notification page and the multiplexer does not ring its eventfds.
+    /// After serving, keep polling the slots at most this long before sleeping in `poll`
+    /// (lower latency for bursts, at the cost of a busy core). While it polls, the model
+    /// says so in the notification page and the multiplexer does not ring its eventfds. How
+    /// long it really polls adapts to the load ([`super::spin`]): at most twice the recent
+    /// wait for the next request, less and then not at all while polls keep ending in a
+    /// sleep, and never on one CPU; `IOREQ_MUX_SPIN=fixed` in the environment makes it poll
+    /// this long every time.
     pub spin: Duration,
     pub stop: Option<Stopper>,
 }
@@ -455,6 +460,10 @@ pub fn run(
     let nr = sp.vcpu_bells.len();
     let notify = sp.pages.notify();
     let mut batch: Vec<Ioreq> = Vec::with_capacity(64);
+    let mut waits = Waits::new(opts.spin);
+    // What the multiplexer was doing when this side last answered it: polling for the
+    // answer (so it is on a CPU and the next request may come soon), or rung awake.
+    let mut peer = Peer::Polling;
     // Notices already queued are read now; from here on the counter says when to look.
     let mut seen = notify.notices();
     if let Some(end) = pump(conn)? {
@@ -470,29 +479,22 @@ pub fn run(
         }
         let mut served = drain_ring(conn, id, sp, model, &mut batch);
         for v in 0..nr {
-            served |= serve_slot(conn, id, sp, model, v, &mut batch, &mut seen)?;
+            if let Some(p) = serve_slot(conn, id, sp, model, v, &mut batch, &mut seen)? {
+                (served, peer) = (true, p);
+            }
         }
         if served {
             continue;
         }
-        if !opts.spin.is_zero() {
+        let ticket = waits.spinner.start(peer);
+        let start = Instant::now();
+        if !ticket.budget.is_zero() {
             notify.set_dm_polling();
-            let until = Instant::now() + opts.spin;
-            let mut polls = 0u32;
-            let found = loop {
-                if has_work(sp, nr)
-                    || notify.notices() != seen
-                    || opts.stop.as_ref().is_some_and(Stopper::stopped)
-                {
-                    break true;
-                }
-                polls = polls.wrapping_add(1);
-                if polls % CLOCK_EVERY == 0 && Instant::now() >= until {
-                    break false;
-                }
-                std::hint::spin_loop();
-            };
-            if found {
+            let stopped = || opts.stop.as_ref().is_some_and(Stopper::stopped);
+            if poll_for_work(sp, nr, start, ticket.budget, || {
+                notify.notices() != seen || stopped()
+            }) {
+                waits.finish(ticket, Outcome::Spun(start.elapsed()));
                 continue;
             }
         }
@@ -501,8 +503,13 @@ pub fn run(
         // after it rings an eventfd (see `super::notify`).
         notify.clear_dm_polling();
         if has_work(sp, nr) {
+            // Just past the budget: no sleep, but a longer wait than the budget allowed.
+            waits.finish(ticket, Outcome::Spun(start.elapsed()));
             continue;
         }
+        // (A device model's wait is for a request, whose budget does not depend on how long
+        // the sleeps take: the time so far is enough.)
+        waits.finish(ticket, Outcome::Slept(start.elapsed()));
         let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(nr + 3);
         fds.push(conn.sock.as_fd());
         fds.push(sp.buf_bell.as_fd());
@@ -529,6 +536,69 @@ pub fn run(
             }
             seen = now;
         }
+    }
+}
+
+/// The device model's waits for work: the policy, and how they ended (logged at the end).
+#[derive(Debug)]
+struct Waits {
+    spinner: Spinner,
+    spun: u64,
+    slept: u64,
+}
+
+impl Waits {
+    /// For a configured maximum spin `max`: adaptive (and none on one CPU) unless
+    /// `IOREQ_MUX_SPIN=fixed` asks for the fixed spin of old.
+    fn new(max: Duration) -> Self {
+        let spinner = match SpinMode::from_env() {
+            SpinMode::Fixed => Spinner::new(max, SpinMode::Fixed, Awaited::Request),
+            SpinMode::Adaptive => {
+                Spinner::new(spin_budget(max), SpinMode::Adaptive, Awaited::Request)
+            }
+        };
+        Waits {
+            spinner,
+            spun: 0,
+            slept: 0,
+        }
+    }
+
+    fn finish(&mut self, t: Ticket, o: Outcome) {
+        match o {
+            Outcome::Spun(_) => self.spun += 1,
+            Outcome::Slept(_) => self.slept += 1,
+        }
+        self.spinner.finish(t, o);
+    }
+}
+
+impl Drop for Waits {
+    fn drop(&mut self) {
+        debug!(spun = self.spun, slept = self.slept, spinner = ?self.spinner, "waits for work");
+    }
+}
+
+/// Polls the slots and the ring until there is work or `other()` (true), or `budget` has
+/// passed since `start` (false). The clock is read only every few polls: reading it takes
+/// longer than a poll.
+fn poll_for_work(
+    sp: &ServerPages,
+    nr: usize,
+    start: Instant,
+    budget: Duration,
+    mut other: impl FnMut() -> bool,
+) -> bool {
+    let mut polls = 0u32;
+    loop {
+        if has_work(sp, nr) || other() {
+            return true;
+        }
+        polls = polls.wrapping_add(1);
+        if polls % CLOCK_EVERY == 0 && start.elapsed() >= budget {
+            return false;
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -606,7 +676,8 @@ fn drain_ring(
     !batch.is_empty()
 }
 
-/// Takes and serves the request in slot `v`, if there is one.
+/// Takes and serves the request in slot `v`, if there is one. Says whether the
+/// multiplexer was polling for the answer or had to be rung (`None`: nothing to serve).
 fn serve_slot(
     conn: &mut Connection,
     id: u16,
@@ -615,12 +686,12 @@ fn serve_slot(
     v: usize,
     batch: &mut Vec<Ioreq>,
     seen: &mut u64,
-) -> Result<bool, ClientError> {
+) -> Result<Option<Peer>, ClientError> {
     let Some(slot) = sp.pages.slot(v) else {
-        return Ok(false);
+        return Ok(None);
     };
     let Some(t) = slot.take() else {
-        return Ok(false);
+        return Ok(None);
     };
     // Notices sent before the request (a position moved) are queued by now, and counted in
     // the notification page (bumped before the request was posted, which `take` acquired);
@@ -659,8 +730,9 @@ fn serve_slot(
     }
     // `mux_is_polling` fences after the answer's store: the multiplexer either sees the
     // answer when it looks before sleeping, or has cleared its flag and is rung here.
-    if !sp.pages.notify().mux_is_polling(v) {
-        sp.resp_bell.ring()?;
+    if sp.pages.notify().mux_is_polling(v) {
+        return Ok(Some(Peer::Polling));
     }
-    Ok(true)
+    sp.resp_bell.ring()?;
+    Ok(Some(Peer::Rung))
 }

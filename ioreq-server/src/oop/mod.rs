@@ -11,6 +11,7 @@
 //! - [`notify`]: the third page of that memfd, which says when an eventfd need not be rung
 //!   and when the control socket has a notice to read;
 //! - [`remote`]: the multiplexer's proxy, a [`crate::DeviceModel`];
+//! - [`spin`]: how long either side spins before it sleeps (adapting to the load);
 //! - [`server`]: the multiplexer's listener, generic over a [`server::Host`] (the engine);
 //! - [`client`]: the device-model side.
 //!
@@ -22,9 +23,11 @@ pub mod remote;
 pub mod server;
 pub mod shm;
 pub mod slots;
+pub mod spin;
 pub mod sys;
 pub mod wire;
 
 pub use client::{ClientError, ClientOptions, Ended, Stopper, serve, serve_with};
 pub use remote::{RemoteModel, RemoteOptions, RemoteStats};
 pub use server::{DmListener, DmopError, Host, ServerOptions, ServerStatus};
+pub use spin::SpinMode;

@@ -5,12 +5,19 @@
 //! blocking on the response eventfd, never past the deadline. The rules that make skipping
 //! an eventfd safe are in [`super::notify`].
 //!
+//! How long it spins adapts ([`super::spin`]): at most [`RemoteOptions::spin`], at most
+//! twice the recent answer time, less and then not at all while spins keep ending in a
+//! sleep (the device model is not getting a CPU in time: the machine is oversubscribed),
+//! learned apart for a device model that said it was polling and one that had to be rung,
+//! and never on one CPU.
+//!
 //! DMOPs the device model sends while a request is in flight (a BAR was programmed, say)
 //! reach the connection thread, which hands them here: they are applied with the `ctl` of
 //! the request being served, exactly as an in-process model's would be.
 
 use super::shm::SharedPages;
-use super::slots::Collect;
+use super::slots::{Collect, SlotWords};
+use super::spin::{Awaited, Outcome, Peer, SpinMode, Spinner, Ticket};
 use super::sys::{Doorbell, SeqPacket, Trigger, Waiter};
 use super::wire::{self, Code, Message, Notice};
 use crate::bufioreq::BufioreqMode;
@@ -31,8 +38,11 @@ pub struct RemoteOptions {
     /// Longest a request may take. Past it the server is dropped (its claims are released)
     /// and the request completes as a master abort.
     pub deadline: Duration,
-    /// How long `handle` polls the slot before it blocks on the response eventfd.
+    /// The longest `handle` polls the slot before it blocks on the response eventfd; with
+    /// [`SpinMode::Adaptive`] it polls less when that pays better ([`super::spin`]).
     pub spin: Duration,
+    /// Whether `spin` is a maximum the policy adapts under, or a fixed time.
+    pub spin_mode: SpinMode,
     /// Writes inside these ranges go through the buffered ring (no waiting), as Xen buffers
     /// VGA memory writes; everything else is synchronous.
     pub buffered: Vec<IoRange>,
@@ -42,11 +52,17 @@ impl Default for RemoteOptions {
     fn default() -> Self {
         RemoteOptions {
             deadline: Duration::from_secs(1),
-            spin: spin_budget(Duration::from_micros(50)),
+            spin: spin_budget(DEFAULT_SPIN),
+            spin_mode: SpinMode::from_env(),
             buffered: vec![],
         }
     }
 }
+
+/// The default longest spin: the defaults' round trip (engine spins, device model sleeps)
+/// is ~2-3 µs on an idle machine and a wake-up across CPUs 30-80 µs on the machine in
+/// `docs/performance.md`, so 50 µs covers the answers that come without a wake-up.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// `want`, or no spinning at all where it cannot pay: a process that may run on one CPU only
 /// (a dom0 with one vCPU, a service pinned to a core) would spin while the device model it
@@ -167,6 +183,15 @@ pub(crate) struct Shared {
 
 pub(crate) const NO_ID: u32 = u32::MAX;
 
+/// One request being waited for.
+struct Waiting<'a> {
+    slot: &'a SlotWords,
+    vcpu: u32,
+    seq: u32,
+    /// When the wait began (the spin budget and the deadline count from here).
+    start: Instant,
+}
+
 /// Spin loops read the clock once per this many polls of shared memory: a clock read
 /// (`clock_gettime` through the vDSO) takes longer than a poll, and while a loop reads the
 /// clock it does not see the other side's write.
@@ -274,6 +299,8 @@ pub struct RemoteModel {
     nr_vcpus: u32,
     bufioreq: BufioreqMode,
     opts: RemoteOptions,
+    /// How long to spin for the next answer.
+    spinner: Spinner,
     seq: u32,
     /// Positions claimed and what the device model was last told about each.
     told: Vec<(Position, Option<u32>)>,
@@ -303,6 +330,7 @@ impl RemoteModel {
             shared,
             res,
             bufioreq,
+            spinner: Spinner::new(opts.spin, opts.spin_mode, Awaited::Answer),
             opts,
             seq: 0,
             told: vec![],
@@ -429,15 +457,15 @@ impl RemoteModel {
     /// Rings one of the device model's eventfds after publishing work for it (a slot posted,
     /// a write queued), unless it says it is polling: `dm_is_polling` fences first, so the
     /// model either sees the work when it looks before sleeping or finds the eventfd rung
-    /// (the argument is in [`super::notify`]).
-    fn ring_dm(&self, bell: &Doorbell) -> io::Result<()> {
+    /// (the argument is in [`super::notify`]). Says which it was.
+    fn ring_dm(&self, bell: &Doorbell) -> io::Result<Peer> {
         let c = &self.shared.counters;
         if self.res.pages.notify().dm_is_polling() {
             c.bells_skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(Peer::Polling);
         }
         c.bells_rung.fetch_add(1, Ordering::Relaxed);
-        bell.ring()
+        bell.ring().map(|()| Peer::Rung)
     }
 
     /// Posts `req` in slot `vcpu` and waits for the answer.
@@ -471,7 +499,14 @@ impl RemoteModel {
             .requests
             .fetch_add(1, Ordering::Relaxed);
         let r = match self.ring_dm(bell) {
-            Ok(()) => self.wait(vcpu, seq, ctl.as_deref_mut()),
+            Ok(peer) => {
+                let ticket = self.spinner.start(peer);
+                let (r, outcome) = self.wait(vcpu, seq, ticket, ctl.as_deref_mut());
+                if let Some(o) = outcome {
+                    self.spinner.finish(ticket, o);
+                }
+                r
+            }
             Err(e) => {
                 self.shared.fault(
                     Code::EIO,
@@ -496,76 +531,113 @@ impl RemoteModel {
         }
     }
 
+    /// Looks at slot `vcpu` once: `None` while request `seq` is unanswered; a protocol
+    /// violation faults the server.
+    fn check(&self, slot: &SlotWords, vcpu: u32, seq: u32) -> Option<Result<u64, DmError>> {
+        match slot.collect(seq) {
+            Collect::Pending => None,
+            Collect::Done(d) => Some(Ok(d)),
+            Collect::Violation { state, seq: s } => {
+                let why = format!(
+                    "vCPU {vcpu} request {seq}: slot went to state {state} with sequence {s} (protocol violation)"
+                );
+                self.shared.fault(Code::EPROTO, &why);
+                Some(Err(DmError::Failed {
+                    name: self.name.clone(),
+                    msg: why,
+                }))
+            }
+        }
+    }
+
+    /// Waits for the answer to request `seq` in slot `vcpu`: spins for the ticket's budget,
+    /// then sleeps. Also says how the wait ended, for the spin policy (`None`: it did not end
+    /// with an answer).
     fn wait(
         &self,
         vcpu: u32,
         seq: u32,
+        ticket: Ticket,
         mut ctl: Option<&mut (dyn DmControl + '_)>,
-    ) -> Result<u64, DmError> {
+    ) -> (Result<u64, DmError>, Option<Outcome>) {
         let Some(slot) = self.res.pages.slot(vcpu as usize) else {
-            return Err(self.refuse("no slot"));
+            return (Err(self.refuse("no slot")), None);
         };
         let start = Instant::now();
-        let check = |this: &Self| -> Option<Result<u64, DmError>> {
-            match slot.collect(seq) {
-                Collect::Pending => None,
-                Collect::Done(d) => Some(Ok(d)),
-                Collect::Violation { state, seq: s } => {
-                    let why = format!(
-                        "vCPU {vcpu} request {seq}: slot went to state {state} with sequence {s} (protocol violation)"
-                    );
-                    this.shared.fault(Code::EPROTO, &why);
-                    Some(Err(DmError::Failed {
-                        name: this.name.clone(),
-                        msg: why,
-                    }))
-                }
-            }
+        let w = Waiting {
+            slot,
+            vcpu,
+            seq,
+            start,
         };
-        let notify = self.res.pages.notify();
-        // Spin: the answer often comes within microseconds, sooner than a wakeup. Saying so
-        // spares the device model the response eventfd; the flag may stay set after the
-        // answer (the next wait sets it again anyway), since this side looks at the slot
-        // before it ever sleeps.
-        if !self.opts.spin.is_zero() {
-            notify.set_mux_polling(vcpu as usize);
-            let mut polls = 0u32;
-            loop {
-                if let Some(r) = check(self) {
-                    if r.is_ok() {
-                        self.shared.counters.spun.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return r;
+        if !ticket.budget.is_zero() {
+            if let Some(r) = self.spin(&w, ticket.budget, ctl.as_deref_mut()) {
+                let ok = r.is_ok();
+                if ok {
+                    self.shared.counters.spun.fetch_add(1, Ordering::Relaxed);
                 }
-                if self.shared.is_dead() {
-                    return Err(DmError::Disconnected(self.name.clone()));
-                }
-                if self.shared.has_ops.load(Ordering::Acquire) {
-                    self.apply_ops(ctl.as_deref_mut());
-                }
-                // The clock only every few polls: reading it takes longer than a poll.
-                polls = polls.wrapping_add(1);
-                if polls % CLOCK_EVERY == 0 && start.elapsed() >= self.opts.spin {
-                    break;
-                }
-                std::hint::spin_loop();
+                return (r, ok.then(|| Outcome::Spun(start.elapsed())));
             }
-            // Before sleeping: clear the flag and fence; the loop below looks at the slot
-            // once more before its first sleep (see `super::notify`).
-            notify.clear_mux_polling(vcpu as usize);
         }
-        // Block on the response eventfd (and the wake-up from the connection thread).
+        let r = self.sleep(&w, ctl);
+        let ok = r.is_ok();
+        if ok {
+            self.shared.counters.blocked.fetch_add(1, Ordering::Relaxed);
+        }
+        (r, ok.then(|| Outcome::Slept(start.elapsed())))
+    }
+
+    /// Polls the slot for up to `budget` after `start`, saying so in the notification page.
+    /// `None`: no answer yet (the caller sleeps). The flag may stay set after an answer (the
+    /// next wait sets it again anyway, or clears it before it sleeps), since this side looks
+    /// at the slot before it ever sleeps.
+    fn spin(
+        &self,
+        w: &Waiting<'_>,
+        budget: Duration,
+        mut ctl: Option<&mut (dyn DmControl + '_)>,
+    ) -> Option<Result<u64, DmError>> {
+        self.res.pages.notify().set_mux_polling(w.vcpu as usize);
+        let mut polls = 0u32;
         loop {
-            if let Some(r) = check(self) {
-                if r.is_ok() {
-                    self.shared.counters.blocked.fetch_add(1, Ordering::Relaxed);
-                }
+            if let Some(r) = self.check(w.slot, w.vcpu, w.seq) {
+                return Some(r);
+            }
+            if self.shared.is_dead() {
+                return Some(Err(DmError::Disconnected(self.name.clone())));
+            }
+            if self.shared.has_ops.load(Ordering::Acquire) {
+                self.apply_ops(ctl.as_deref_mut());
+            }
+            // The clock only every few polls: reading it takes longer than a poll.
+            polls = polls.wrapping_add(1);
+            if polls % CLOCK_EVERY == 0 && w.start.elapsed() >= budget {
+                return None;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Blocks on the response eventfd (and the connection thread's wake-up) until the answer
+    /// comes, the server dies or the deadline passes.
+    fn sleep(
+        &self,
+        w: &Waiting<'_>,
+        mut ctl: Option<&mut (dyn DmControl + '_)>,
+    ) -> Result<u64, DmError> {
+        let (vcpu, seq) = (w.vcpu, w.seq);
+        // Before sleeping: clear the flag (an earlier wait may have left it set, even if this
+        // one did not spin) and fence; the loop looks at the slot once more before its first
+        // sleep (see `super::notify`).
+        self.res.pages.notify().clear_mux_polling(vcpu as usize);
+        loop {
+            if let Some(r) = self.check(w.slot, vcpu, seq) {
                 return r;
             }
             if self.shared.is_dead() {
                 return Err(DmError::Disconnected(self.name.clone()));
             }
-            let elapsed = start.elapsed();
+            let elapsed = w.start.elapsed();
             if elapsed >= self.opts.deadline {
                 let why = format!(
                     "vCPU {vcpu} request {seq} not answered within {:?}",
@@ -643,7 +715,17 @@ impl DeviceModel for RemoteModel {
 
 impl Drop for RemoteModel {
     fn drop(&mut self) {
-        debug!(server = %self.name, "remote model dropped");
+        let st = self.stats();
+        debug!(
+            server = %self.name,
+            requests = st.requests,
+            spun = st.spun,
+            blocked = st.blocked,
+            bells_rung = st.bells_rung,
+            bells_skipped = st.bells_skipped,
+            spinner = ?self.spinner,
+            "remote model dropped"
+        );
     }
 }
 
@@ -660,13 +742,17 @@ mod tests {
         use nix::unistd::Pid;
         std::thread::spawn(|| {
             let all = sched_getaffinity(Pid::from_raw(0)).unwrap();
-            let first = (0..CpuSet::count()).find(|&c| all.is_set(c).unwrap_or(false)).unwrap();
+            let first = (0..CpuSet::count())
+                .find(|&c| all.is_set(c).unwrap_or(false))
+                .unwrap();
             let mut one = CpuSet::new();
             one.set(first).unwrap();
             sched_setaffinity(Pid::from_raw(0), &one).unwrap();
             assert_eq!(RemoteOptions::default().spin, Duration::ZERO);
             assert_eq!(spin_budget(Duration::from_micros(50)), Duration::ZERO);
-            let cpus = (0..CpuSet::count()).filter(|&c| all.is_set(c).unwrap_or(false)).count();
+            let cpus = (0..CpuSet::count())
+                .filter(|&c| all.is_set(c).unwrap_or(false))
+                .count();
             sched_setaffinity(Pid::from_raw(0), &all).unwrap();
             if cpus > 1 {
                 assert_eq!(RemoteOptions::default().spin, Duration::from_micros(50));

@@ -14,6 +14,11 @@
 //! whatever else runs on their CPU, which measures the neighbours, not the protocol.
 //! Every sample is one round trip timed with `Instant` (the floors too, so the clock's own
 //! cost is in both); percentiles come from HDR histograms.
+//!
+//! Under CPU pressure ([`loaded`]): the default settings' round trip with no other load and
+//! with one busy-loop thread per CPU the bench may use (started and stopped by the bench,
+//! [`Hogs`]), in alternating chunks, for the adaptive spin policy and for the fixed spin
+//! it replaced; the ratios loaded / unloaded say how gracefully each degrades.
 
 use super::util::{Reaped, TempDir};
 use super::{Effort, progress};
@@ -23,7 +28,8 @@ use bdf_router::Sbdf;
 use chipset_intercept::Chipset;
 use hdrhistogram::Histogram;
 use ioreq_server::bufioreq::BufioreqMode;
-use ioreq_server::oop::{RemoteOptions, RemoteStats, ServerOptions};
+use ioreq_server::oop::spin::SPIN_ENV;
+use ioreq_server::oop::{RemoteOptions, RemoteStats, ServerOptions, SpinMode};
 use ioreq_server::sim::{SimBackend, SimHypervisor};
 use ioreq_server::{Dir, IoRange, Ioreq};
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
@@ -68,6 +74,19 @@ pub struct Oop {
     pub default_p99_ns: u64,
     /// The same read served by the same model inside the engine (no process in the way).
     pub inprocess_p50_ns: u64,
+    /// The defaults (adaptive spinning), no other load: p50, p99.
+    pub unloaded_p50_ns: u64,
+    pub unloaded_p99_ns: u64,
+    /// The defaults with one busy-loop thread per CPU: p50, p99.
+    pub loaded_p50_ns: u64,
+    pub loaded_p99_ns: u64,
+    /// loaded_p50_ns / unloaded_p50_ns, and the same for p99.
+    pub loaded_vs_unloaded_p50: f64,
+    pub loaded_vs_unloaded_p99: f64,
+    /// The same two ratios with the engine spinning a fixed 50 us (the policy before
+    /// adaptive spinning), measured in the same chunks.
+    pub fixed_loaded_vs_unloaded_p50: f64,
+    pub fixed_loaded_vs_unloaded_p99: f64,
     /// One system call here: a non-blocking read of an empty eventfd (EAGAIN), mean ns.
     pub syscall_ns: f64,
     pub detail: OopDetail,
@@ -89,6 +108,16 @@ pub struct OopDetail {
     pub block_two_cpus: Lat,
     pub default: Lat,
     pub inprocess: Lat,
+    /// Under CPU pressure: adaptive and fixed spinning, without and with the busy loops.
+    pub unloaded: Lat,
+    pub loaded: Lat,
+    pub fixed_unloaded: Lat,
+    pub fixed_loaded: Lat,
+    /// Busy-loop threads started for the loaded chunks (one per CPU allowed).
+    pub hogs: usize,
+    /// How the engine's waits ended in the loaded part, adaptive and fixed: (spun, blocked).
+    pub loaded_waits: (u64, u64),
+    pub fixed_loaded_waits: (u64, u64),
     /// Chunks each round trip and its floor were split into.
     pub chunks: u64,
     /// How many round trips the engine answered while spinning / after blocking.
@@ -109,21 +138,26 @@ pub enum Part {
     Default,
     /// The same model in process.
     Inprocess,
+    /// The defaults with and without one busy loop per CPU.
+    Loaded,
 }
 
 fn histogram() -> Result<Histogram<u64>, String> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())
 }
 
+/// A measurement that did not run.
+const NO_LAT: Lat = Lat {
+    p50_ns: 0,
+    p99_ns: 0,
+    p999_ns: 0,
+    mean_ns: 0.0,
+    samples: 0,
+};
+
 fn lat(h: &Histogram<u64>) -> Lat {
     if h.is_empty() {
-        return Lat {
-            p50_ns: 0,
-            p99_ns: 0,
-            p999_ns: 0,
-            mean_ns: 0.0,
-            samples: 0,
-        };
+        return NO_LAT;
     }
     Lat {
         p50_ns: h.value_at_quantile(0.5),
@@ -470,6 +504,17 @@ impl Dm {
         dm_spin_us: u64,
         cpu: Option<usize>,
     ) -> Result<Self, String> {
+        Self::start_with(exe, label, (mux_spin, SpinMode::Fixed), dm_spin_us, cpu)
+    }
+
+    /// [`Self::start`] with the engine's spin mode; the device model gets the same one.
+    fn start_with(
+        exe: &Path,
+        label: &str,
+        (mux_spin, mode): (Duration, SpinMode),
+        dm_spin_us: u64,
+        cpu: Option<usize>,
+    ) -> Result<Self, String> {
         let f: Sbdf = FUNCTION.parse().map_err(|e| format!("{e}"))?;
         let mut e = engine(vec![])?;
         let dir = TempDir::new(label).map_err(|e| e.to_string())?;
@@ -481,12 +526,13 @@ impl Dm {
             grant: Grant {
                 ranges: vec![IoRange::pci(f.to_xen())],
                 positions: vec![],
-                guest_memory: false,
+                ..Grant::default()
             },
         };
         let opts = ServerOptions {
             remote: RemoteOptions {
                 spin: mux_spin,
+                spin_mode: mode,
                 deadline: Duration::from_secs(5),
                 ..Default::default()
             },
@@ -500,6 +546,14 @@ impl Dm {
             .args(["--vendor", "0x1af4", "--device", "0x1337"])
             .args(["--spin-us", &dm_spin_us.to_string()])
             .env("IOREQ_MUX_LOG", "warn")
+            .env(
+                SPIN_ENV,
+                if mode == SpinMode::Fixed {
+                    "fixed"
+                } else {
+                    "adaptive"
+                },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -645,19 +699,41 @@ pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
     }
     let bs = bs.unwrap_or_default();
 
-    let def = RemoteOptions::default().spin;
+    let def = RemoteOptions::default();
     let mut dflt_h = histogram()?;
     if want(Part::Default) {
         let _pinned = PinGuard::pin_self(me);
-        let mut dm = Dm::start(exe, "default", def, 0, them)?;
+        let mut dm = Dm::start_with(exe, "default", (def.spin, def.spin_mode), 0, them)?;
         dm.chunk(&mut dflt_h, e.block_samples, 1000)?;
         dm.finish()?;
     }
     let dflt = lat(&dflt_h);
     progress(&format!(
-        "defaults (engine spins {def:?}, model sleeps): p50 {} ns, p99 {} ns",
-        dflt.p50_ns, dflt.p99_ns
+        "defaults (engine spins up to {:?}, {:?}, model sleeps): p50 {} ns, p99 {} ns",
+        def.spin, def.spin_mode, dflt.p50_ns, dflt.p99_ns
     ));
+
+    let none = || Pressure {
+        unloaded: NO_LAT,
+        loaded: NO_LAT,
+        loaded_waits: (0, 0),
+    };
+    let (ad, fx, hogs) = if want(Part::Loaded) {
+        loaded(e, exe)?
+    } else {
+        (none(), none(), 0)
+    };
+    for (name, p) in [("adaptive", &ad), ("fixed", &fx)] {
+        progress(&format!(
+            "defaults, {name} spin, unloaded / with {hogs} busy loops: p50 {} / {} ns, p99 {} / {} ns (loaded: spun {}, blocked {})",
+            p.unloaded.p50_ns,
+            p.loaded.p50_ns,
+            p.unloaded.p99_ns,
+            p.loaded.p99_ns,
+            p.loaded_waits.0,
+            p.loaded_waits.1
+        ));
+    }
     Ok(Oop {
         poll_p50_ns: poll.p50_ns,
         poll_p99_ns: poll.p99_ns,
@@ -670,6 +746,14 @@ pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
         default_p50_ns: dflt.p50_ns,
         default_p99_ns: dflt.p99_ns,
         inprocess_p50_ns: local.p50_ns,
+        unloaded_p50_ns: ad.unloaded.p50_ns,
+        unloaded_p99_ns: ad.unloaded.p99_ns,
+        loaded_p50_ns: ad.loaded.p50_ns,
+        loaded_p99_ns: ad.loaded.p99_ns,
+        loaded_vs_unloaded_p50: ratio(ad.loaded.p50_ns, ad.unloaded.p50_ns),
+        loaded_vs_unloaded_p99: ratio(ad.loaded.p99_ns, ad.unloaded.p99_ns),
+        fixed_loaded_vs_unloaded_p50: ratio(fx.loaded.p50_ns, fx.unloaded.p50_ns),
+        fixed_loaded_vs_unloaded_p99: ratio(fx.loaded.p99_ns, fx.unloaded.p99_ns),
         syscall_ns,
         detail: OopDetail {
             cpus: pair,
@@ -681,6 +765,13 @@ pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
             block_two_cpus: block_x,
             default: dflt,
             inprocess: local,
+            unloaded: ad.unloaded,
+            loaded: ad.loaded,
+            fixed_unloaded: fx.unloaded,
+            fixed_loaded: fx.loaded,
+            hogs,
+            loaded_waits: ad.loaded_waits,
+            fixed_loaded_waits: fx.loaded_waits,
             chunks,
             poll_spun: ps.spun,
             poll_blocked: ps.blocked,
@@ -688,4 +779,145 @@ pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
             block_blocked: bs.blocked,
         },
     })
+}
+
+/// Longest the busy loops run, whatever happens to the bench: a loaded chunk takes well
+/// under a second, so this only matters if the bench is stuck or its guard was leaked.
+const HOG_LIMIT: Duration = Duration::from_secs(20);
+
+/// Longest one loaded or unloaded chunk measures: under the fixed spin policy a loaded
+/// round trip can take milliseconds, and the quick run must stay under a minute.
+const LOADED_CHUNK_LIMIT: Duration = Duration::from_secs(2);
+
+/// Busy-loop threads, one pinned to each CPU allowed, running until dropped (or for
+/// [`HOG_LIMIT`] at most).
+struct Hogs {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hogs {
+    /// The CPUs this process may use (one hog each); empty if the mask cannot be read.
+    fn cpus() -> Vec<usize> {
+        sched_getaffinity(Pid::from_raw(0))
+            .map(|set| {
+                (0..CpuSet::count())
+                    .filter(|&i| set.is_set(i).unwrap_or(false))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn start(cpus: &[usize]) -> Result<Self, String> {
+        let mut h = Hogs {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: vec![],
+        };
+        for &cpu in cpus {
+            let stop = h.stop.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("bench-hog-{cpu}"))
+                .spawn(move || hog(cpu, &stop))
+                .map_err(|e| format!("busy-loop thread: {e}"))?; // `h` stops those started
+            h.threads.push(t);
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One busy loop on `cpu` until `stop` or [`HOG_LIMIT`].
+fn hog(cpu: usize, stop: &AtomicBool) {
+    pin(Pid::from_raw(0), Some(cpu));
+    let t = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n = std::hint::black_box(n.wrapping_add(1));
+        if n % (1 << 16) == 0 && t.elapsed() > HOG_LIMIT {
+            return;
+        }
+    }
+}
+
+/// Like [`measure_into`], but stops after [`LOADED_CHUNK_LIMIT`].
+fn measure_for(dm: &mut Dm, h: &mut Histogram<u64>, samples: u64) -> Result<(), String> {
+    let req = Ioreq::pci_config(dm.f.to_xen(), 0, Dir::Read, 4, 0);
+    let t0 = Instant::now();
+    for i in 0..samples {
+        let t = Instant::now();
+        let v = dm.e.handle(0, &req);
+        record(h, t.elapsed());
+        if v != VENDOR_DEVICE {
+            return Err(format!(
+                "round trip {i} read {v:#x}, not {VENDOR_DEVICE:#x}"
+            ));
+        }
+        if t0.elapsed() > LOADED_CHUNK_LIMIT {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// What one spin mode measured under CPU pressure.
+struct Pressure {
+    unloaded: Lat,
+    loaded: Lat,
+    /// The engine's waits in the loaded chunks: (answered spinning, after blocking).
+    loaded_waits: (u64, u64),
+}
+
+/// The default settings (the engine's default spin, the model sleeping), adaptive and
+/// fixed, each without and with one busy loop per CPU, in alternating chunks so that all
+/// four see the same machine. Nothing is pinned but the busy loops: the scheduler places
+/// the engine and the model, as it would in a dom0.
+fn loaded(e: &Effort, exe: &Path) -> Result<(Pressure, Pressure, usize), String> {
+    let cpus = Hogs::cpus();
+    let spin = RemoteOptions::default().spin;
+    let mut dms = [
+        Dm::start_with(exe, "adaptive", (spin, SpinMode::Adaptive), 0, None)?,
+        Dm::start_with(exe, "fixed", (spin, SpinMode::Fixed), 0, None)?,
+    ];
+    let mut h: Vec<[Histogram<u64>; 2]> = (0..2)
+        .map(|_| Ok([histogram()?, histogram()?]))
+        .collect::<Result<_, String>>()?;
+    let per = (e.loaded_samples / e.oop_chunks.max(1)).max(1);
+    let mut waits = [(0u64, 0u64); 2];
+    for dm in &mut dms {
+        dm.chunk(&mut histogram()?, 0, 1000)?; // warm-up
+    }
+    for _ in 0..e.oop_chunks.max(1) {
+        for (i, dm) in dms.iter_mut().enumerate() {
+            measure_for(dm, &mut h[i][0], per)?;
+        }
+        let _hogs = Hogs::start(&cpus)?;
+        for (i, dm) in dms.iter_mut().enumerate() {
+            let before = dm.stats();
+            measure_for(dm, &mut h[i][1], per)?;
+            let st = dm.stats();
+            waits[i].0 += st.spun - before.spun;
+            waits[i].1 += st.blocked - before.blocked;
+        }
+    }
+    let [a, f] = dms;
+    let (ra, rf) = (a.finish(), f.finish());
+    ra.and(rf)?;
+    let p = |i: usize| Pressure {
+        unloaded: lat(&h[i][0]),
+        loaded: lat(&h[i][1]),
+        loaded_waits: waits[i],
+    };
+    Ok((p(0), p(1), cpus.len()))
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    a as f64 / b.max(1) as f64
 }
