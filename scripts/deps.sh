@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what building and testing ioreq-mux needs on Debian 12, if it is missing:
-# libclang (bindgen), the Xen headers and libraries (xen-ffi), zstd, and for the Xen
+# libclang (bindgen), the Xen headers and libraries (xen-ffi), zstd, acpica-tools (iasl, the
+# independent decoder the ACPI table tests use), and for the Xen
 # end-to-end test QEMU, busybox and cpio. Needs root (or sudo). Rust itself must already be
 # there (rustup; the workspace needs Rust >= 1.85).
 set -euo pipefail
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in libclang-dev libxen-dev clang pkg-config zstd ${IOREQ_MUX_E2E_DEPS:-}; do
+for p in libclang-dev libxen-dev clang pkg-config zstd acpica-tools ${IOREQ_MUX_E2E_DEPS:-}; do
   have_pkg "$p" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

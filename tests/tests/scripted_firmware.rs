@@ -261,7 +261,8 @@ fn scripted_firmware_routes_every_access() {
     // 6. Extended config space of the vgpu function through ECAM only (CF8 stops at 0xff).
     assert_eq!(
         g.cfg_read(Path::Ecam, bdf("03:00.0"), 0x100, 4),
-        0x0001_0003
+        0x1401_0003,
+        "DSN, next: AER at 0x140"
     );
     assert_delivered(&log, "vgpu", bdf("03:00.0"), 0x100, 4, Dir::Read, None);
     let w = g.ecam.unwrap();
@@ -272,7 +273,7 @@ fn scripted_firmware_routes_every_access() {
     );
     assert_eq!(
         g.mmio_read(w.address_of(bdf("03:00.0"), 0x100).unwrap(), 8),
-        0x5566_7788_0001_0003
+        0x5566_7788_1401_0003
     );
     let rejects = g.engine.stats().ecam_rejects;
     assert_eq!(

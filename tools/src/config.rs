@@ -109,6 +109,11 @@ pub struct ServerConfig {
     /// files in one request (fw_cfg DMA) and wants minutes.
     #[serde(default)]
     pub deadline: Option<Spanned<String>>,
+    /// A process server's functions have this many bytes of configuration space: 256 or
+    /// 4096 (default). Past it the multiplexer answers all ones itself: QEMU 7.2 in Xen mode
+    /// knows only conventional PCI's 256 bytes and must not be asked for more.
+    #[serde(default)]
+    pub config_space: Option<Spanned<u16>>,
     /// Replay (`kind = "trace"`): the QEMU device types (as QEMU's trace names them, e.g.
     /// "nvme") this server stands for; `"*"` = every device no other server lists. Replay checks
     /// each access reached the server standing for the device QEMU routed it to.
@@ -151,6 +156,8 @@ pub struct Server {
     pub guest_memory: bool,
     /// See [`ServerConfig::deadline`].
     pub deadline: Option<std::time::Duration>,
+    /// See [`ServerConfig::config_space`].
+    pub config_space: Option<u16>,
     pub qemu_devices: Vec<String>,
     /// (function, dword 0) pairs.
     pub ids: Vec<(Sbdf, u32)>,
@@ -358,13 +365,28 @@ impl Config {
                 ),
                 None => None,
             };
-            if s.kind != ServerKind::Process && (s.guest_memory || deadline.is_some()) {
+            if s.kind != ServerKind::Process
+                && (s.guest_memory || deadline.is_some() || s.config_space.is_some())
+            {
                 return Err(ConfigError::Syntax {
                     file: path.to_path_buf(),
                     msg: format!(
-                        "{who}: guest_memory and deadline apply to kind = \"process\" servers only"
+                        "{who}: guest_memory, deadline and config_space apply to kind = \"process\" servers only"
                     ),
                 });
+            }
+            if let Some(c) = &s.config_space {
+                if ![0x100, 0x1000].contains(c.get_ref()) {
+                    return Err(ConfigError::Field {
+                        file: path.to_path_buf(),
+                        line: line_of(text, c.span().start),
+                        field: format!("{who}: config_space"),
+                        msg: format!(
+                            "{} is neither 256 (conventional PCI) nor 4096 (PCI Express)",
+                            c.get_ref()
+                        ),
+                    });
+                }
             }
             let mut ids = vec![];
             for (at, v) in &s.ids {
@@ -383,16 +405,34 @@ impl Config {
                 command: s.command.clone(),
                 guest_memory: s.guest_memory,
                 deadline,
+                config_space: s.config_space.as_ref().map(|c| *c.get_ref()),
                 qemu_devices: s.qemu_devices.clone(),
                 ids,
             });
         }
+        check_windows(path, &raw.engine.ecam)?;
         Ok(Config {
             path: path.to_path_buf(),
             engine: raw.engine,
             servers,
         })
     }
+}
+
+/// Refuses `[[engine.ecam]]` windows that collide: in address, or in buses of one segment
+/// (an MCFG table may not list either, PCI Firmware spec 3.0, 4.1.2), naming both.
+fn check_windows(path: &Path, windows: &[bdf_router::EcamWindow]) -> Result<(), ConfigError> {
+    let mut layout = bdf_router::McfgLayout::default();
+    for (i, w) in windows.iter().enumerate() {
+        if let Err(other) = layout.insert(*w) {
+            let j = windows.iter().position(|o| *o == other).unwrap_or(i);
+            return Err(ConfigError::Syntax {
+                file: path.to_path_buf(),
+                msg: format!("engine.ecam[{i}] ({w}) overlaps engine.ecam[{j}] ({other})"),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Server {
@@ -417,13 +457,27 @@ mod tests {
     fn guest_memory_and_deadline_are_for_process_servers() {
         let e = parse("[[server]]\nname = \"a\"\nguest_memory = true\n").unwrap_err();
         assert!(e.to_string().contains("apply to kind = \"process\""), "{e}");
-        let e = parse("[[server]]\nname = \"a\"\nkind = \"process\"\ndeadline = \"5x\"\n")
-            .unwrap_err();
-        assert!(e.to_string().starts_with("t.toml:4: server[0] 'a': deadline"), "{e}");
+        let e =
+            parse("[[server]]\nname = \"a\"\nkind = \"process\"\ndeadline = \"5x\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:4: server[0] 'a': deadline"),
+            "{e}"
+        );
         let c = parse("[[server]]\nname = \"q\"\nkind = \"process\"\nguest_memory = true\ndeadline = \"90s\"\n")
             .unwrap();
         assert!(c.servers[0].guest_memory);
-        assert_eq!(c.servers[0].deadline, Some(std::time::Duration::from_secs(90)));
+        assert_eq!(
+            c.servers[0].deadline,
+            Some(std::time::Duration::from_secs(90))
+        );
+        let e = parse("[[server]]\nname = \"q\"\nkind = \"process\"\nconfig_space = 512\n")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:4: server[0] 'q': config_space: 512 is neither"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -493,6 +547,54 @@ bars = [{ kind = "mem32", size = 4096 }]
         assert!(e.to_string().contains("unique"), "{e}");
         let e = parse("[[server]]\nname = \"a\"\nowns.position = [\"00:02.0\"]\n").unwrap_err();
         assert!(e.to_string().contains("owns.bdf"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_windows_are_refused_naming_both() {
+        let e = parse(
+            "[[engine.ecam]]\nsegment = 1\nbase = 0xe0000000\nend_bus = 0x3f\n\
+             [[engine.ecam]]\nsegment = 2\nbase = 0xe2000000\nend_bus = 0x0f\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("t.toml: engine.ecam[1] (segment 0002")
+                && e.contains("engine.ecam[0] (segment 0001"),
+            "{e}"
+        );
+        // Same segment, same buses, different addresses: an MCFG cannot list both either.
+        let e = parse(
+            "[[engine.ecam]]\nbase = 0xe0000000\nend_bus = 0x3f\n\
+             [[engine.ecam]]\nbase = 0xf0000000\nstart_bus = 0x3f\nend_bus = 0x40\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("overlaps engine.ecam[0]"), "{e}");
+        let c = parse(
+            "[[engine.ecam]]\nbase = 0xe0000000\nend_bus = 0x3f\n\
+             [[engine.ecam]]\nsegment = 1\nbase = 0xe4000000\nend_bus = 0x3f\n",
+        )
+        .unwrap();
+        assert_eq!(c.engine.ecam.len(), 2);
+    }
+
+    #[test]
+    fn function_pcie_and_aer_defaults() {
+        let c = parse(
+            "[[server]]\nname = \"a\"\n\
+             [server.function.\"00:05.0\"]\nvendor = 1\ndevice = 2\n\
+             [server.function.\"00:06.0\"]\nvendor = 1\ndevice = 2\npcie = true\n\
+             [server.function.\"00:07.0\"]\nvendor = 1\ndevice = 2\npcie = true\naer = false\n",
+        )
+        .unwrap();
+        let f: Vec<crate::models::PciFunction> = c.servers[0]
+            .functions
+            .iter()
+            .map(|(_, spec)| crate::models::PciFunction::new(spec))
+            .collect();
+        assert_eq!(f[0].config_size(), 0x100, "conventional unless pcie = true");
+        assert_eq!(f[1].config_size(), 0x1000);
+        assert_eq!(f[1].aer_offset(), Some(crate::models::AER_OFFSET));
+        assert_eq!(f[2].aer_offset(), None);
     }
 
     #[test]

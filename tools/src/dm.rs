@@ -1,6 +1,7 @@
-//! `ioreq-mux dm`: a built-in PCIe endpoint (IDs, class, BARs, a PCI Express capability and
-//! a Device Serial Number extended capability) served from its own process, connected to a
-//! multiplexer's device-model socket (docs/dm-protocol.md).
+//! `ioreq-mux dm`: a built-in PCIe endpoint (IDs, class, BARs, a PCI Express capability, and
+//! in its 4 KiB configuration space a Device Serial Number extended capability at 0x100
+//! chained to an Advanced Error Reporting one at 0x140) served from its own process,
+//! connected to a multiplexer's device-model socket (docs/dm-protocol.md).
 //!
 //! ```text
 //! ioreq-mux dm --socket /run/ioreq-mux/dm.sock --server vgpu \
@@ -134,6 +135,11 @@ pub struct DmArgs {
     /// A conventional PCI function (256-byte config space, no PCIe capabilities).
     #[arg(long)]
     pub no_pcie: bool,
+    /// Leave out the Advanced Error Reporting extended capability. By default a PCIe function
+    /// has two, chained: Device Serial Number at 0x100, then AER at 0x140 (PCIe base spec 4.0,
+    /// 7.8.4: status bits write-1-to-clear, masks and severities writable, spec defaults).
+    #[arg(long)]
+    pub no_aer: bool,
     /// Device Serial Number (extended capability at 0x100).
     #[arg(long, value_parser = parse_u64, default_value = "0")]
     pub serial: u64,
@@ -176,6 +182,7 @@ impl DmArgs {
             revision: 0,
             bars: vec![],
             no_pcie: false,
+            no_aer: false,
             serial: 0,
             subsystem_vendor: 0,
             subsystem: 0,
@@ -226,6 +233,7 @@ pub fn build_model(a: &DmArgs) -> Result<EmulatedModel, String> {
             multifunction: false,
             bars: a.bars.clone(),
             pcie: !a.no_pcie,
+            aer: !a.no_aer,
             subsystem_vendor: a.subsystem_vendor,
             subsystem: a.subsystem,
             serial: a.serial,

@@ -3,6 +3,7 @@
 //! The engine takes ioreqs from a [`ioreq_server::Backend`], runs the chipset intercepts, routes
 //! each access with [`bdf_router`] and hands it to the owning [`ioreq_server::DeviceModel`].
 
+pub mod acpi;
 pub mod bench;
 pub mod config;
 pub mod dm;

@@ -1,5 +1,6 @@
 //! The `ioreq-mux` command: serve a guest on Xen, replay recorded traces, import QEMU traces,
-//! inspect a layout, run benchmarks, or run a device model out of process.
+//! inspect a layout, run benchmarks, run a device model out of process, or write the ACPI
+//! tables for the configured ECAM windows.
 
 use clap::{Parser, Subcommand};
 use ioreq_mux::{inspect, qemu_import, replay};
@@ -33,6 +34,9 @@ enum Cmd {
     Bench(ioreq_mux::bench::BenchArgs),
     /// Run a built-in device model in its own process, connected to a multiplexer.
     Dm(ioreq_mux::dm::DmArgs),
+    /// Write the ACPI tables (MCFG and an SSDT reserving each window) a guest needs to use the
+    /// configuration's [[engine.ecam]] windows, for xl's `acpi_firmware=`.
+    AcpiTables(ioreq_mux::acpi::AcpiTablesArgs),
     /// (internal) One trace server of `replay --dm-mode process`.
     #[command(hide = true)]
     ReplayDm(ioreq_mux::replay_dm::ReplayDmArgs),
@@ -126,6 +130,26 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("ioreq-mux inspect: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::AcpiTables(a) => {
+            init_logging();
+            match ioreq_mux::acpi::run(&a) {
+                Ok(windows) => {
+                    for w in &windows {
+                        eprintln!("ioreq-mux acpi-tables: {w}");
+                    }
+                    eprintln!(
+                        "ioreq-mux acpi-tables: wrote MCFG and SSDT for {} window(s) to {}",
+                        windows.len(),
+                        a.output.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ioreq-mux acpi-tables: {e}");
+                    ExitCode::from(e.exit_code())
                 }
             }
         }

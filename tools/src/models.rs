@@ -4,13 +4,30 @@
 //!
 //! Header layouts are from the PCI Local Bus spec 3.0, 6.1-6.2 (type 0) and the PCI-to-PCI
 //! Bridge Architecture spec 1.2, 3.2 (type 1); the PCI Express capability from the PCIe base
-//! spec 4.0, 7.5.3; the Device Serial Number extended capability from 7.9.3.
+//! spec 4.0, 7.5.3; extended capabilities (7.6.3 header) from 7.9.3 (Device Serial Number)
+//! and 7.8.4 (Advanced Error Reporting, module [`aer`]).
+//!
+//! A PCIe function's extended capability chain: DSN at 0x100, then AER at 0x140 (unless the
+//! spec says `aer: false`), then the end of the chain; the rest of its 4 KiB reads 0. A
+//! conventional function has 256 bytes: accesses past 0xff read all ones and writes are
+//! dropped (the function does not claim them; what reaches it past 0xff is the engine's
+//! decision, see `decode_ecam`).
+
+pub mod aer;
 
 use ioreq_server::{
     Claim, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, Position, RangeKind,
     abi, size_mask,
 };
 
+use aer::{
+    AER_CAP_CONTROL, AER_CAP_CONTROL_DEFAULT, AER_CAP_CONTROL_WMASK, AER_CAP_FIRST_ERR_PTR_MASK,
+    AER_CAP_VERSION, AER_COR_IMPLEMENTED, AER_COR_MASK, AER_COR_MASK_DEFAULT, AER_COR_STATUS,
+    AER_HEADER_LOG, AER_ROOT_COMMAND, AER_ROOT_COMMAND_WMASK, AER_ROOT_STATUS, AER_ROOT_STATUS_W1C,
+    AER_UNC_IMPLEMENTED, AER_UNC_MASK_DEFAULT, AER_UNC_SEVERITY_DEFAULT, AER_UNCOR_MASK,
+    AER_UNCOR_SEVERITY, AER_UNCOR_STATUS, PCI_EXT_CAP_ID_AER,
+};
+pub use aer::{AER_HEADER_LOG_DWORDS, AerError, AerOutcome, ErrorMessage, NoAer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,8 +72,26 @@ pub const PCI_EXP_TYPE_PCI_BRIDGE: u16 = 0x7;
 /// Where the built-in models put the PCIe capability and the first extended capability.
 pub const PCIE_CAP_OFFSET: usize = 0x40;
 pub const EXT_CAP_OFFSET: usize = 0x100;
+/// The Device Serial Number capability: first in the chain (7.9.3), 12 bytes.
+pub const DSN_OFFSET: usize = EXT_CAP_OFFSET;
+pub const DSN_SIZE: usize = 0x0c;
+/// The AER capability (7.8.4), after DSN.
+pub const AER_OFFSET: usize = 0x140;
+/// Extended capability header (7.6.3): ID bits 15:0, version 19:16, next offset 31:20.
+pub const EXT_CAP_VERSION_SHIFT: u32 = 16;
+pub const EXT_CAP_NEXT_SHIFT: u32 = 20;
+/// DSN capability version (7.9.3.1).
+pub const DSN_CAP_VERSION: u32 = 1;
+/// Device Control register in the PCIe capability (7.5.3.4) and its writable bits 14:0.
+pub const PCI_EXP_DEVCTL: usize = 0x08;
+pub const PCI_EXP_DEVCTL_WMASK: u16 = 0x7fff;
 /// Size of the PCI Express capability structure (version 2).
 pub const PCIE_CAP_SIZE: usize = 0x3c;
+
+/// An extended capability header dword.
+pub fn ext_cap_header(id: u16, version: u32, next: usize) -> u32 {
+    u32::from(id) | (version << EXT_CAP_VERSION_SHIFT) | ((next as u32) << EXT_CAP_NEXT_SHIFT)
+}
 
 /// What a BAR decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,9 +160,13 @@ pub struct FunctionSpec {
     #[serde(default)]
     pub bars: Vec<BarSpec>,
     /// Add a PCI Express capability at 0x40 and a Device Serial Number extended capability at
-    /// 0x100 (4 KiB config space); without it the function has 256 bytes.
+    /// 0x100 (4 KiB config space); without it the function has 256 bytes. Configuration
+    /// files default to false, [`FunctionSpec::endpoint`] and `ioreq-mux dm` to true.
     #[serde(default)]
     pub pcie: bool,
+    /// With `pcie`: an Advanced Error Reporting extended capability after DSN (at 0x140).
+    #[serde(default = "default_true")]
+    pub aer: bool,
     #[serde(default)]
     pub subsystem_vendor: u16,
     #[serde(default)]
@@ -135,6 +174,10 @@ pub struct FunctionSpec {
     /// Serial number for the DSN capability.
     #[serde(default)]
     pub serial: u64,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl FunctionSpec {
@@ -148,6 +191,7 @@ impl FunctionSpec {
             multifunction: false,
             bars: vec![],
             pcie: true,
+            aer: true,
             subsystem_vendor: 0,
             subsystem: 0,
             serial: 0,
@@ -183,7 +227,12 @@ struct BarDecode {
 #[derive(Debug, Clone)]
 pub struct PciFunction {
     config: Vec<u8>,
+    /// Bits software writes (RW, RWS).
     wmask: Vec<u8>,
+    /// Bits a written 1 clears (RW1C, RW1CS); disjoint from `wmask`.
+    w1c: Vec<u8>,
+    /// Offset of the AER capability, if the function has one.
+    aer: Option<usize>,
     /// (register offset, spec) per BAR.
     bars: Vec<(usize, BarSpec)>,
     kind: FunctionKind,
@@ -201,11 +250,37 @@ fn get32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
+/// Lays out the AER capability at `at` (7.8.4): reset values, writable and write-1-to-clear
+/// bits; the Root Port registers when `root_port`.
+fn put_aer(c: &mut [u8], w: &mut [u8], w1c: &mut [u8], at: usize, next: usize, root_port: bool) {
+    put32(
+        c,
+        at,
+        ext_cap_header(PCI_EXT_CAP_ID_AER, AER_CAP_VERSION, next),
+    );
+    put32(w1c, at + AER_UNCOR_STATUS, AER_UNC_IMPLEMENTED);
+    put32(c, at + AER_UNCOR_MASK, AER_UNC_MASK_DEFAULT);
+    put32(w, at + AER_UNCOR_MASK, AER_UNC_IMPLEMENTED);
+    put32(c, at + AER_UNCOR_SEVERITY, AER_UNC_SEVERITY_DEFAULT);
+    put32(w, at + AER_UNCOR_SEVERITY, AER_UNC_IMPLEMENTED);
+    put32(w1c, at + AER_COR_STATUS, AER_COR_IMPLEMENTED);
+    put32(c, at + AER_COR_MASK, AER_COR_MASK_DEFAULT);
+    put32(w, at + AER_COR_MASK, AER_COR_IMPLEMENTED);
+    put32(c, at + AER_CAP_CONTROL, AER_CAP_CONTROL_DEFAULT);
+    put32(w, at + AER_CAP_CONTROL, AER_CAP_CONTROL_WMASK);
+    if root_port {
+        put32(w, at + AER_ROOT_COMMAND, AER_ROOT_COMMAND_WMASK);
+        put32(w1c, at + AER_ROOT_STATUS, AER_ROOT_STATUS_W1C);
+    }
+}
+
 impl PciFunction {
     pub fn new(spec: &FunctionSpec) -> Self {
         let size = if spec.pcie { 0x1000 } else { 0x100 };
         let mut c = vec![0u8; size];
         let mut w = vec![0u8; size];
+        let mut w1c = vec![0u8; size];
+        let mut aer = None;
         put16(&mut c, PCI_VENDOR_ID, spec.vendor);
         put16(&mut c, PCI_DEVICE_ID, spec.device);
         c[PCI_REVISION_ID] = spec.revision;
@@ -283,20 +358,30 @@ impl PciFunction {
                 PCIE_CAP_OFFSET + 2,
                 0x2 | (spec.kind.pcie_type() << 4),
             );
-            // Device control is writable (bits 14:0).
-            put16(&mut w, PCIE_CAP_OFFSET + 8, 0x7fff);
-            // Extended capability header: ID, version 1 in bits 19:16, next 0.
+            put16(
+                &mut w,
+                PCIE_CAP_OFFSET + PCI_EXP_DEVCTL,
+                PCI_EXP_DEVCTL_WMASK,
+            );
+            let after_dsn = if spec.aer { AER_OFFSET } else { 0 };
             put32(
                 &mut c,
-                EXT_CAP_OFFSET,
-                u32::from(PCI_EXT_CAP_ID_DSN) | (1 << 16),
+                DSN_OFFSET,
+                ext_cap_header(PCI_EXT_CAP_ID_DSN, DSN_CAP_VERSION, after_dsn),
             );
-            put32(&mut c, EXT_CAP_OFFSET + 4, spec.serial as u32);
-            put32(&mut c, EXT_CAP_OFFSET + 8, (spec.serial >> 32) as u32);
+            put32(&mut c, DSN_OFFSET + 4, spec.serial as u32);
+            put32(&mut c, DSN_OFFSET + 8, (spec.serial >> 32) as u32);
+            if spec.aer {
+                let root_port = spec.kind == FunctionKind::RootPort;
+                put_aer(&mut c, &mut w, &mut w1c, AER_OFFSET, 0, root_port);
+                aer = Some(AER_OFFSET);
+            }
         }
         PciFunction {
             config: c,
             wmask: w,
+            w1c,
+            aer,
             bars,
             kind: spec.kind,
         }
@@ -324,7 +409,8 @@ impl PciFunction {
         v
     }
 
-    /// Writes through the write mask.
+    /// Writes through the write mask; a 1 written to a write-1-to-clear bit clears it, a 0
+    /// leaves it.
     pub fn write(&mut self, reg: usize, size: usize, data: u64) {
         if reg + size > self.config.len() {
             return;
@@ -332,8 +418,58 @@ impl PciFunction {
         for i in 0..size {
             let b = (data >> (8 * i)) as u8;
             let m = self.wmask[reg + i];
-            self.config[reg + i] = (self.config[reg + i] & !m) | (b & m);
+            let v = (self.config[reg + i] & !m) | (b & m);
+            self.config[reg + i] = v & !(b & self.w1c[reg + i]);
         }
+    }
+
+    /// Offset of the AER capability, if the function has one.
+    pub fn aer_offset(&self) -> Option<usize> {
+        self.aer
+    }
+
+    /// Records an error the function detected in its AER capability (PCIe base spec 4.0,
+    /// 6.2.5): the status bit is set; an unmasked uncorrectable error that finds no earlier
+    /// one pending (the First Error Pointer's status bit clear) becomes the first error, with
+    /// `header` (the offending TLP's header, zeros if none) in the Header Log; the outcome
+    /// says which message, if any, the error calls for (severity decides fatal or not).
+    /// Advisory Non-Fatal handling (6.2.3.2.4) is the caller's: report `AdvisoryNonFatal`.
+    pub fn report_error(
+        &mut self,
+        error: AerError,
+        header: Option<[u32; AER_HEADER_LOG_DWORDS]>,
+    ) -> Result<AerOutcome, NoAer> {
+        let at = self.aer.ok_or(NoAer)?;
+        let bit = error.bit();
+        let reg = |r: usize| at + r;
+        if !error.is_uncorrectable() {
+            let status = get32(&self.config, reg(AER_COR_STATUS));
+            put32(&mut self.config, reg(AER_COR_STATUS), status | bit);
+            if get32(&self.config, reg(AER_COR_MASK)) & bit != 0 {
+                return Ok(AerOutcome::Masked);
+            }
+            return Ok(AerOutcome::Signal(ErrorMessage::Correctable));
+        }
+        let status = get32(&self.config, reg(AER_UNCOR_STATUS));
+        put32(&mut self.config, reg(AER_UNCOR_STATUS), status | bit);
+        if get32(&self.config, reg(AER_UNCOR_MASK)) & bit != 0 {
+            return Ok(AerOutcome::Masked);
+        }
+        let control = get32(&self.config, reg(AER_CAP_CONTROL));
+        let first = control & AER_CAP_FIRST_ERR_PTR_MASK;
+        if status & (1 << first) == 0 {
+            let control = (control & !AER_CAP_FIRST_ERR_PTR_MASK) | bit.trailing_zeros();
+            put32(&mut self.config, reg(AER_CAP_CONTROL), control);
+            for (i, d) in header.unwrap_or_default().iter().enumerate() {
+                put32(&mut self.config, reg(AER_HEADER_LOG) + 4 * i, *d);
+            }
+        }
+        let fatal = get32(&self.config, reg(AER_UNCOR_SEVERITY)) & bit != 0;
+        Ok(AerOutcome::Signal(if fatal {
+            ErrorMessage::Fatal
+        } else {
+            ErrorMessage::NonFatal
+        }))
     }
 
     /// The BARs that decode now: enabled in the command register, programmed, not being sized.
@@ -448,6 +584,18 @@ impl EmulatedModel {
     pub fn with_log(mut self, log: DeliveryLog) -> Self {
         self.log = Some(log);
         self
+    }
+
+    /// Records an error in the AER capability of the function placed at `at` (see
+    /// [`PciFunction::report_error`]); `None` if the model has no function there.
+    pub fn report_error(
+        &mut self,
+        at: &Placement,
+        error: AerError,
+        header: Option<[u32; AER_HEADER_LOG_DWORDS]>,
+    ) -> Option<Result<AerOutcome, NoAer>> {
+        let f = self.functions.iter_mut().find(|(p, _)| p == at)?;
+        Some(f.1.report_error(error, header))
     }
 
     /// Ranges the model's BARs decode now.
@@ -618,8 +766,8 @@ mod tests {
         // Read-only IDs stay.
         f.write(0, 4, 0);
         assert_eq!(f.read(0, 2), 0x1af4);
-        // Extended config space: the DSN capability header at 0x100.
-        assert_eq!(f.read(0x100, 4), 0x0001_0003);
+        // Extended config space: the DSN capability header at 0x100, AER next.
+        assert_eq!(f.read(0x100, 4), 0x1401_0003);
         assert_eq!(f.read(0x34, 1), 0x40);
         assert_eq!(f.read(0x40, 1), 0x10);
         // A conventional function ends at 256 bytes.

@@ -260,7 +260,7 @@ fn policy(name: &str, bdf: &str) -> Policy {
                 IoRange::ports(0xc000, 0xcfff),
             ],
             positions: vec![],
-            guest_memory: false,
+            ..Grant::default()
         },
     }
 }
@@ -271,7 +271,16 @@ fn check_endpoint(r: &mut Rig, f: Sbdf, device: u64) {
     assert_eq!(r.cfg_read(f, 0x08, 4) >> 8, 0x020000, "class");
     assert_eq!(r.cfg_read(f, 0x34, 1), 0x40, "capability pointer");
     assert_eq!(r.cfg_read(f, 0x40, 1), 0x10, "PCI Express capability");
-    assert_eq!(r.ext_read(f, 0x100), 0x0001_0003, "DSN extended capability");
+    assert_eq!(
+        r.ext_read(f, 0x100),
+        0x1401_0003,
+        "DSN extended capability, next: AER at 0x140"
+    );
+    assert_eq!(
+        r.ext_read(f, 0x140),
+        0x0002_0001,
+        "AER, version 2, the last one"
+    );
     assert_eq!(r.ext_read(f, 0x104), 0x5566_7788);
     assert_eq!(r.ext_read(f, 0x108), 0x1122_3344);
     r.program_bars(f, 0xe000_0000, 0xc000);
