@@ -322,7 +322,7 @@ fn claims_outside_a_grant_are_refused() {
     let grant = Grant {
         ranges: vec![IoRange::ports(0x7000, 0x70ff)],
         positions: vec![],
-        guest_memory: false,
+        ..Grant::default()
     };
     let ok = Rogue {
         name: "ok".into(),

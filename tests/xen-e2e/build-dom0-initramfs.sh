@@ -8,6 +8,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 : "${W:?W (work dir) must be set}"
 : "${IOREQ_MUX:?IOREQ_MUX (the ioreq-mux binary) must be set}"
 : "${MUX_CONFIG:?MUX_CONFIG (configs/xen-e2e.toml) must be set}"
+: "${MUX_PRELOAD:?MUX_PRELOAD (libioreq_mux_preload.so) must be set}"
+: "${ECAM_TABLES:?ECAM_TABLES (ioreq-mux acpi-tables output) must be set}"
+ROOT=$(cd "$HERE/../.." && pwd)
 KV=${KV:-6.1.0-56-amd64}
 X=$W/x
 R=$W/rootfs
@@ -38,7 +41,15 @@ cp "$IOREQ_MUX" "$R/usr/local/bin/ioreq-mux"
 strip "$R/usr/local/bin/ioreq-mux" 2>/dev/null || true
 mkdir -p "$R/etc/ioreq-mux" "$R/e2e/guest"
 cp "$MUX_CONFIG" "$R/etc/ioreq-mux/xen-e2e.toml"
-cp "$HERE/dom0-test.sh" "$HERE/seabios.cfg" "$HERE/linux.cfg" "$R/e2e/"
+# QEMU behind the mux (phases E, F): the xl wrapper, the preload library, the wrapper's
+# default configuration.
+mkdir -p "$R/usr/lib/ioreq-mux"
+cp "$ROOT/contrib/xen/ioreq-mux-qemu" "$MUX_PRELOAD" "$R/usr/lib/ioreq-mux/"
+strip --strip-debug "$R/usr/lib/ioreq-mux/$(basename "$MUX_PRELOAD")" 2>/dev/null || true
+cp "$ROOT/configs/xen-e2e-front.toml" "$R/etc/ioreq-mux/qemu.toml"
+cp "$ECAM_TABLES" "$R/e2e/ecam.aml"
+cp "$HERE/dom0-test.sh" "$HERE/seabios.cfg" "$HERE/linux.cfg" "$HERE/seabios-front.cfg" \
+  "$HERE/linux-front.cfg" "$R/e2e/"
 chmod +x "$R/e2e/dom0-test.sh"
 cp "$X/boot/vmlinuz-$KV" "$R/e2e/guest/vmlinuz"
 cp "$W/guest-initrd.gz" "$R/e2e/guest/initrd.gz"
@@ -48,7 +59,7 @@ cp "$W/guest-initrd.gz" "$R/e2e/guest/initrd.gz"
 XL=$R/usr/lib/xen-4.17/bin
 LIBX=$X/usr/lib/x86_64-linux-gnu
 BINS="$XL/xl $XL/xenstored $XL/xenconsoled $XL/libxl-save-helper $XL/xen-init-dom0 $XL/xenstore-control
-  $R/usr/libexec/xen-qemu-system-i386 $R/usr/local/bin/ioreq-mux
+  $R/usr/libexec/xen-qemu-system-i386 $R/usr/local/bin/ioreq-mux $R/usr/lib/ioreq-mux/libioreq_mux_preload.so
   $LIBX/libxendevicemodel.so.1 $LIBX/libxenforeignmemory.so.1 $LIBX/libxenevtchn.so.1"
 export LD_LIBRARY_PATH=$LIBX
 mkdir -p "$R/lib/x86_64-linux-gnu" "$R/lib64"

@@ -160,5 +160,138 @@ check "mux reported requests served by e2e-dev" mux_has MUXB 'served by model mo
 check "mux exit code 0" test "$(exit_code 'phase B')" = 0
 check "no ERROR/WARN in the mux log" quiet_log MUXB
 
+# ---- QEMU behind the multiplexer ---------------------------------------------------------
+qemu_log() { grep -E "^$1: " "$B" | sed -E "s/^$1: //"; }
+qemu_has() { qemu_log "$1" | grep -E -- "$2" >/dev/null; }
+# hvmloader's "pci dev DD:F" lines of one domain, sorted, as one line.
+pci_devs() { grep -E "\(d$1\) .*pci dev [0-9a-f]{2}:[0-7] " "$B" | grep -o -E 'pci dev [0-9a-f]{2}:[0-7]' | sort -u | tr '\n' ' '; }
+# served config triples (sbdf reg data) of a phase's mux log
+served_cfg() { mux "$1" | sed -n -E 's/.*served config .*sbdf=([0-9a-f:.]+) reg=(0x[0-9a-f]+) size=4 dir=read data=(0x[0-9a-f]+).*/\1 \2 \3/p'; }
+
+echo "phase E (SeaBIOS guest, QEMU behind the mux):"
+DOME=$(marker 'phase E: domid' | sed -E 's/.*domid ([0-9]+).*/\1/')
+if [ -z "$DOME" ]; then bad "phase E ran (no 'phase E: domid' marker)"; DOME=x; fi
+check "QEMU's ioreq server went to the mux through the preload (QEMU's log)" \
+  qemu_has QEMUE 'ioreq-mux-preload: .*create.* server id'
+check "the mux is Xen's only ioreq server for the guest (server id 0), QEMU attached through the protocol" \
+  eval 'mux_has MUXE "ready: serving.* server=0 " && mux_has MUXE "device model attached model=qemu"'
+check "the mux detected QEMU's chipset through the protocol: i440FX" mux_has MUXE 'chipset detected chipset=i440'
+N_QCLAIMS=$(mux MUXE | grep -c -E 'claimed model="?qemu"? claim=(ports|mmio)')
+N_XEN=$(mux MUXE | grep -c -E 'claimed from Xen range=(ports|mmio)')
+check "QEMU's port and MMIO claims reached Xen through the mux ($N_QCLAIMS by QEMU, $N_XEN ranges claimed from Xen)" \
+  test "$N_QCLAIMS" -ge 5 -a "$N_XEN" -ge "$N_QCLAIMS"
+check "QEMU's functions claimed through map_pcidev (00:00.0, 00:01.x)" \
+  eval 'mux_has MUXE "claimed model=\"?qemu\"? claim=pci 0000:00:00\.0" && mux_has MUXE "claimed model=\"?qemu\"? claim=pci 0000:00:01\.3"'
+pm_order() {
+  local l c
+  l=$(mux MUXE | grep -n -E 'layout change event=.*(pm|PM).*0xb000' | head -1 | cut -d: -f1)
+  c=$(mux MUXE | grep -n -E 'already claimed for it by an intercept model="?qemu"? claim=ports 0xb0' | head -1 | cut -d: -f1)
+  [ -n "$l" ] && [ -n "$c" ] && [ "$l" -lt "$c" ]
+}
+check "hvmloader's PIIX4 PM base reached the intercept before QEMU: block 0xb000 claimed, then QEMU's own maps found it" pm_order
+check "the PM block claim reached Xen" mux_has MUXE 'claimed from Xen range=ports 0xb000-0xb03f'
+DEVS_A=$(pci_devs "$DOMA")
+DEVS_E=$(pci_devs "$DOME")
+check "hvmloader enumerated the same functions as with QEMU alone plus the mux's 05:0 (${DEVS_E:-none})" \
+  test -n "$DEVS_E" -a "$DEVS_E" = "$DEVS_A"
+check "SeaBIOS ran to its boot attempt" has "\(d$DOME\) .*(No bootable device|Booting from|Boot failed)"
+check "mux stopped by itself when the domain went away" mux_has MUXE "shutting down reason=domain $DOME is gone"
+check "mux exit code 0" mux_has MUXE 'stopped exit_code=0'
+
+echo "phase F (Linux guest, QEMU behind the mux, a process model behind QEMU's bridge):"
+DOMF=$(marker 'phase F: domid' | sed -E 's/.*domid ([0-9]+).*/\1/')
+[ -n "$DOMF" ] || bad "phase F ran (no 'phase F: domid' marker)"
+GF=$(grep -E 'GUESTF: ' "$B" | sed -E 's/.*GUESTF: //')
+# every function phase B's guest (QEMU alone) listed, with the same IDs and class
+same_fns=1
+while read -r path ven dev cls; do
+  f=${path##*/}
+  grep -q -E "^fn $f $ven $dev $cls " <<< "$GF" || { same_fns=0; echo "       $f ($ven $dev $cls) missing or different"; }
+done < <(guest | sed -n -E 's/^pci (\/sys\/bus\/pci\/devices\/[0-9a-f:.]+) (0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)$/\1 \2 \3 \4/p')
+check "every function of phase B (QEMU's and 00:05.0) is there with the same IDs and class" test $same_fns = 1
+check "QEMU's bridge 00:06.0 (1b36:0001, class 060400)" grep -q -E '^fn 0000:00:06\.0 0x1b36 0x0001 0x060400 ' <<< "$GF"
+EP=$(grep -E '^fn 0000:[0-9a-f]{2}:01\.0 0x1af4 0x1338 0xff0000 0x02 ' <<< "$GF" | awk '{print $2}')
+check "the process model's function behind the bridge: ${EP:-not found} (1af4:1338, rev 2)" \
+  eval '[ -n "$EP" ] && [ "${EP:5:2}" != 00 ]'
+EPBAR=$(grep -E '^endpoint mmio read 0x[0-9a-f]+ 32 -> ' <<< "$GF" | awk '{print $4, $NF}')
+check "the process model's BAR (placed by Linux behind the bridge) answers: ${EPBAR:-no read}" \
+  eval 'set -- $EPBAR; [ -n "${2:-}" ] && [ "$(( $2 ))" = "$(( 0xcafe0000 | ($1 & 0xffff) ))" ]'
+check "mux: bridge-ep's position resolved when the guest numbered the bridge" \
+  mux_has MUXF "device moved with bus numbering model=\"?bridge-ep\"? position=0000:00:06\.0/01\.0 .*to=Some\(\"$EP\"\)"
+# The guest's dump of every function: each dword is a value the mux served for it.
+declare -A SERVEDF=()
+while read -r f reg val; do SERVEDF["$f $((reg))"]+=" $((val))"; done < <(served_cfg MUXF)
+cfg_fn_ok() { # BDF: every dword the guest printed was served for that function
+  local f=$1 line off bytes i v n=0 bad_n=0
+  while read -r off bytes; do
+    off=$((16#$off))
+    set -- $bytes
+    for i in 0 4 8 12; do
+      eval "b0=\${$((i+1))} b1=\${$((i+2))} b2=\${$((i+3))} b3=\${$((i+4))}"
+      v=$(( 16#$b0 | 16#$b1 << 8 | 16#$b2 << 16 | 16#$b3 << 24 ))
+      n=$((n + 1))
+      [[ " ${SERVEDF["$f $((off + i))"]:-} " == *" $v "* ]] || { bad_n=$((bad_n + 1)); [ $bad_n -le 3 ] && echo "       $f dword $(hex $((off + i))) = $(hex $v) never served"; }
+    done
+  done < <(grep -E "^$f cfg [0-9a-f]{3}:" <<< "$GF" | sed -E "s/^$f cfg ([0-9a-f]{3}):/\1/")
+  [ $n -ge 64 ] && [ $bad_n = 0 ]
+}
+for f in $(grep -E '^fn ' <<< "$GF" | awk '{print $2}'); do
+  check "config of $f: the guest read what its model served" cfg_fn_ok "$f"
+done
+SHA_DOM0=$(marker 'phase F: disk image sha256' | sed -E 's/.*sha256 ([0-9a-f]+).*/\1/')
+SHA_GUEST=$(grep -E '^disk sha256 ' <<< "$GF" | awk '{print $3}')
+check "disk on QEMU's IDE read by the guest with rep insw: sha256 ${SHA_GUEST:0:16}... = dom0's image" \
+  test -n "$SHA_DOM0" -a "$SHA_DOM0" = "$SHA_GUEST"
+N_PTR=$(mux MUXF | sed -n -E 's/.*rep_ptr_requests=([0-9]+).*/\1/p' | head -1)
+check "rep string I/O through a guest buffer (data_is_ptr) reached QEMU through the mux (${N_PTR:-0} requests)" \
+  test "${N_PTR:-0}" -ge 128
+check "no guest-buffer request was completed without data" eval '! mux_has MUXF "completed without data"'
+# ECAM on Xen 4.17 through the mux's window (ACPI tables from `ioreq-mux acpi-tables`)
+check "guest accepted the mux's ECAM window from the ACPI tables: $(grep -m1 -o -E '(MMCONFIG|ECAM) for domain 0000 \[bus 00-0f\] at \[mem 0xe0000000-0xe0ffffff\]' <<< "$GF")" \
+  eval 'grep -q -E "(MMCONFIG|ECAM) for domain 0000 \[bus 00-0f\] at \[mem 0xe0000000-0xe0ffffff\]" <<< "$GF" && grep -q -E "reserved (as|in) ACPI motherboard resource" <<< "$GF" && ! grep -q -i "not reserved" <<< "$GF"'
+PF=0000:00:05.0 # the PCI Express function (configs/xen-e2e-front.toml: e2e-dev, pcie = true)
+check "the PCI Express function $PF has 4096 bytes of configuration space" grep -q -E '^dev05 config size 4096$' <<< "$GF"
+ext_chain() { # DSN (0x0003) at 0x100 -> AER (0x0001, version 2) at 0x140 -> end
+  local d100 d140
+  d100=$(grep -E "^$PF cfg 100:" <<< "$GF" | awk '{print $7 $6 $5 $4}')
+  d140=$(grep -E "^$PF cfg 140:" <<< "$GF" | awk '{print $7 $6 $5 $4}')
+  echo "       0x100: ${d100:-?}  0x140: ${d140:-?}"
+  [ "$(( 16#${d100:-0} & 0xffff ))" = 3 ] && [ "$(( 16#${d100:-0} >> 20 ))" = $((0x140)) ] \
+    && [ "$(( 16#${d140:-0} & 0xffff ))" = 1 ] && [ "$(( 16#${d140:-0} >> 20 ))" = 0 ]
+}
+check "its extended capabilities, read through ECAM: Device Serial Number at 0x100, then AER at 0x140" ext_chain
+check "an AER mask written through ECAM sticks (0x148 reads 00001000)" \
+  grep -q -E '^dev05 aer uncorrectable mask after writing 0x1000: 00001000$' <<< "$GF"
+check "the write reached the model through the mux's ECAM decode, and the read back came from it" \
+  eval 'mux_has MUXF "served config via ECAM .*sbdf=$PF reg=0x148 size=4 dir=write data=0x1000" && mux_has MUXF "served config sbdf=$PF reg=0x148 size=4 dir=read data=0x1000"'
+ecam_same=1
+while read -r f ecam cf8 ext; do
+  # 00:05.0 is the mux's PCI Express function: its 0x100 is its DSN capability
+  [ "$(( ecam ))" = "$(( cf8 ))" ] && { [ "$f" = 00:05.0 ] || [ "$(( ext ))" = $((0xffffffff)) ]; } \
+    || { ecam_same=0; echo "       $f: ECAM $ecam, CF8 $cf8, 0x100 $ext"; }
+done < <(sed -n -E 's/^ecam ([0-9a-f:.]+) reg 0x0 (0x[0-9a-fA-F]+) cf8 (0x[0-9a-f]+) reg 0x100 (0x[0-9a-fA-F]+)$/\1 \2 \3 \4/p' <<< "$GF")
+check "QEMU's functions read through ECAM as through CF8, their extended space all ones (never asked of QEMU)" \
+  test $ecam_same = 1 -a "$(grep -c -E '^ecam 00:' <<< "$GF")" -ge 7
+check "a function nobody owns reads all ones through ECAM" grep -q -E '^ecam 00:1f\.0 reg 0x0 0xFFFFFFFF$' <<< "$GF"
+check "mux counted accesses past QEMU's 256 bytes" mux_has MUXF 'beyond_config_space=[1-9]'
+HOP_B=$(guest | sed -n -E 's/^hop cfc-time ([0-9]+) reads ([0-9a-f]+) avg ([0-9]+) ns$/\2 \3/p')
+HOP_F=$(sed -n -E 's/^hop cfc-time ([0-9]+) reads ([0-9a-f]+) avg ([0-9]+) ns$/\2 \3/p' <<< "$GF")
+if [ -n "$HOP_B" ] && [ -n "$HOP_F" ]; then
+  set -- $HOP_B $HOP_F
+  echo "       hop: 00:00.0 config read (CF8/CFC) from the guest: QEMU alone $4 ns... " >/dev/null
+  RATIO=$(awk -v a="$2" -v b="$4" 'BEGIN { printf "%.2f", b / a }')
+  check "hop measured: a config read QEMU serves takes $2 ns alone, $4 ns behind the mux (x$RATIO; nested TCG, no threshold)" \
+    test "$1" = 12378086 -a "$3" = 12378086
+else
+  bad "hop measured in phases B and F (B: ${HOP_B:-none}, F: ${HOP_F:-none})"
+fi
+check "QEMU killed while the guest was busy: the guest went on, 00:00.0 now master-aborts" \
+  grep -q -E '^after the kill: 00:00\.0 reads ffffffff' <<< "$GF"
+check "after the kill the mux still serves 00:05.0 (ids and BAR)" \
+  grep -q -E '^after the kill: 00:05\.0 ids 0x1af4 0x1337, bar reads 0x[cC][aA][fF][eE]0000' <<< "$GF"
+check "mux logged QEMU's end and released its claims" mux_has MUXF 'device model removed model=qemu'
+check "mux stopped by itself when the domain went away" mux_has MUXF "shutting down reason=domain $DOMF is gone"
+check "mux exit code 0" mux_has MUXF 'stopped exit_code=0'
+
 echo "checks: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -6,11 +6,22 @@
 #      claimed from Xen, then a clean stop on --duration.
 #   D  `serve` for a domain that does not exist: exit code 4.
 #   B  Linux guest: reads 00:05.0 through sysfs, its BAR from both vCPUs and the port range,
-#      powers off; the mux notices the domain is gone and stops by itself.
+#      times config reads QEMU serves, powers off; the mux notices the domain is gone and
+#      stops by itself.
+#   E  SeaBIOS guest with QEMU BEHIND the mux (device_model_override = the ioreq-mux-qemu
+#      wrapper, which starts the mux and QEMU with the preload library).
+#   F  Linux guest with QEMU behind the mux, a process model (`ioreq-mux dm`) behind QEMU's
+#      PCI-PCI bridge and the built-in 00:05.0; reads every function, a disk on QEMU's IDE
+#      with rep string I/O, times the hop; then QEMU is killed while the guest is busy.
 # Markers are "E2E: ..." lines; mux logs are printed prefixed "MUXA:", "MUXC:", "MUXD:",
-# "MUXB:"; the guests' own output reaches the Xen console as "(dN)" lines. The host side
+# "MUXB:", "MUXE:", "MUXF:" (QEMU's own logs "QEMUE:", "QEMUF:", the process model's "DMF:"); the guests' own output reaches the Xen console as "(dN)" lines. The host side
 # (tests/xen-e2e/check.sh) judges all of it.
 CFG=/etc/ioreq-mux/xen-e2e.toml
+# Which phases run: all, unless the dom0 command line says `e2e.phases=EF` (for working on
+# some; check.sh then reports the others as missing).
+PHASES=$(sed -n 's/.*e2e\.phases=\([A-Z]*\).*/\1/p' /proc/cmdline)
+PHASES=${PHASES:-ACDBEF}
+phase() { case "$PHASES" in *$1*) return 0 ;; esac; return 1; }
 up() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "E2E: $* [dom0 uptime $(up)s]"; }
 dump() { sed "s/^/$1: /" "$2"; }
@@ -38,6 +49,7 @@ create() { # CFGFILE LOG
 }
 
 # ---- phase A: SeaBIOS guest ------------------------------------------------------------
+if phase A; then
 say "phase A: xl create -p seabios.cfg"
 create /e2e/seabios.cfg /tmp/xl-a.log
 DOMA=$(xl domid e2e-seabios)
@@ -63,13 +75,17 @@ ioreq-mux serve --domid "$DOMA" --config $CFG --claim all --duration 3s \
 say "phase C: ioreq-mux exit code $?"
 dump MUXC /tmp/mux-c.log
 xl destroy e2e-seabios
+fi
 
 # ---- phase D: a domain that does not exist -----------------------------------------------
-ioreq-mux serve --domid 999 --config $CFG > /tmp/mux-d.log 2>&1
-say "phase D: ioreq-mux exit code $?"
-dump MUXD /tmp/mux-d.log
+if phase D; then
+  ioreq-mux serve --domid 999 --config $CFG > /tmp/mux-d.log 2>&1
+  say "phase D: ioreq-mux exit code $?"
+  dump MUXD /tmp/mux-d.log
+fi
 
 # ---- phase B: Linux guest ----------------------------------------------------------------
+if phase B; then
 say "phase B: xl create -p linux.cfg"
 create /e2e/linux.cfg /tmp/xl-b.log
 DOMB=$(xl domid e2e-linux)
@@ -89,4 +105,101 @@ fi
 wait $MUX
 say "phase B: ioreq-mux exit code $?"
 dump MUXB /tmp/mux-b.log
+fi
+
+# ---- phases E and F: QEMU behind the multiplexer ------------------------------------------
+# The wrapper starts `ioreq-mux serve` for the domain with /etc/ioreq-mux/qemu.toml
+# (configs/xen-e2e-front.toml) and logs it to /var/log/xen/ioreq-mux-DOMID.log.
+export IOREQ_MUX_LOG_LEVEL="info,ioreq_mux::engine=debug,ioreq_mux::xen_backend=debug"
+export IOREQ_MUX_PRELOAD_LOG=info
+
+# mux_of DOMID: pid of the multiplexer the wrapper started for the domain.
+mux_of() { cat /run/ioreq-mux/$1.pid 2>/dev/null; }
+# wait_gone PID SECONDS: until PID exits; says whether it did.
+wait_gone() {
+  i=0
+  while [ $i -lt $(($2 * 10)) ] && kill -0 "$1" 2>/dev/null; do sleep 0.1; i=$((i+1)); done
+  ! kill -0 "$1" 2>/dev/null
+}
+# the mux log without the per-access lines (they are many; the checks need few of them)
+dump_mux() { grep -v -E ' served (vcpu|config)| buffered write ' "$2" | sed "s/^/$1: /"; }
+dump_mux_config() { grep -E ' served config ' "$2" | grep -E "$3" | sed "s/^/$1: /"; }
+# every distinct 4-byte config read the mux served (function, register, value)
+dump_mux_reads() {
+  grep -E ' served config .* size=4 dir=read ' "$2" \
+    | sed -E 's/.*(served config) .*(sbdf=[^ ]+ reg=[^ ]+ size=4 dir=read data=[^ ]+).*/\1 \2/' \
+    | sort -u | sed "s/^/$1: /"
+}
+
+if phase E; then
+say "phase E: xl create -p seabios-front.cfg"
+if create /e2e/seabios-front.cfg /tmp/xl-e.log; then
+  DOME=$(xl domid e2e-seabios-front)
+  MUXE=$(mux_of $DOME)
+  say "phase E: domid $DOME, ioreq-mux pid $MUXE"
+  say "phase E: unpause"
+  xl unpause e2e-seabios-front
+  i=0
+  while [ $i -lt 120 ]; do
+    xl dmesg | grep "(d$DOME)" | grep -q -E 'No bootable device|Booting from|Boot failed' && break
+    sleep 1; i=$((i+1))
+  done
+  say "phase E: firmware finished (waited ${i}s)"
+  xl destroy e2e-seabios-front
+  if wait_gone "$MUXE" 10; then say "phase E: ioreq-mux stopped after the domain went away"; else
+    say "FAIL: phase E: ioreq-mux still running 10s after the domain went away"; kill -TERM "$MUXE"; fi
+  dump_mux MUXE /var/log/xen/ioreq-mux-$DOME.log
+  dump_mux_config MUXE /var/log/xen/ioreq-mux-$DOME.log 'sbdf=0000:00:01\.3 reg=0x(40|80) .*dir=write'
+fi
+for f in /var/log/xen/ioreq-mux-*.log; do [ -f "$f" ] && [ -z "${DOME:-}" ] && dump MUXE "$f"; done
+sed 's/^/QEMUE: /' /var/log/xen/qemu-dm-e2e-seabios-front.log
+rm -f /var/log/xen/ioreq-mux-*.log
+fi
+
+if phase F; then
+say "phase F: xl create -p linux-front.cfg"
+dd if=/dev/urandom of=/e2e/disk.img bs=1024 count=64 2>/dev/null
+say "phase F: disk image sha256 $(sha256sum /e2e/disk.img | cut -d' ' -f1)"
+if create /e2e/linux-front.cfg /tmp/xl-f.log; then
+  DOMF=$(xl domid e2e-linux-front)
+  MUXF=$(mux_of $DOMF)
+  say "phase F: domid $DOMF, ioreq-mux pid $MUXF"
+  ioreq-mux dm --socket /run/ioreq-mux/$DOMF.sock --server bridge-ep --at 00:06.0/01.0 \
+    --vendor 0x1af4 --device 0x1338 --class 0xff0000 --revision 2 --bar mem64:4096:prefetch \
+    > /tmp/dm-f.log 2>&1 &
+  DMF=$!
+  i=0
+  while [ $i -lt 100 ] && ! grep -q 'device model attached model=bridge-ep' /var/log/xen/ioreq-mux-$DOMF.log; do
+    sleep 0.1; i=$((i+1))
+  done
+  say "phase F: process model bridge-ep joined (waited $((i / 10))s)"
+  say "phase F: unpause"
+  xl unpause e2e-linux-front
+  i=0
+  while [ $i -lt 150 ] && ! xl dmesg | grep "(d$DOMF)" | grep -q "GUESTF: ready for the QEMU kill"; do
+    sleep 1; i=$((i+1))
+  done
+  QPID=$(for p in /proc/[0-9]*; do
+    tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q -- "-xen-domid $DOMF " && echo ${p#/proc/}
+  done | head -1)
+  say "phase F: guest ready for the QEMU kill (waited ${i}s); killing QEMU pid $QPID"
+  kill -KILL "$QPID"
+  i=0
+  while [ $i -lt 120 ] && ! xl dmesg | grep "(d$DOMF)" | grep -q 'GUESTF: done after the kill'; do
+    sleep 1; i=$((i+1))
+  done
+  say "phase F: guest went on after the kill (waited ${i}s)"
+  if kill -0 "$MUXF" 2>/dev/null; then say "phase F: ioreq-mux still serving after QEMU died"; fi
+  xl destroy e2e-linux-front
+  if wait_gone "$MUXF" 10; then say "phase F: ioreq-mux stopped after the domain went away"; else
+    say "FAIL: phase F: ioreq-mux still running 10s after the domain went away"; kill -TERM "$MUXF"; fi
+  wait_gone "$DMF" 5 || kill -TERM "$DMF"
+  dump_mux MUXF /var/log/xen/ioreq-mux-$DOMF.log
+  dump_mux_reads MUXF /var/log/xen/ioreq-mux-$DOMF.log
+  dump_mux_config MUXF /var/log/xen/ioreq-mux-$DOMF.log 'via ECAM .* dir=write'
+  sed 's/^/DMF: /' /tmp/dm-f.log
+fi
+for f in /var/log/xen/ioreq-mux-*.log; do [ -f "$f" ] && [ -z "${DOMF:-}" ] && dump MUXF "$f"; done
+sed 's/^/QEMUF: /' /var/log/xen/qemu-dm-e2e-linux-front.log
+fi
 xl list

@@ -14,6 +14,7 @@
 # Environment:
 #   W          work directory (default /tmp/ioreq-mux-xen-e2e): downloads, initramfs, logs
 #   IOREQ_MUX  use this ioreq-mux binary instead of building it (cargo build --release)
+#   IOREQ_MUX_PRELOAD_SO  and this preload library (with IOREQ_MUX; else built beside it)
 #   CARGO      cargo to build with (default: cargo on PATH, else ~/.cargo/bin/cargo)
 #   TIMEOUT    seconds the whole QEMU run may take (default 600)
 set -euo pipefail
@@ -21,7 +22,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export W=${W:-/tmp/ioreq-mux-xen-e2e}
 export KV=6.1.0-56-amd64
-TIMEOUT=${TIMEOUT:-600}
+TIMEOUT=${TIMEOUT:-900}
 T0=$(date +%s)
 
 fail() {
@@ -40,6 +41,8 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 static_busybox || missing+=(busybox-static)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v perl >/dev/null || missing+=(perl)
+command -v gcc >/dev/null || missing+=(gcc)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 if [ -z "${IOREQ_MUX:-}" ]; then
   [ -f /usr/include/xendevicemodel.h ] || missing+=(libxen-dev)
   ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 \
@@ -83,13 +86,18 @@ zcat "$W/x/boot/xen-4.17-amd64.gz" > "$W/xen.elf" # multiboot ELF that QEMU -ker
 if [ -z "${IOREQ_MUX:-}" ]; then
   CARGO=${CARGO:-$(command -v cargo || echo "$HOME/.cargo/bin/cargo")}
   [ -x "$CARGO" ] || fail "cargo not found (set CARGO=/path/to/cargo, or IOREQ_MUX=/path/to/ioreq-mux)"
-  step "building ioreq-mux (release, with Xen support)"
-  (cd "$ROOT" && "$CARGO" build --release -p ioreq-mux) || fail "cargo build --release -p ioreq-mux failed"
-  IOREQ_MUX=$(cd "$ROOT" && "$CARGO" metadata --format-version 1 --no-deps \
-    | perl -ne 'print $1 if /"target_directory":"([^"]+)"/')/release/ioreq-mux
+  step "building ioreq-mux and the preload library (release, with Xen support)"
+  (cd "$ROOT" && "$CARGO" build --release -p ioreq-mux -p ioreq-mux-preload) \
+    || fail "cargo build --release -p ioreq-mux -p ioreq-mux-preload failed"
+  TARGET=$(cd "$ROOT" && "$CARGO" metadata --format-version 1 --no-deps \
+    | perl -ne 'print $1 if /"target_directory":"([^"]+)"/')
+  IOREQ_MUX=$TARGET/release/ioreq-mux
+  IOREQ_MUX_PRELOAD_SO=${IOREQ_MUX_PRELOAD_SO:-$TARGET/release/libioreq_mux_preload.so}
 fi
-export IOREQ_MUX MUX_CONFIG=$ROOT/configs/xen-e2e.toml
+IOREQ_MUX_PRELOAD_SO=${IOREQ_MUX_PRELOAD_SO:-$(dirname "$IOREQ_MUX")/libioreq_mux_preload.so}
+export IOREQ_MUX MUX_CONFIG=$ROOT/configs/xen-e2e.toml MUX_PRELOAD=$IOREQ_MUX_PRELOAD_SO
 [ -x "$IOREQ_MUX" ] || fail "no ioreq-mux binary at $IOREQ_MUX"
+[ -f "$MUX_PRELOAD" ] || fail "no preload library at $MUX_PRELOAD"
 "$IOREQ_MUX" serve --help >/dev/null 2>&1 || fail "$IOREQ_MUX has no working 'serve' subcommand"
 
 # On this (non-Xen) host `serve` must fail with exit code 3 and one line.
@@ -106,6 +114,11 @@ if [ ! -e /dev/xen/privcmd ]; then
   fi
 fi
 
+# The ACPI tables of phase F's ECAM window, made by the binary under test on this host.
+"$IOREQ_MUX" acpi-tables --config "$ROOT/configs/xen-e2e-front.toml" -o "$W/ecam.aml" \
+  || fail "ioreq-mux acpi-tables failed"
+export ECAM_TABLES=$W/ecam.aml
+
 # ---- initramfs: guest, then dom0 --------------------------------------------------------
 step "building the guest and dom0 initramfs"
 bash "$HERE/build-guest-initramfs.sh"
@@ -116,7 +129,7 @@ T1=$(date +%s)
 step "booting Xen in QEMU (log: $W/run.log)"
 set +e
 timeout "$TIMEOUT" bash "$HERE/run-xen.sh" | tee "$W/run.log" \
-  | grep --line-buffered -E 'E2E:|GUEST: (init|done|pci .*00:05\.0)|Kernel panic|MUX[ABCD]: .*( ERROR | WARN |ready: serving|shutting down)|\(d[0-9]+\) .*pci dev 05:0'
+  | grep --line-buffered -E 'E2E:|GUESTF?: (init|done|pci .*00:05\.0|ready|after|disk|hop|endpoint)|Kernel panic|MUX[ABCDEF]: .*( ERROR | WARN |ready: serving|shutting down|chipset|device model .* (attached|removed))|ioreq-mux-preload: .*(connected|created|ERROR|exit)|\(d[0-9]+\) .*pci dev 05:0'
 set -e
 T2=$(date +%s)
 grep -q 'E2E: dom0 test script done' "$W/run.log" || echo "xen-e2e: the dom0 test script did not finish (timeout $TIMEOUT s?)"

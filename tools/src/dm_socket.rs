@@ -41,6 +41,7 @@ impl Policy {
     pub fn from_server(s: &Server) -> Self {
         let mut grant = Grant {
             guest_memory: s.guest_memory,
+            config_space: s.config_space,
             ..Grant::default()
         };
         for c in &s.claims {
@@ -356,8 +357,8 @@ device = 0x29c0
     /// reach the grant and the request path; other servers keep the listener's defaults.
     #[test]
     fn guest_memory_and_deadline_from_the_configuration() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../configs/xen-e2e-front.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/xen-e2e-front.toml");
         let cfg = Config::load(&path).unwrap();
         let pols = policies(&cfg);
         let qemu = pols.iter().find(|p| p.name == "qemu").unwrap();
@@ -368,7 +369,10 @@ device = 0x29c0
         let (tx, _rx) = ControlSender::detached().unwrap();
         let h = EngineHost::new(tx, pols, 2, Duration::from_millis(10));
         let default = RemoteOptions::default();
-        assert_eq!(h.remote_options("qemu", &default).deadline, Duration::from_secs(300));
+        assert_eq!(
+            h.remote_options("qemu", &default).deadline,
+            Duration::from_secs(300)
+        );
         assert_eq!(h.remote_options("bridge-ep", &default), default);
     }
 }

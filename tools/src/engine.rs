@@ -8,13 +8,13 @@
 use bdf_router::{
     ConfigAccess, ConfigPath, EcamWindow, Moved, Router, Sbdf, ServerIdx, decode_ecam,
 };
-use chipset_intercept::{Chipset, InterceptConfig, InterceptTable, LayoutEvent};
+use chipset_intercept::{Chipset, HitList, InterceptConfig, InterceptTable, LayoutEvent};
 use ioreq_server::abi::{self, PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT};
+use ioreq_server::oop::sys::Doorbell;
 use ioreq_server::{
     Backend, BackendError, BackendEvent, Claim, ClaimError, DeviceModel, Dir, DmControl, IoRange,
     Ioreq, IoreqType, Position, RangeKind, size_mask,
 };
-use ioreq_server::oop::sys::Doorbell;
 use serde::Serialize;
 use std::time::Duration;
 use thiserror::Error;
@@ -25,6 +25,8 @@ use tracing::{debug, info, trace, warn};
 pub const MUX: ServerIdx = 0;
 /// Name the multiplexer has in claims and errors.
 pub const MUX_NAME: &str = "ioreq-mux";
+/// A PCI Express function's configuration space: 4 KiB (PCIe Base 4.0, 7.2.2).
+pub const PCIE_CONFIG_SPACE_SIZE: u16 = 0x1000;
 
 /// What the engine claims from the hypervisor for PCI configuration space.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -99,6 +101,9 @@ pub struct EngineStats {
     pub dm_errors: u64,
     /// Configuration accesses that touched an intercepted register.
     pub intercepted: u64,
+    /// Configuration accesses past the end of their function's configuration space (an
+    /// extended register of a model with 256 bytes): reads all ones, writes dropped.
+    pub beyond_config_space: u64,
     /// TIMEOFFSET and INVALIDATE broadcasts.
     pub broadcasts: u64,
     /// Completions the hypervisor refused.
@@ -123,6 +128,11 @@ pub struct Grant {
     /// accesses through a guest buffer (`data_is_ptr`) reach it unchanged. Without it they
     /// complete without data, since a pointer is no value.
     pub guest_memory: bool,
+    /// Bytes of configuration space the model's functions have: 256 for a model that knows
+    /// only conventional PCI's (QEMU 7.2 in Xen mode, whose config handler must not be
+    /// asked past 0xff). Accesses past it read all ones and never reach the model, as the
+    /// PCIe spec has it for a function without extended space. `None`: 4 KiB.
+    pub config_space: Option<u16>,
 }
 
 impl Grant {
@@ -301,18 +311,12 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
                 });
             }
         }
-        if let Claim::Range(r) = &claim {
-            let by_intercept = self
-                .mapped
-                .pm
-                .iter()
-                .any(|p| p.by_engine && p.owner == self.owner && p.ports == *r);
-            if by_intercept && self.router.holds_exactly(self.owner, r) {
-                // Already in place: an intercept that runs before the model (the PM base)
-                // claimed the block on the model's behalf before the model mapped it itself.
-                debug!(model = self.router.server_name(self.owner), %claim, "already claimed for it by an intercept");
-                return Ok(());
-            }
+        if self.inside_pm_block(&claim) {
+            // Already in place: an intercept that runs before the model (the PM base) claimed
+            // the whole block on the model's behalf before the model mapped it (or its
+            // registers, one range each) itself.
+            debug!(model = self.router.server_name(self.owner), %claim, "already claimed for it by an intercept");
+            return Ok(());
         }
         self.router.claim(self.owner, &claim)?;
         if matches!(&claim, Claim::Position(_))
@@ -346,6 +350,11 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
     }
 
     fn unmap(&mut self, claim: Claim) -> Result<(), ClaimError> {
+        if self.inside_pm_block(&claim) {
+            // The block stays claimed until its intercept moves or closes it.
+            debug!(model = self.router.server_name(self.owner), %claim, "kept: claimed for it by an intercept");
+            return Ok(());
+        }
         let was = match &claim {
             Claim::Position(p) => resolved(self.router, self.owner, p),
             Claim::Range(_) => None,
@@ -376,6 +385,22 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
     }
 }
 
+impl<B: Backend> Ctl<'_, B> {
+    /// Whether `claim` lies inside a PM block the engine claimed for this model (and still
+    /// holds for it).
+    fn inside_pm_block(&self, claim: &Claim) -> bool {
+        let Claim::Range(r) = claim else { return false };
+        self.mapped.pm.iter().any(|p| {
+            p.by_engine
+                && p.owner == self.owner
+                && p.ports.kind == r.kind
+                && p.ports.start <= r.start
+                && r.end <= p.ports.end
+                && self.router.holds_exactly(self.owner, &p.ports)
+        })
+    }
+}
+
 /// Where a position claim of `owner` points now.
 fn resolved(router: &Router, owner: ServerIdx, p: &Position) -> Option<Sbdf> {
     router
@@ -395,7 +420,11 @@ struct WindowRefused {
 /// What answers a configuration access.
 enum ConfigTarget {
     Model(ServerIdx),
+    /// Nobody owns the function: master abort.
     Abort,
+    /// Past the end of the owner's configuration space (an extended register of a model that
+    /// has 256 bytes): reads all ones, writes dropped, the model never sees it.
+    Beyond,
 }
 
 impl<B: Backend> Engine<B> {
@@ -855,8 +884,23 @@ impl<B: Backend> Engine<B> {
                     self.stats.config_ecam += 1;
                     let (lo, hi) = d.split_data(req.data);
                     let a = self.config(vcpu, &d.first, req.dir, lo);
+                    log_ecam(
+                        vcpu,
+                        &d.first,
+                        req.dir,
+                        if req.dir == Dir::Read { a } else { lo },
+                    );
                     let b = match d.second {
-                        Some(second) => self.config(vcpu, &second, req.dir, hi),
+                        Some(second) => {
+                            let b = self.config(vcpu, &second, req.dir, hi);
+                            log_ecam(
+                                vcpu,
+                                &second,
+                                req.dir,
+                                if req.dir == Dir::Read { b } else { hi },
+                            );
+                            b
+                        }
                         None => 0,
                     };
                     if req.dir == Dir::Read {
@@ -911,23 +955,54 @@ impl<B: Backend> Engine<B> {
             .is_some_and(|g| g.guest_memory)
     }
 
-    fn target(&self, sbdf: Sbdf) -> ConfigTarget {
-        match self.router.config_owner(sbdf) {
+    fn target(&mut self, acc: &ConfigAccess) -> ConfigTarget {
+        match self.router.config_owner(acc.sbdf) {
+            Some(o) if o != MUX && acc.reg >= self.config_space(o) => {
+                self.stats.beyond_config_space += 1;
+                ConfigTarget::Beyond
+            }
             Some(o) if o != MUX => ConfigTarget::Model(o),
             _ => ConfigTarget::Abort,
         }
     }
 
+    /// Bytes of configuration space a model's functions have ([`Grant::config_space`]).
+    fn config_space(&self, o: ServerIdx) -> u16 {
+        self.models
+            .get(usize::from(o))
+            .and_then(Option::as_ref)
+            .and_then(|s| s.grant.as_ref())
+            .and_then(|g| g.config_space)
+            .unwrap_or(PCIE_CONFIG_SPACE_SIZE)
+    }
+
     /// One configuration access (never crosses a dword).
     fn config(&mut self, vcpu: u32, acc: &ConfigAccess, dir: Dir, data: u64) -> u64 {
         let hits = self.intercepts.hits(acc);
-        let target = self.target(acc.sbdf);
+        let target = self.target(acc);
         if !hits.is_empty() {
             self.stats.intercepted += 1;
         }
-        let all: u8 = ((1u16 << acc.size) - 1) as u8;
         match dir {
             Dir::Write => {
+                self.config_write(vcpu, acc, data, &hits, target);
+                0
+            }
+            Dir::Read => self.config_read(vcpu, acc, &hits, target),
+        }
+    }
+
+    fn config_write(
+        &mut self,
+        vcpu: u32,
+        acc: &ConfigAccess,
+        data: u64,
+        hits: &HitList,
+        target: ConfigTarget,
+    ) {
+        let all: u8 = ((1u16 << acc.size) - 1) as u8;
+        {
+            {
                 if self.router.needs_header_type(acc) {
                     let h = self.probe(acc.sbdf, bdf_router::bridges::PCI_HEADER_TYPE, 1);
                     if h != 0xff {
@@ -938,7 +1013,7 @@ impl<B: Backend> Engine<B> {
                     all
                 } else {
                     self.intercepts
-                        .before_write(&hits, acc, data, &mut self.layout)
+                        .before_write(hits, acc, data, &mut self.layout)
                         .bytes
                 };
                 if !self.layout.is_empty() {
@@ -951,7 +1026,7 @@ impl<B: Backend> Engine<B> {
                     ConfigTarget::Model(o) if bytes != 0 => {
                         self.forward_write(o, vcpu, acc, data, bytes);
                     }
-                    ConfigTarget::Model(_) => {}
+                    ConfigTarget::Model(_) | ConfigTarget::Beyond => {}
                     ConfigTarget::Abort => {
                         if bytes == all {
                             self.stats.master_aborts += 1;
@@ -967,15 +1042,25 @@ impl<B: Backend> Engine<B> {
                 }
                 if !hits.is_empty() {
                     self.intercepts
-                        .after_write(&hits, acc, data, &mut self.layout);
+                        .after_write(hits, acc, data, &mut self.layout);
                 }
                 if !self.layout.is_empty() {
                     self.apply_layout();
                 }
-                0
             }
-            Dir::Read => {
-                let needs_model = hits.is_empty() || self.intercepts.read_needs_model(&hits, acc);
+        }
+    }
+
+    fn config_read(
+        &mut self,
+        vcpu: u32,
+        acc: &ConfigAccess,
+        hits: &HitList,
+        target: ConfigTarget,
+    ) -> u64 {
+        {
+            {
+                let needs_model = hits.is_empty() || self.intercepts.read_needs_model(hits, acc);
                 let model_value = match target {
                     ConfigTarget::Model(o) if needs_model => {
                         let req = Ioreq::pci_config(
@@ -987,8 +1072,8 @@ impl<B: Backend> Engine<B> {
                         );
                         self.call(o, vcpu, &req)
                     }
-                    _ => {
-                        if needs_model && hits.is_empty() {
+                    target => {
+                        if matches!(target, ConfigTarget::Abort) && needs_model && hits.is_empty() {
                             self.stats.master_aborts += 1;
                         }
                         size_mask(acc.size.into())
@@ -998,7 +1083,7 @@ impl<B: Backend> Engine<B> {
                     model_value
                 } else {
                     self.intercepts
-                        .after_read(&hits, acc, model_value, &mut self.layout)
+                        .after_read(hits, acc, model_value, &mut self.layout)
                 };
                 self.router.observe_read(acc, v);
                 if !self.layout.is_empty() {
@@ -1183,6 +1268,18 @@ impl<B: Backend> Engine<B> {
         WindowRefused { why, by_hypervisor }
     }
 
+    /// Whether `owner` has mapped ports inside `block` and nobody else holds any of it.
+    fn model_maps_block(&self, owner: ServerIdx, block: &IoRange) -> bool {
+        let inside: Vec<ServerIdx> = self
+            .router
+            .port_ranges()
+            .into_iter()
+            .filter(|&(s, e, _)| s <= block.end && block.start <= e)
+            .map(|(_, _, o)| o)
+            .collect();
+        !inside.is_empty() && inside.iter().all(|&o| o == owner)
+    }
+
     /// Moves a PM block's port claim; false if the new block could not be claimed.
     fn apply_pm(&mut self, function: Sbdf, new: Option<IoRange>) -> bool {
         if let Some(i) = self.mapped.pm.iter().position(|p| p.function == function) {
@@ -1205,9 +1302,9 @@ impl<B: Backend> Engine<B> {
             warn!(%function, "PM block of a function nobody owns: not claimed");
             return false;
         };
-        if self.router.holds_exactly(owner, &r) {
-            // The model mapped the block itself before the intercept ran (an `after`
-            // intercept beside a model that emulates the block): it is in place.
+        if self.model_maps_block(owner, &r) {
+            // The model mapped the block (or its registers) itself before the intercept ran
+            // (an `after` intercept beside a model that emulates the block): it is in place.
             debug!(ports = %r, model = self.router.server_name(owner), "PM block already mapped by its model");
             self.mapped.pm.push(PmClaim {
                 function,
@@ -1246,6 +1343,20 @@ impl<B: Backend> Engine<B> {
             }
         }
     }
+}
+
+/// One debug line per configuration access decoded from ECAM, in the form of the Xen
+/// backend's `served config` lines (which see ECAM accesses as MMIO).
+fn log_ecam(vcpu: u32, acc: &ConfigAccess, dir: Dir, data: u64) {
+    debug!(
+        vcpu,
+        sbdf = %acc.sbdf,
+        reg = format_args!("{:#x}", acc.reg),
+        size = acc.size,
+        dir = %if dir == Dir::Read { "read" } else { "write" },
+        data = format_args!("{:#x}", data & size_mask(acc.size.into())),
+        "served config via ECAM"
+    );
 }
 
 fn log_moves(router: &Router, moved: &[Moved]) {
@@ -1287,12 +1398,14 @@ mod tests {
     }
 
     /// An i440FX + PIIX3 + PIIX4 as QEMU is in Xen: owns bus 0's chipset functions, answers
-    /// their IDs, and when the guest enables PIIX4's PM I/O space maps the PM block itself
-    /// (QEMU's memory listener does, during the config write).
+    /// their IDs, and while the guest enables PIIX4's PM I/O space maps the PM block's
+    /// registers itself, one range each, moving them with PMBA (QEMU's memory listener does,
+    /// during the config write).
     struct Chip {
         name: &'static str,
         claims: Vec<Claim>,
         pmba: u64,
+        pm_enabled: bool,
         /// Answer IDs no chipset has.
         unknown_ids: bool,
         seen: Arc<Mutex<Seen>>,
@@ -1304,6 +1417,7 @@ mod tests {
             name,
             claims,
             pmba: 1,
+            pm_enabled: false,
             unknown_ids: false,
             seen: seen.clone(),
         };
@@ -1311,6 +1425,20 @@ mod tests {
     }
 
     const PIIX4_PM: &str = "00:01.3";
+    /// QEMU's PIIX4 PM registers inside the block: PM1a event, control, timer.
+    const PM_PIECES: [(u16, u16); 3] = [(0, 3), (4, 5), (8, 0xb)];
+
+    impl Chip {
+        /// Maps or unmaps the PM registers at the current base; records each result.
+        fn pm_regions(&mut self, map: bool, ctl: &mut dyn DmControl) {
+            let base = (self.pmba & 0xffc0) as u16;
+            for (a, b) in PM_PIECES {
+                let c = Claim::Range(IoRange::ports(base + a, base + b));
+                let r = if map { ctl.map(c) } else { ctl.unmap(c) };
+                self.seen.lock().unwrap().pm_claims.push(r);
+            }
+        }
+    }
 
     impl DeviceModel for Chip {
         fn name(&self) -> &str {
@@ -1334,13 +1462,21 @@ mod tests {
                 (Dir::Read, _, 0) if pm => Ok(0x7113_8086),
                 (Dir::Read, _, 0x40) if pm => Ok(self.pmba),
                 (Dir::Write, _, 0x40) if pm => {
+                    if self.pm_enabled {
+                        self.pm_regions(false, ctl);
+                    }
                     self.pmba = req.data;
+                    if self.pm_enabled {
+                        self.pm_regions(true, ctl);
+                    }
                     Ok(0)
                 }
-                (Dir::Write, _, 0x80) if pm && req.data & 1 != 0 => {
-                    let base = self.pmba & 0xffc0;
-                    let r = ctl.map(Claim::Range(IoRange::ports(base as u16, base as u16 + 0x3f)));
-                    self.seen.lock().unwrap().pm_claims.push(r);
+                (Dir::Write, _, 0x80) if pm => {
+                    let on = req.data & 1 != 0;
+                    if on != self.pm_enabled {
+                        self.pm_enabled = on;
+                        self.pm_regions(on, ctl);
+                    }
                     Ok(0)
                 }
                 _ => Ok(0),
@@ -1369,15 +1505,28 @@ mod tests {
             Issued::Done(v) => v,
             Issued::Pending => {
                 e.poll(Some(Duration::ZERO)).unwrap();
-                hv.collect(0).unwrap().expect("the engine completed the access")
+                hv.collect(0)
+                    .unwrap()
+                    .expect("the engine completed the access")
             }
         }
     }
 
-    fn cfg_write(hv: &SimHypervisor, e: &mut Engine<SimBackend>, f: &str, reg: u8, size: u32, v: u64) {
+    fn cfg_write(
+        hv: &SimHypervisor,
+        e: &mut Engine<SimBackend>,
+        f: &str,
+        reg: u8,
+        size: u32,
+        v: u64,
+    ) {
         let s: Sbdf = f.parse().unwrap();
         let cf8 = 0x8000_0000 | s.to_xen() << 8 | u32::from(reg & 0xfc);
-        access(hv, e, Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8.into()));
+        access(
+            hv,
+            e,
+            Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8.into()),
+        );
         let port = 0xcfc + u64::from(reg & 3);
         access(hv, e, Ioreq::new(IoreqType::Pio, Dir::Write, port, size, v));
     }
@@ -1401,10 +1550,16 @@ mod tests {
         let (qemu, seen) = chip("qemu", vec![segment0()]);
         e.add_model_granted(Box::new(qemu), None).unwrap();
         assert_eq!(e.chipset(), Chipset::Unknown);
-        assert!(seen.lock().unwrap().requests.is_empty(), "probed during attach");
+        assert!(
+            seen.lock().unwrap().requests.is_empty(),
+            "probed during attach"
+        );
         access(&hv, &mut e, cf8_read());
         assert_eq!(e.chipset(), Chipset::I440fx);
-        assert!(!e.intercepts().snapshot().is_empty(), "PIIX4 PM intercept installed");
+        assert!(
+            !e.intercepts().snapshot().is_empty(),
+            "PIIX4 PM intercept installed"
+        );
         // Once known, nothing probes again.
         let n = seen.lock().unwrap().requests.len();
         access(&hv, &mut e, cf8_read());
@@ -1427,16 +1582,24 @@ mod tests {
         for _ in 0..3 {
             access(&hv, &mut e, cf8_read());
         }
-        assert_eq!(seen.lock().unwrap().requests.len(), probes, "probed again without new claims");
+        assert_eq!(
+            seen.lock().unwrap().requests.len(),
+            probes,
+            "probed again without new claims"
+        );
         let (late, _) = chip("late", vec![Claim::Range(IoRange::pci(0x1_0000))]);
         e.add_model_granted(Box::new(late), None).unwrap();
         access(&hv, &mut e, cf8_read());
-        assert_eq!(seen.lock().unwrap().requests.len(), 2 * probes, "a new claim: probed again");
+        assert_eq!(
+            seen.lock().unwrap().requests.len(),
+            2 * probes,
+            "a new claim: probed again"
+        );
     }
 
     /// hvmloader's PM base (PMBA 0xb001, then PMREGMISC enable) with a `before` intercept: the
-    /// block is claimed for QEMU before QEMU sees the enabling write, and QEMU's own map of the
-    /// same block during that write finds it in place instead of failing.
+    /// block is claimed for QEMU before QEMU sees the enabling write, and QEMU's own maps of
+    /// its registers inside it during that write find them in place instead of failing.
     #[test]
     fn pm_block_before_the_model_then_the_model_maps_it_too() {
         let (hv, mut e) = engine(Phase::Before);
@@ -1446,17 +1609,43 @@ mod tests {
         cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 1);
         assert_eq!(e.chipset(), Chipset::I440fx);
         let block = IoRange::ports(0xb000, 0xb03f);
-        assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(())]);
+        assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(()); 3]);
         assert!(e.router().holds_exactly(q, &block));
         let claimed = hv.server_ranges(e.backend().id(), RangeKind::Port);
         assert!(claimed.contains(&(0xb000, 0xb03f)), "{claimed:x?}");
-        assert!(e.layout_history().iter().any(|ev| matches!(ev, LayoutEvent::PmBlock { new: Some(r), .. } if *r == block)));
+        assert!(
+            e.layout_history()
+                .iter()
+                .any(|ev| matches!(ev, LayoutEvent::PmBlock { new: Some(r), .. } if *r == block))
+        );
         // A port access there reaches QEMU.
-        assert_eq!(access(&hv, &mut e, Ioreq::new(IoreqType::Pio, Dir::Read, 0xb004, 2, 0)), 0x5a);
-        // The guest moves the block: the engine's claim moves with it.
+        assert_eq!(
+            access(
+                &hv,
+                &mut e,
+                Ioreq::new(IoreqType::Pio, Dir::Read, 0xb004, 2, 0)
+            ),
+            0x5a
+        );
+        // The guest moves the block: the engine's claim moves with it (before QEMU moves its
+        // registers: its unmaps of the old ones are refused, its maps of the new ones are in
+        // place).
         cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xc001);
-        assert!(e.router().port_owner(0xc000, 0xc03f) == Some(q));
-        assert!(e.router().port_owner(0xb000, 0xb03f).is_none());
+        assert!(e.router().holds_exactly(q, &IoRange::ports(0xc000, 0xc03f)));
+        assert!(e.router().port_owner(0xb000, 0xb000).is_none());
+        assert_eq!(
+            hv.server_ranges(e.backend().id(), RangeKind::Port)
+                .iter()
+                .filter(|r| r.0 >= 0xb000)
+                .count(),
+            1
+        );
+        let claims = seen.lock().unwrap().pm_claims.clone();
+        assert_eq!(
+            claims[6..].iter().filter(|r| r.is_ok()).count(),
+            3,
+            "{claims:?}"
+        );
         assert!(hv.check().is_ok());
     }
 
@@ -1469,12 +1658,18 @@ mod tests {
         let q = e.add_model_granted(Box::new(qemu), None).unwrap();
         cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xb001);
         cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 1);
-        assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(())]);
-        assert!(e.router().holds_exactly(q, &IoRange::ports(0xb000, 0xb03f)));
-        assert!(!e.layout_history().iter().any(|ev| ev.to_string().starts_with("refused")));
-        // Disabling: the model's own claim stays the model's business.
+        assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(()); 3]);
+        assert!(e.router().holds_exactly(q, &IoRange::ports(0xb004, 0xb005)));
+        assert!(!e.router().holds_exactly(q, &IoRange::ports(0xb000, 0xb03f)));
+        assert!(
+            !e.layout_history()
+                .iter()
+                .any(|ev| ev.to_string().starts_with("refused"))
+        );
+        // Disabling: the model's own claims stay the model's business (it unmaps them).
         cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 0);
-        assert!(e.router().holds_exactly(q, &IoRange::ports(0xb000, 0xb03f)));
+        assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(()); 6]);
+        assert!(e.router().port_owner(0xb004, 0xb005).is_none());
         assert!(hv.check().is_ok());
     }
 
@@ -1503,6 +1698,33 @@ mod tests {
         e.handle(0, &other_insw);
         assert!(oseen.lock().unwrap().requests.is_empty());
         assert_eq!(e.stats().data_ptr_unsupported, 1);
+    }
+
+    /// A model with conventional PCI's 256 bytes (QEMU) is never asked past them: extended
+    /// registers read all ones and writes are dropped, counted apart from master aborts.
+    #[test]
+    fn extended_registers_of_a_256_byte_model_never_reach_it() {
+        let (_hv, mut e) = engine(Phase::After);
+        let (qemu, seen) = chip("qemu", vec![Claim::Range(IoRange::pci(0x08))]);
+        let grant = Grant {
+            ranges: vec![IoRange::new(RangeKind::Pci, 0, 0xffff)],
+            config_space: Some(0x100),
+            ..Grant::default()
+        };
+        e.add_model_granted(Box::new(qemu), Some(grant)).unwrap();
+        let (pcie, pseen) = chip("pcie", vec![Claim::Range(IoRange::pci(0x10))]);
+        e.add_model_granted(Box::new(pcie), None).unwrap();
+        let read = |sbdf: u32, reg: u32| Ioreq::pci_config(sbdf, reg, Dir::Read, 4, 0);
+        assert_eq!(e.handle(0, &read(0x08, 0x100)), 0xffff_ffff);
+        e.handle(0, &Ioreq::pci_config(0x08, 0x148, Dir::Write, 4, 0x1234));
+        assert!(seen.lock().unwrap().requests.is_empty());
+        assert_eq!(e.stats().beyond_config_space, 2);
+        assert_eq!(e.stats().master_aborts, 0);
+        e.handle(0, &read(0x08, 0xfc));
+        assert_eq!(seen.lock().unwrap().requests.len(), 1, "0xfc is inside");
+        // A model with 4 KiB (the default) gets its extended registers.
+        e.handle(0, &read(0x10, 0x100));
+        assert_eq!(pseen.lock().unwrap().requests.len(), 1);
     }
 
     /// A control message rings the engine's wake fd; applying it clears the fd.

@@ -68,7 +68,7 @@ fn replay_policy(s: &Server) -> Policy {
             ])
             .collect(),
         positions: p.grant.positions,
-        guest_memory: p.grant.guest_memory,
+        ..p.grant
     };
     p
 }

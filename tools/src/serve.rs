@@ -490,6 +490,8 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         malformed = s.malformed + b.malformed_answered,
         dm_errors = s.dm_errors,
         rep_ptr_requests = s.data_ptr_forwarded,
+        config_ecam = s.config_ecam,
+        beyond_config_space = s.beyond_config_space,
         rep_ptr_unserved = s.data_ptr_unsupported,
         completion_errors = s.completion_errors,
         notifications = b.notifications,
