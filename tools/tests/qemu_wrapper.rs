@@ -20,7 +20,8 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ioreq-mux-wrapper-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ioreq-mux-wrapper-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("etc")).unwrap();
         fs::write(dir.join("preload.so"), b"").unwrap();
@@ -98,7 +99,11 @@ fn starts_the_multiplexer_then_execs_qemu_with_the_preload() {
     // Ready after a moment, then stays up like the real one.
     f.mux("sleep 0.3; echo 'INFO ioreq_mux::serve: listening for device models'; sleep 5");
     let out = f.run(QEMU_ARGS);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let d = f.dir.display();
     assert_eq!(
         f.read("mux.args").lines().collect::<Vec<_>>(),
@@ -121,7 +126,10 @@ fn starts_the_multiplexer_then_execs_qemu_with_the_preload() {
         f.read("qemu.env").trim(),
         format!("{d}/preload.so|{d}/run/7.sock|qemu")
     );
-    assert!(f.read("log/ioreq-mux-7.log").contains("listening for device models"));
+    assert!(
+        f.read("log/ioreq-mux-7.log")
+            .contains("listening for device models")
+    );
     let pid: i32 = f.read("run/7.pid").trim().parse().unwrap();
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
 }
@@ -133,7 +141,10 @@ fn a_multiplexer_that_fails_keeps_qemu_from_starting() {
     let out = f.run(QEMU_ARGS);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ioreq-mux exited before it was ready"), "{err}");
+    assert!(
+        err.contains("ioreq-mux exited before it was ready"),
+        "{err}"
+    );
     assert!(err.contains("domain 7 does not exist"), "{err}");
     assert!(!f.dir.join("qemu.args").exists(), "QEMU ran");
 }
