@@ -22,9 +22,23 @@ CFG=/etc/ioreq-mux/xen-e2e.toml
 PHASES=$(sed -n 's/.*e2e\.phases=\([A-Z]*\).*/\1/p' /proc/cmdline)
 PHASES=${PHASES:-ACDBEF}
 phase() { case "$PHASES" in *$1*) return 0 ;; esac; return 1; }
+# try 'COMMANDS': their output, run again (at most twice more) if they failed. Under the
+# nested emulation a busybox applet crashes now and then (a segfault, in dom0 and in this
+# guest alike, also before ioreq-mux is involved); a lost line would fail a check for nothing.
+set -o pipefail
+try() {
+  n=0
+  while :; do
+    out=$(eval "$1") && break
+    n=$((n + 1))
+    [ $n -ge 3 ] && break
+  done
+  [ -n "$out" ] && printf '%s\n' "$out"
+  return 0
+}
 up() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "E2E: $* [dom0 uptime $(up)s]"; }
-dump() { sed "s/^/$1: /" "$2"; }
+dump() { try "sed 's/^/$1: /' '$2'"; }
 
 # start_mux NAME LOG [ARGS...]: `ioreq-mux serve` for domain NAME in the background ($MUX),
 # returns once it logged that it is ready.
@@ -122,13 +136,13 @@ wait_gone() {
   ! kill -0 "$1" 2>/dev/null
 }
 # the mux log without the per-access lines (they are many; the checks need few of them)
-dump_mux() { grep -v -E ' served (vcpu|config)| buffered write ' "$2" | sed "s/^/$1: /"; }
-dump_mux_config() { grep -E ' served config ' "$2" | grep -E "$3" | sed "s/^/$1: /"; }
+dump_mux() { try "grep -v -E ' served (vcpu|config)| buffered write ' '$2' | sed 's/^/$1: /'"; }
+dump_mux_config() { try "grep -E ' served config ' '$2' | grep -E '$3' | sed 's/^/$1: /'"; }
 # every distinct 4-byte config read the mux served (function, register, value)
 dump_mux_reads() {
-  grep -E ' served config .* size=4 dir=read ' "$2" \
+  try "grep -E ' served config .* size=4 dir=read ' '$2' \
     | sed -E 's/.*(served config) .*(sbdf=[^ ]+ reg=[^ ]+ size=4 dir=read data=[^ ]+).*/\1 \2/' \
-    | sort -u | sed "s/^/$1: /"
+    | sort -u | sed 's/^/$1: /'"
 }
 
 if phase E; then
