@@ -8,15 +8,14 @@ mod oop_support;
 use ioreq_server::abi::{self, pack_sbdf};
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::oop::client::Connection;
-use ioreq_server::oop::server::ServerOptions;
 use ioreq_server::oop::sys::{Doorbell, wait_readable};
 use ioreq_server::oop::wire::{self, Code, Message, Reply};
-use ioreq_server::oop::{ClientError, ClientOptions, Ended, RemoteOptions, Stopper, serve_with};
+use ioreq_server::oop::{ClientError, ClientOptions, Ended, Stopper, serve_with};
 use ioreq_server::{
     Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, Position,
     RangeKind,
 };
-use oop_support::{FakeHost, my_uid, start, until};
+use oop_support::{FakeHost, my_uid, opts, start, until};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -133,17 +132,6 @@ fn spawn_dm(
         };
         serve_with(&path, &mut model, &opts)
     })
-}
-
-fn opts(deadline_ms: u64) -> ServerOptions {
-    ServerOptions {
-        remote: RemoteOptions {
-            deadline: Duration::from_millis(deadline_ms),
-            buffered: vec![IoRange::mmio(0xa0000, 0x20000)],
-            ..Default::default()
-        },
-        ..Default::default()
-    }
 }
 
 fn cfg_read(reg: u32) -> Ioreq {

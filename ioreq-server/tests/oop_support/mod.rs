@@ -3,10 +3,11 @@
 //! resolve, and lets a test call a model the way the engine does.
 #![allow(clippy::unwrap_used, dead_code)]
 
+use ioreq_server::oop::RemoteOptions;
 use ioreq_server::oop::server::{DmListener, DmopError, Host, ServerOptions};
 use ioreq_server::oop::sys::PeerCred;
 use ioreq_server::oop::wire::Code;
-use ioreq_server::{Claim, ClaimError, DeviceModel, DmControl, DmError, Ioreq, Position};
+use ioreq_server::{Claim, ClaimError, DeviceModel, DmControl, DmError, IoRange, Ioreq, Position};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -205,6 +206,19 @@ pub fn socket_path(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ioreq-oop-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("dm.sock")
+}
+
+/// Listener options: a request deadline of `deadline_ms`, and VGA memory writes
+/// (0xa0000-0xbffff) through the buffered ring, as Xen buffers them.
+pub fn opts(deadline_ms: u64) -> ServerOptions {
+    ServerOptions {
+        remote: RemoteOptions {
+            deadline: Duration::from_millis(deadline_ms),
+            buffered: vec![IoRange::mmio(0xa0000, 0x20000)],
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }
 
 pub fn start(host: Arc<FakeHost>, tag: &str, opts: ServerOptions) -> DmListener {

@@ -11,10 +11,8 @@
 mod oop_support;
 
 use ioreq_server::abi::pack_sbdf;
-use ioreq_server::oop::RemoteOptions;
-use ioreq_server::oop::server::ServerOptions;
 use ioreq_server::{Claim, Dir, IoRange, Ioreq, IoreqType};
-use oop_support::{FakeHost, my_uid, start, until};
+use oop_support::{FakeHost, my_uid, opts, start, until};
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -41,17 +39,6 @@ fn grant() -> Vec<Claim> {
         Claim::Range(IoRange::mmio(0xa0000, 0x20000)),
         Claim::Range(IoRange::mmio(0xfe00_0000, 0x100_0000)),
     ]
-}
-
-fn opts(deadline_ms: u64) -> ServerOptions {
-    ServerOptions {
-        remote: RemoteOptions {
-            deadline: Duration::from_millis(deadline_ms),
-            buffered: vec![IoRange::mmio(0xa0000, 0x20000)],
-            ..Default::default()
-        },
-        ..Default::default()
-    }
 }
 
 /// What the C program answers to a read (its `answer()`).
