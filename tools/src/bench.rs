@@ -450,16 +450,16 @@ pub fn run(a: &BenchArgs) -> ExitCode {
     r.targets();
     if a.json {
         match serde_json::to_string_pretty(&r) {
-            Ok(j) => println!("{j}"),
+            Ok(j) => crate::outln!("{j}"),
             Err(e) => {
                 eprintln!("ioreq-mux bench: {e}");
                 return ExitCode::from(2);
             }
         }
     } else {
-        print!("{}", r.table());
+        crate::out::print(&r.table());
         if std::io::stdout().is_terminal() {
-            println!("(--json for one JSON object; scripts/check-bench.py checks it)");
+            crate::outln!("(--json for one JSON object; scripts/check-bench.py checks it)");
         }
     }
     if r.errors.is_empty() {

@@ -76,14 +76,14 @@ fn main() -> ExitCode {
                 Ok(r) => {
                     if a.json {
                         match serde_json::to_string(&r) {
-                            Ok(j) => println!("{j}"),
+                            Ok(j) => ioreq_mux::outln!("{j}"),
                             Err(e) => {
                                 eprintln!("ioreq-mux replay: {e}");
                                 return ExitCode::from(1);
                             }
                         }
                     } else {
-                        println!("{r}");
+                        ioreq_mux::outln!("{r}");
                     }
                     if r.divergences == 0 {
                         ExitCode::SUCCESS
@@ -103,14 +103,14 @@ fn main() -> ExitCode {
                 Ok(stats) => {
                     if a.json {
                         match serde_json::to_string(&stats) {
-                            Ok(j) => println!("{j}"),
+                            Ok(j) => ioreq_mux::outln!("{j}"),
                             Err(e) => {
                                 eprintln!("ioreq-mux import-qemu-trace: {e}");
                                 return ExitCode::from(1);
                             }
                         }
                     } else {
-                        println!("{stats}");
+                        ioreq_mux::outln!("{stats}");
                     }
                     ExitCode::SUCCESS
                 }
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
             init_logging();
             match inspect::run(&a) {
                 Ok(text) => {
-                    print!("{text}");
+                    ioreq_mux::out::print(&text);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

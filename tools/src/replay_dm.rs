@@ -446,7 +446,7 @@ pub fn run(a: &ReplayDmArgs) -> ExitCode {
     };
     let r = serve_with(&a.socket, &mut model, &opts);
     if let Ok(j) = serde_json::to_string(&model.summary) {
-        println!("{j}");
+        crate::outln!("{j}");
     }
     match r {
         Ok(_) => ExitCode::SUCCESS,

@@ -79,7 +79,7 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log filter in `tracing` EnvFilter syntax (`debug` logs every served access).
-    /// Default: $RUST_LOG, else `info`.
+    /// Default: $IOREQ_MUX_LOG (as for every command), else `info`.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
     /// What to claim from Xen.
@@ -129,7 +129,7 @@ fn init_logging(args: &ServeArgs) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match &args.log_level {
         Some(f) => EnvFilter::try_new(f).map_err(|e| format!("--log-level '{f}': {e}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_env("IOREQ_MUX_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

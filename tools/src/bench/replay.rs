@@ -64,7 +64,7 @@ pub fn rss_peer(args: &[String]) -> ExitCode {
         "max_rss_kb": max_rss_kb,
         "stdout": String::from_utf8_lossy(&out.stdout),
     });
-    println!("{j}");
+    crate::outln!("{j}");
     ExitCode::SUCCESS
 }
 

@@ -250,6 +250,17 @@ pub fn import_file(
         };
         let w = BufWriter::with_capacity(1 << 20, file);
         let w = import_inner(reader, w, &meta, opts, progress.as_ref(), &mut stats)?;
+        if stats.accesses.total == 0 {
+            // A capture whose trace events were off (or that stopped before the guest ran)
+            // would otherwise import, and replay, as a clean run of nothing.
+            return Err(ImportError::NotALog {
+                path: input.to_path_buf(),
+                reason: "it has no guest access (no memory_region_ops_read/write lines: were \
+                         QEMU's trace events enabled? traces/README.md says how the bundled \
+                         logs were recorded)"
+                    .into(),
+            });
+        }
         let file = w.into_inner().map_err(|e| ImportError::Create {
             path: tmp.clone(),
             source: e.into_error(),
