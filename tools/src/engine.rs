@@ -1001,53 +1001,49 @@ impl<B: Backend> Engine<B> {
         target: ConfigTarget,
     ) {
         let all: u8 = ((1u16 << acc.size) - 1) as u8;
-        {
-            {
-                if self.router.needs_header_type(acc) {
-                    let h = self.probe(acc.sbdf, bdf_router::bridges::PCI_HEADER_TYPE, 1);
-                    if h != 0xff {
-                        self.router.learn_header_type(acc.sbdf, h as u8);
-                    }
-                }
-                let bytes = if hits.is_empty() {
-                    all
-                } else {
-                    self.intercepts
-                        .before_write(hits, acc, data, &mut self.layout)
-                        .bytes
-                };
-                if !self.layout.is_empty() {
-                    // An intercept that runs before the model changes the layout before the
-                    // model sees the write (a PM block the model then maps finds its claim in
-                    // place).
-                    self.apply_layout();
-                }
-                match target {
-                    ConfigTarget::Model(o) if bytes != 0 => {
-                        self.forward_write(o, vcpu, acc, data, bytes);
-                    }
-                    ConfigTarget::Model(_) | ConfigTarget::Beyond => {}
-                    ConfigTarget::Abort => {
-                        if bytes == all {
-                            self.stats.master_aborts += 1;
-                        }
-                    }
-                }
-                let moved = self.router.observe_write(acc, data);
-                if !moved.is_empty() {
-                    log_moves(&self.router, &moved);
-                    if self.mapped.mode == PciClaims::Functions {
-                        self.follow_moves(&moved);
-                    }
-                }
-                if !hits.is_empty() {
-                    self.intercepts
-                        .after_write(hits, acc, data, &mut self.layout);
-                }
-                if !self.layout.is_empty() {
-                    self.apply_layout();
+        if self.router.needs_header_type(acc) {
+            let h = self.probe(acc.sbdf, bdf_router::bridges::PCI_HEADER_TYPE, 1);
+            if h != 0xff {
+                self.router.learn_header_type(acc.sbdf, h as u8);
+            }
+        }
+        let bytes = if hits.is_empty() {
+            all
+        } else {
+            self.intercepts
+                .before_write(hits, acc, data, &mut self.layout)
+                .bytes
+        };
+        if !self.layout.is_empty() {
+            // An intercept that runs before the model changes the layout before the
+            // model sees the write (a PM block the model then maps finds its claim in
+            // place).
+            self.apply_layout();
+        }
+        match target {
+            ConfigTarget::Model(o) if bytes != 0 => {
+                self.forward_write(o, vcpu, acc, data, bytes);
+            }
+            ConfigTarget::Model(_) | ConfigTarget::Beyond => {}
+            ConfigTarget::Abort => {
+                if bytes == all {
+                    self.stats.master_aborts += 1;
                 }
             }
+        }
+        let moved = self.router.observe_write(acc, data);
+        if !moved.is_empty() {
+            log_moves(&self.router, &moved);
+            if self.mapped.mode == PciClaims::Functions {
+                self.follow_moves(&moved);
+            }
+        }
+        if !hits.is_empty() {
+            self.intercepts
+                .after_write(hits, acc, data, &mut self.layout);
+        }
+        if !self.layout.is_empty() {
+            self.apply_layout();
         }
     }
 
@@ -1058,40 +1054,36 @@ impl<B: Backend> Engine<B> {
         hits: &HitList,
         target: ConfigTarget,
     ) -> u64 {
-        {
-            {
-                let needs_model = hits.is_empty() || self.intercepts.read_needs_model(hits, acc);
-                let model_value = match target {
-                    ConfigTarget::Model(o) if needs_model => {
-                        let req = Ioreq::pci_config(
-                            acc.sbdf.to_xen(),
-                            acc.reg.into(),
-                            Dir::Read,
-                            acc.size.into(),
-                            0,
-                        );
-                        self.call(o, vcpu, &req)
-                    }
-                    target => {
-                        if matches!(target, ConfigTarget::Abort) && needs_model && hits.is_empty() {
-                            self.stats.master_aborts += 1;
-                        }
-                        size_mask(acc.size.into())
-                    }
-                };
-                let v = if hits.is_empty() {
-                    model_value
-                } else {
-                    self.intercepts
-                        .after_read(hits, acc, model_value, &mut self.layout)
-                };
-                self.router.observe_read(acc, v);
-                if !self.layout.is_empty() {
-                    self.apply_layout();
-                }
-                v
+        let needs_model = hits.is_empty() || self.intercepts.read_needs_model(hits, acc);
+        let model_value = match target {
+            ConfigTarget::Model(o) if needs_model => {
+                let req = Ioreq::pci_config(
+                    acc.sbdf.to_xen(),
+                    acc.reg.into(),
+                    Dir::Read,
+                    acc.size.into(),
+                    0,
+                );
+                self.call(o, vcpu, &req)
             }
+            target => {
+                if matches!(target, ConfigTarget::Abort) && needs_model && hits.is_empty() {
+                    self.stats.master_aborts += 1;
+                }
+                size_mask(acc.size.into())
+            }
+        };
+        let v = if hits.is_empty() {
+            model_value
+        } else {
+            self.intercepts
+                .after_read(hits, acc, model_value, &mut self.layout)
+        };
+        self.router.observe_read(acc, v);
+        if !self.layout.is_empty() {
+            self.apply_layout();
         }
+        v
     }
 
     /// Functions mode: a position claim moved with bus numbering; move its hypervisor claim.
