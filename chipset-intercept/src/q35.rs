@@ -5,11 +5,32 @@ use crate::detect::bus0;
 use crate::intercept::{Intercept, LayoutEvent, Phase, Platform, RegisterSpec};
 use crate::registers::*;
 use bdf_router::EcamWindow;
+use bdf_router::WindowError;
 use ioreq_server::IoRange;
+use thiserror::Error;
 use tracing::warn;
 
-/// Where a PCIEXBAR value puts the ECAM window, or why it cannot.
-pub fn pciexbar_window(value: u64, segment: u16) -> Result<Option<EcamWindow>, String> {
+/// Why a PCIEXBAR value opens no ECAM window, or why the window it names may not be placed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PciexbarError {
+    /// LENGTH (bits 2:1) = 11b, reserved (3 Series datasheet 5.1.14; QEMU aborts on it).
+    #[error("reserved LENGTH 11b")]
+    ReservedLength,
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    #[error("overlaps RAM below TOLUD ({0:#x})")]
+    LowRam(u64),
+    #[error("overlaps RAM above 4 GiB (TOUUD {0:#x})")]
+    HighRam(u64),
+    #[error("overlaps the local APIC / MSI range")]
+    Lapic,
+    #[error("overlaps the I/O APIC range")]
+    Ioapic,
+}
+
+/// Where a PCIEXBAR value puts the ECAM window (`None`: PCIEXBAREN clear), or why it names
+/// none. The one decoder of the register: the intercept and the QEMU trace importer use it.
+pub fn pciexbar_window(value: u64, segment: u16) -> Result<Option<EcamWindow>, PciexbarError> {
     if value & PCIEXBAR_EN == 0 {
         return Ok(None);
     }
@@ -21,30 +42,28 @@ pub fn pciexbar_window(value: u64, segment: u16) -> Result<Option<EcamWindow>, S
             PCIEXBAR_BASE_256M_MASK | PCIEXBAR_128ADMSK | PCIEXBAR_64ADMSK,
             0x3f,
         ),
-        _ => return Err("reserved LENGTH 11b".into()),
+        _ => return Err(PciexbarError::ReservedLength),
     };
-    EcamWindow::new(segment, value & mask, 0, end_bus)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    Ok(Some(EcamWindow::new(segment, value & mask, 0, end_bus)?))
 }
 
 /// Refuses a window over RAM or the interrupt controllers.
-pub fn check_window(w: &EcamWindow, p: &Platform) -> Result<(), String> {
+pub fn check_window(w: &EcamWindow, p: &Platform) -> Result<(), PciexbarError> {
     if let Some(top) = p.low_ram_top() {
         if w.base < top.min(1 << 32) {
-            return Err(format!("overlaps RAM below TOLUD ({top:#x})"));
+            return Err(PciexbarError::LowRam(top));
         }
     }
     if let Some(top) = p.high_ram_top() {
         if w.last() >= 1 << 32 && w.base < top {
-            return Err(format!("overlaps RAM above 4 GiB (TOUUD {top:#x})"));
+            return Err(PciexbarError::HighRam(top));
         }
     }
     if w.overlaps(LAPIC_BASE, LAPIC_LAST) {
-        return Err("overlaps the local APIC / MSI range".into());
+        return Err(PciexbarError::Lapic);
     }
     if w.overlaps(IOAPIC_BASE, IOAPIC_LAST) {
-        return Err("overlaps the I/O APIC range".into());
+        return Err(PciexbarError::Ioapic);
     }
     Ok(())
 }
@@ -111,7 +130,7 @@ impl Intercept for Pciexbar {
                 out.push(LayoutEvent::Refused {
                     register: "PCIEXBAR",
                     value: new,
-                    why,
+                    why: why.to_string(),
                 });
                 None
             }
@@ -137,20 +156,31 @@ impl Intercept for Pciexbar {
     }
 }
 
+/// Why a PM block cannot be placed where its base register says.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PmBlockError {
+    #[error("base 0")]
+    BaseZero,
+    #[error("beyond the port space")]
+    BeyondPortSpace,
+    #[error("overlaps the {0}")]
+    Protected(&'static str),
+}
+
 /// Where a PM block is when it decodes, or why it cannot be placed there.
-pub fn pm_block(base: u64, size: u64) -> Result<IoRange, String> {
+pub fn pm_block(base: u64, size: u64) -> Result<IoRange, PmBlockError> {
     if base == 0 {
-        return Err("base 0".into());
+        return Err(PmBlockError::BaseZero);
     }
     let last = base + size - 1;
     if last > 0xffff {
-        return Err("beyond the port space".into());
+        return Err(PmBlockError::BeyondPortSpace);
     }
     if let Some((_, _, what)) = PROTECTED_PORTS
         .iter()
         .find(|(s, e, _)| *s <= last && base <= *e)
     {
-        return Err(format!("overlaps the {what}"));
+        return Err(PmBlockError::Protected(what));
     }
     Ok(IoRange::ports(base as u16, last as u16))
 }
@@ -268,7 +298,7 @@ impl Intercept for PmBlockIntercept {
                     out.push(LayoutEvent::Refused {
                         register: self.regs[0].name,
                         value: self.values[0],
-                        why,
+                        why: why.to_string(),
                     });
                     None
                 }

@@ -61,11 +61,22 @@ impl IoreqState {
     }
 }
 
-/// `dir`: 1 = read, 0 = write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Direction of an access, from the guest's point of view (the ioreq's `dir`: 1 = read,
+/// 0 = write). The one `Dir` of the workspace: traces and reports use it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Dir {
-    Write,
     Read,
+    Write,
+}
+
+impl std::fmt::Display for Dir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dir::Read => "read",
+            Dir::Write => "write",
+        })
+    }
 }
 
 /// One ioreq as the hypervisor wrote it into a vCPU's slot.

@@ -1345,7 +1345,7 @@ fn log_ecam(vcpu: u32, acc: &ConfigAccess, dir: Dir, data: u64) {
         sbdf = %acc.sbdf,
         reg = format_args!("{:#x}", acc.reg),
         size = acc.size,
-        dir = %if dir == Dir::Read { "read" } else { "write" },
+        dir = %dir,
         data = format_args!("{:#x}", data & size_mask(acc.size.into())),
         "served config via ECAM"
     );

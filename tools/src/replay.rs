@@ -420,11 +420,7 @@ impl Harness {
         } else {
             IoreqType::Copy
         };
-        let dir = if a.dir == trace::Dir::Read {
-            Dir::Read
-        } else {
-            Dir::Write
-        };
+        let dir = a.dir;
         let size = u32::from(a.size);
         let mut req = Ioreq::new(
             ty,

@@ -355,11 +355,7 @@ impl DeviceSide {
 }
 
 fn matches(req: &Ioreq, a: &Access) -> bool {
-    let dir = if a.dir == crate::trace::Dir::Read {
-        Dir::Read
-    } else {
-        Dir::Write
-    };
+    let dir = a.dir;
     if req.dir != dir || req.size != u32::from(a.size) {
         return false;
     }

@@ -368,6 +368,37 @@ memory_region_ops_read cpu 0 mr 0x4 addr 0x61 value 0x1 size 1 name 'pcspk'
     assert!(stats.to_string().contains("WARNING: 5 anomalies"));
 }
 
+/// PCIEXBAR with the reserved LENGTH 11b opens no window, in the importer as in the
+/// multiplexer's intercept (one decoder, `chipset_intercept::q35::pciexbar_window`): the
+/// ECAM access after it is outside any window, not decoded against a guessed 256 MiB one.
+#[test]
+fn reserved_pciexbar_length_opens_no_window_as_in_the_intercept() {
+    let log = "\
+memory_region_ops_write cpu 0 mr 0x2 addr 0xcf8 value 0x80000060 size 4 name 'pci-conf-idx'
+memory_region_ops_write cpu 0 mr 0x3 addr 0xcfc value 0xb0000007 size 4 name 'pci-conf-data'
+pci_cfg_write mch 00:00.0 @0x60 <- 0xb0000007
+memory_region_ops_read cpu 0 mr 0x5 addr 0xb0808014 value 0xc001 size 4 name 'pcie-mmcfg-mmio'
+";
+    assert_eq!(
+        chipset_intercept::q35::pciexbar_window(0xb000_0007, 0),
+        Err(chipset_intercept::q35::PciexbarError::ReservedLength)
+    );
+    let (_, stats) = import(log, false).unwrap();
+    let a = &stats.anomalies;
+    assert_eq!(a.pciexbar_refused, 1, "{a:?}");
+    assert!(
+        a.examples[0].contains("PCIEXBAR 0xb0000007 opens no ECAM window: reserved LENGTH 11b"),
+        "{a:?}"
+    );
+    assert_eq!(stats.config.ecam_window, "disabled");
+    assert_eq!(a.ecam_outside_window, 1, "{a:?}");
+    // The same value with LENGTH 00b opens the 256 MiB window the access decodes in.
+    let ok = log.replace("0xb0000007", "0xb0000001");
+    let (_, stats) = import(&ok, false).unwrap();
+    assert_eq!(stats.anomalies.total, 0, "{:?}", stats.anomalies);
+    assert_eq!(stats.config.ecam_window, "0xb0000000+0x10000000");
+}
+
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
         "ioreq-mux-import-test-{}-{name}",

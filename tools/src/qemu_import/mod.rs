@@ -38,6 +38,11 @@ use crate::trace::{
     Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, Record, Space, StrId,
     TraceError, TraceMeta, TraceWriter,
 };
+use bdf_router::ecam::ECAM_BUS_SIZE;
+use bdf_router::{Cf8Latch, EcamWindow, Sbdf};
+use chipset_intercept::q35::pciexbar_window;
+use chipset_intercept::registers::{MCH_PCIEXBAR, MCH_PCIEXBAR_SIZE, Q35_MCH_DEVFN};
+use ioreq_server::abi::PCI_CONFIG_DATA_PORT;
 use parse::Event;
 use stats::MAX_EXAMPLES;
 use std::collections::{HashMap, HashSet};
@@ -56,7 +61,7 @@ pub const IMPORTER_VERSION: u32 = 1;
 const PORT_SPACE_END: u64 = 0x1_0000;
 
 /// Largest ECAM window (256 buses); used to guess the window base when PCIEXBAR was not seen.
-const ECAM_MAX_SIZE: u64 = 256 << 20;
+const ECAM_MAX_SIZE: u64 = 256 * ECAM_BUS_SIZE;
 
 /// `import-qemu-trace` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -502,15 +507,14 @@ enum BarKind {
     Upper,
 }
 
+/// The ECAM window the MCH's PCIEXBAR opens, as far as the trace has shown it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EcamWindow {
+enum Pciexbar {
     /// No PCIEXBAR write seen.
     Unknown,
+    /// PCIEXBAREN clear (or a value that opens no window: an anomaly).
     Disabled,
-    Enabled {
-        base: u64,
-        size: u64,
-    },
+    Enabled(EcamWindow),
 }
 
 struct ActiveBar {
@@ -530,9 +534,9 @@ struct Importer<W: Write> {
     region_index: HashMap<Vec<u8>, usize>,
     last_region: usize,
     devices: HashMap<Vec<u8>, StrId>,
-    cf8_latch: u32,
+    cf8: Cf8Latch,
     pciexbar: u64,
-    ecam: EcamWindow,
+    ecam: Pciexbar,
     pending_read: Option<PendingCfgRead>,
     pending_write: Option<PendingWrite>,
     bar_kinds: HashMap<Bdf, [BarKind; 6]>,
@@ -551,9 +555,9 @@ impl<W: Write> Importer<W> {
             region_index: HashMap::new(),
             last_region: usize::MAX,
             devices: HashMap::new(),
-            cf8_latch: 0,
+            cf8: Cf8Latch::default(),
             pciexbar: 0,
-            ecam: EcamWindow::Unknown,
+            ecam: Pciexbar::Unknown,
             pending_read: None,
             pending_write: None,
             bar_kinds: HashMap::new(),
@@ -884,7 +888,7 @@ impl<W: Write> Importer<W> {
         let kind = self.regions[ri].kind;
         match space {
             Space::Port => {
-                if addr & !3 == 0xcfc {
+                if addr & !3 == u64::from(PCI_CONFIG_DATA_PORT) {
                     if kind != RegionKind::Cf8Data {
                         let msg = format!(
                             "port {addr:#x} answered by region '{}', not 'pci-conf-data'",
@@ -892,24 +896,22 @@ impl<W: Write> Importer<W> {
                         );
                         self.anomaly(|a| &mut a.config_region_mismatch, msg);
                     }
-                    let l = self.cf8_latch;
-                    if l & 0x8000_0000 == 0 {
+                    if !self.cf8.enabled() {
                         self.stats.config.cf8_disabled_data_accesses += 1;
                         return None;
                     }
-                    let bdf = Bdf::new(
-                        (l >> 16) as u8,
-                        ((l >> 11) & 0x1f) as u8,
-                        ((l >> 8) & 7) as u8,
-                    );
-                    let reg = ((l & 0xfc) as u16) | (addr & 3) as u16;
-                    return Some((ConfigPath::Cf8, bdf, reg));
+                    let Some(c) = self.cf8.decode(addr, u32::from(size), dir) else {
+                        let msg = format!("{size}-byte access at port {addr:#x} crosses 0xcff");
+                        self.anomaly(|a| &mut a.config_region_mismatch, msg);
+                        return None;
+                    };
+                    return Some((ConfigPath::Cf8, trace_bdf(c.sbdf), c.reg));
                 }
                 if kind == RegionKind::Cf8Data {
                     let msg = format!("region 'pci-conf-data' answered port {addr:#x}");
                     self.anomaly(|a| &mut a.config_region_mismatch, msg);
                 }
-                if addr == 0xcf8 && size == 4 {
+                if Cf8Latch::is_address_port(addr, u32::from(size)) {
                     if kind != RegionKind::Cf8Index {
                         let msg = format!(
                             "port 0xcf8 answered by region '{}', not 'pci-conf-idx'",
@@ -919,7 +921,7 @@ impl<W: Write> Importer<W> {
                     }
                     match dir {
                         Dir::Write => {
-                            self.cf8_latch = data as u32;
+                            self.cf8.write(data);
                             self.stats.config.cf8_latch_writes += 1;
                         }
                         Dir::Read => self.stats.config.cf8_latch_reads += 1,
@@ -928,24 +930,21 @@ impl<W: Write> Importer<W> {
                 None
             }
             Space::Mmio => {
-                match self.ecam {
-                    EcamWindow::Enabled { base, size } if addr >= base && addr - base < size => {
-                        if kind != RegionKind::Ecam {
-                            let msg = format!(
-                                "ECAM window address {addr:#x} answered by region '{}', not \
-                                 'pcie-mmcfg-mmio'",
-                                self.regions[ri].name
-                            );
-                            self.anomaly(|a| &mut a.config_region_mismatch, msg);
-                        }
-                        return Some(ecam_decode(addr - base));
+                if let Some((sbdf, reg)) = self.window().and_then(|w| w.decode(addr)) {
+                    if kind != RegionKind::Ecam {
+                        let msg = format!(
+                            "ECAM window address {addr:#x} answered by region '{}', not \
+                             'pcie-mmcfg-mmio'",
+                            self.regions[ri].name
+                        );
+                        self.anomaly(|a| &mut a.config_region_mismatch, msg);
                     }
-                    _ => {}
+                    return Some((ConfigPath::Ecam, trace_bdf(sbdf), reg));
                 }
                 if kind != RegionKind::Ecam {
                     return None;
                 }
-                if self.ecam == EcamWindow::Unknown {
+                if self.ecam == Pciexbar::Unknown {
                     self.stats.config.ecam_window_guessed += 1;
                 } else {
                     let msg = format!(
@@ -954,16 +953,25 @@ impl<W: Write> Importer<W> {
                     );
                     self.anomaly(|a| &mut a.ecam_outside_window, msg);
                 }
-                Some(ecam_decode(addr & (ECAM_MAX_SIZE - 1)))
+                let guess = EcamWindow::new(0, addr & !(ECAM_MAX_SIZE - 1), 0, 0xff).ok()?;
+                let (sbdf, reg) = guess.decode(addr)?;
+                Some((ConfigPath::Ecam, trace_bdf(sbdf), reg))
             }
+        }
+    }
+
+    fn window(&self) -> Option<EcamWindow> {
+        match self.ecam {
+            Pciexbar::Enabled(w) => Some(w),
+            Pciexbar::Unknown | Pciexbar::Disabled => None,
         }
     }
 
     fn window_string(&self) -> String {
         match self.ecam {
-            EcamWindow::Unknown => "unknown".into(),
-            EcamWindow::Disabled => "disabled".into(),
-            EcamWindow::Enabled { base, size } => format!("{base:#x}+{size:#x}"),
+            Pciexbar::Unknown => "unknown".into(),
+            Pciexbar::Disabled => "disabled".into(),
+            Pciexbar::Enabled(w) => format!("{:#x}+{:#x}", w.base, w.size()),
         }
     }
 
@@ -987,16 +995,17 @@ impl<W: Write> Importer<W> {
         }
     }
 
-    /// Tracks writes to PCIEXBAR (MCH 00:00.0, registers 0x60-0x67).
+    /// Tracks writes to PCIEXBAR (MCH 00:00.0, [`MCH_PCIEXBAR`], 8 bytes); the window it
+    /// opens comes from the intercept's own decoder, [`pciexbar_window`].
     fn note_config_write(&mut self, c: &ConfigAccess, size: u8, data: u64) {
-        if c.bdf != Bdf::new(0, 0, 0) {
+        if c.bdf != Bdf::new(0, 0, Q35_MCH_DEVFN) {
             return;
         }
         let mut changed = false;
         for i in 0..u16::from(size) {
             let r = c.reg + i;
-            if (0x60..0x68).contains(&r) {
-                let shift = 8 * u32::from(r - 0x60);
+            if (MCH_PCIEXBAR..MCH_PCIEXBAR + MCH_PCIEXBAR_SIZE).contains(&r) {
+                let shift = 8 * u32::from(r - MCH_PCIEXBAR);
                 let byte = (data >> (8 * u32::from(i))) & 0xff;
                 self.pciexbar = (self.pciexbar & !(0xff << shift)) | (byte << shift);
                 changed = true;
@@ -1006,20 +1015,13 @@ impl<W: Write> Importer<W> {
             return;
         }
         let v = self.pciexbar;
-        let new = if v & 1 == 0 {
-            EcamWindow::Disabled
-        } else {
-            // Length field (bits 2:1): 0 = 256 buses, 1 = 128, 2 = 64; base from bit 28/27/26
-            // up to bit 35.
-            let (size, low_bit) = match (v >> 1) & 3 {
-                1 => (128u64 << 20, 27),
-                2 => (64 << 20, 26),
-                _ => (256 << 20, 28),
-            };
-            let mask = ((1u64 << 36) - 1) & !((1u64 << low_bit) - 1);
-            EcamWindow::Enabled {
-                base: v & mask,
-                size,
+        let new = match pciexbar_window(v, 0) {
+            Ok(Some(w)) => Pciexbar::Enabled(w),
+            Ok(None) => Pciexbar::Disabled,
+            Err(why) => {
+                let msg = format!("PCIEXBAR {v:#x} opens no ECAM window: {why}");
+                self.anomaly(|a| &mut a.pciexbar_refused, msg);
+                Pciexbar::Disabled
             }
         };
         if new != self.ecam {
@@ -1173,6 +1175,7 @@ impl<W: Write> Importer<W> {
         if let Some(old) = self.pending_read.take() {
             self.orphan_read(&old);
         }
+        let window = self.window_string();
         let mut stats = self.stats;
         stats.lines = self.line;
         for r in &mut self.regions {
@@ -1180,11 +1183,7 @@ impl<W: Write> Importer<W> {
             stats.regions.insert(r.name.clone(), r.stats.clone());
         }
         stats.config.functions_seen = self.present.len() as u64;
-        stats.config.ecam_window = match self.ecam {
-            EcamWindow::Unknown => "unknown".into(),
-            EcamWindow::Disabled => "disabled".into(),
-            EcamWindow::Enabled { base, size } => format!("{base:#x}+{size:#x}"),
-        };
+        stats.config.ecam_window = window;
         stats.trace = self.w.summary();
         let (w, summary) = self.w.finish_with_trailer(&stats)?;
         stats.trace = summary;
@@ -1192,12 +1191,7 @@ impl<W: Write> Importer<W> {
     }
 }
 
-/// BDF and register of an offset into an ECAM window.
-fn ecam_decode(off: u64) -> (ConfigPath, Bdf, u16) {
-    let bdf = Bdf::new(
-        (off >> 20) as u8,
-        ((off >> 15) & 0x1f) as u8,
-        ((off >> 12) & 7) as u8,
-    );
-    (ConfigPath::Ecam, bdf, (off & 0xfff) as u16)
+/// The trace's function address of a decoded one (traces are of segment 0).
+fn trace_bdf(s: Sbdf) -> Bdf {
+    Bdf::new(s.bus, s.device, s.function)
 }

@@ -146,6 +146,9 @@ pub struct Anomalies {
     pub bar_space_conflict: u64,
     /// ECAM accesses outside the PCIEXBAR window (or while it is disabled).
     pub ecam_outside_window: u64,
+    /// PCIEXBAR written with PCIEXBAREN set and a value that opens no window (the reserved
+    /// LENGTH 11b): the multiplexer's intercept refuses it the same way.
+    pub pciexbar_refused: u64,
     /// First few, with line numbers.
     pub examples: Vec<String>,
 }

@@ -64,22 +64,8 @@ impl fmt::Display for Space {
     }
 }
 
-/// Direction of an access, from the guest's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dir {
-    Read,
-    Write,
-}
-
-impl fmt::Display for Dir {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Dir::Read => "read",
-            Dir::Write => "write",
-        })
-    }
-}
+/// Direction of an access: the multiplexer's own (a trace records what an ioreq carries).
+pub use ioreq_server::Dir;
 
 /// How a PCI config access reached the config space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
