@@ -132,6 +132,19 @@ pub enum Claim {
     Position(Position),
 }
 
+impl Claim {
+    /// Whether two claims ask for something in common as written: overlapping ranges of one
+    /// kind, or the same position (a position meets a BDF only once firmware numbered the
+    /// buses).
+    pub fn overlaps(&self, other: &Claim) -> bool {
+        match (self, other) {
+            (Claim::Range(a), Claim::Range(b)) => a.overlaps(b),
+            (Claim::Position(a), Claim::Position(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Claim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -186,9 +186,9 @@ end_bus = 0x1f
         ),
     ] {
         match Config::parse(p, text) {
-            Err(e @ ConfigError::Field { .. }) => {
+            Err(e @ ConfigError::At(_)) => {
                 let m = e.to_string();
-                assert!(m.starts_with(&format!("segments.toml:{line}:")), "{m}");
+                assert!(m.contains(&format!("--> segments.toml:{line}:")), "{m}");
                 assert!(m.contains(says), "{m}");
             }
             other => panic!("{text:?}: expected a field error, got {other:?}"),

@@ -293,6 +293,7 @@ mod tests {
                 ..Default::default()
             },
             servers: vec![],
+            text: String::new(),
         }
     }
 

@@ -73,26 +73,21 @@ pub fn parse_bar(t: &str) -> Result<BarSpec, String> {
         k => return Err(format!("BAR kind '{k}' is not io, mem32 or mem64")),
     };
     let size: u64 = parse_num(parts.next().ok_or("BAR needs KIND:SIZE")?)?;
-    if size == 0 || !size.is_power_of_two() {
-        return Err(format!("BAR size {size:#x} is not a power of two"));
-    }
     let prefetchable = match parts.next() {
         None => false,
-        Some("prefetch") if kind != BarKind::Io => true,
-        Some(o) => {
-            return Err(format!(
-                "unknown BAR flag '{o}' (prefetch, memory BARs only)"
-            ));
-        }
+        Some("prefetch") => true,
+        Some(o) => return Err(format!("unknown BAR flag '{o}' (prefetch)")),
     };
     if parts.next().is_some() {
         return Err("BAR is KIND:SIZE[:prefetch]".into());
     }
-    Ok(BarSpec {
+    let bar = BarSpec {
         kind,
         size,
         prefetchable,
-    })
+    };
+    bar.check().map_err(|e| e.to_string())?;
+    Ok(bar)
 }
 
 fn parse_bufioreq(t: &str) -> Result<BufioreqMode, String> {
@@ -227,7 +222,7 @@ pub fn build_model(a: &DmArgs) -> Result<EmulatedModel, String> {
         let spec = FunctionSpec {
             vendor: a.vendor.ok_or("--at needs --vendor")?,
             device: a.device.ok_or("--at needs --device")?,
-            class: a.class & 0xff_ffff,
+            class: a.class,
             revision: a.revision,
             kind: FunctionKind::Endpoint,
             multifunction: false,
@@ -238,6 +233,7 @@ pub fn build_model(a: &DmArgs) -> Result<EmulatedModel, String> {
             subsystem: a.subsystem,
             serial: a.serial,
         };
+        spec.check().map_err(|e| format!("--at {at}: {e}"))?;
         m = m.with_function(placement, &spec);
         parts += 1;
     } else if a.vendor.is_some() || a.device.is_some() || !a.bars.is_empty() {

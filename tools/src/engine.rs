@@ -28,6 +28,11 @@ pub const MUX_NAME: &str = "ioreq-mux";
 /// A PCI Express function's configuration space: 4 KiB (PCIe Base 4.0, 7.2.2).
 pub const PCIE_CONFIG_SPACE_SIZE: u16 = 0x1000;
 
+/// The ports the multiplexer keeps for itself, before any model claims: CF8/CFC.
+pub fn config_ports() -> IoRange {
+    IoRange::ports(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT + 3)
+}
+
 /// What the engine claims from the hypervisor for PCI configuration space.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -438,7 +443,7 @@ impl<B: Backend> Engine<B> {
         let mut router = Router::new();
         let mux = router.add_server(MUX_NAME);
         debug_assert_eq!(mux, MUX);
-        let cf8 = IoRange::ports(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_DATA_PORT + 3);
+        let cf8 = config_ports();
         router
             .claim(MUX, &Claim::Range(cf8))
             .map_err(|source| EngineError::Attach {

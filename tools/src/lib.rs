@@ -6,6 +6,7 @@
 pub mod acpi;
 pub mod bench;
 pub mod config;
+pub mod diagnostic;
 pub mod dm;
 pub mod dm_socket;
 pub mod engine;

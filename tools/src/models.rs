@@ -112,6 +112,85 @@ pub struct BarSpec {
     pub prefetchable: bool,
 }
 
+/// The largest class code: base class, sub-class and programming interface, a byte each.
+pub const PCI_CLASS_MAX: u32 = 0xff_ffff;
+/// An I/O BAR decodes at most 256 bytes (PCI Local Bus spec 3.0, 6.2.5.1).
+pub const PCI_IO_BAR_MAX: u64 = 0x100;
+/// A 32-bit memory BAR decodes at most 2 GiB (its size mask keeps bit 31).
+pub const PCI_MEM32_BAR_MAX: u64 = 1 << 31;
+
+/// Why a BAR cannot be built as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BarError {
+    #[error("size 0: a BAR decodes a power of two of bytes, at least one")]
+    Zero,
+    #[error("size {0:#x} ({0}) is not a power of two")]
+    NotPowerOfTwo(u64),
+    #[error("size {size:#x} is more than {kind} BAR decodes ({max:#x})")]
+    TooLarge {
+        size: u64,
+        kind: &'static str,
+        max: u64,
+    },
+    #[error("an I/O BAR cannot be prefetchable")]
+    PrefetchableIo,
+}
+
+impl BarSpec {
+    /// BAR registers it takes: two for a 64-bit memory BAR.
+    pub fn registers(&self) -> usize {
+        if self.kind == BarKind::Mem64 { 2 } else { 1 }
+    }
+
+    /// Checks size and flags (a BAR the model would otherwise round or truncate).
+    pub fn check(&self) -> Result<(), BarError> {
+        let max = match self.kind {
+            BarKind::Io => Some(("an I/O", PCI_IO_BAR_MAX)),
+            BarKind::Mem32 => Some(("a 32-bit memory", PCI_MEM32_BAR_MAX)),
+            BarKind::Mem64 => None,
+        };
+        if self.size == 0 {
+            return Err(BarError::Zero);
+        }
+        if !self.size.is_power_of_two() {
+            return Err(BarError::NotPowerOfTwo(self.size));
+        }
+        if let Some((kind, max)) = max.filter(|(_, max)| self.size > *max) {
+            return Err(BarError::TooLarge {
+                size: self.size,
+                kind,
+                max,
+            });
+        }
+        if self.prefetchable && self.kind == BarKind::Io {
+            return Err(BarError::PrefetchableIo);
+        }
+        Ok(())
+    }
+}
+
+/// Why a function cannot be built as written; `bar` counts from 0 in the order given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "class {0:#x} does not fit 24 bits (base class, sub-class, programming interface: \
+         at most {PCI_CLASS_MAX:#x})"
+    )]
+    Class(u32),
+    #[error("BAR {bar}: {why}")]
+    Bar { bar: usize, why: BarError },
+    #[error(
+        "BAR {bar} does not fit: {what} has {registers} BAR registers and the BARs before it \
+         take {used} (a 64-bit BAR takes two)"
+    )]
+    TooManyBars {
+        bar: usize,
+        what: &'static str,
+        registers: usize,
+        used: usize,
+    },
+}
+
 /// Which kind of header and PCIe port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -128,6 +207,11 @@ pub enum FunctionKind {
 impl FunctionKind {
     pub fn is_bridge(self) -> bool {
         self != FunctionKind::Endpoint
+    }
+
+    /// BAR registers its header has: six in a type 0 header, two in a bridge's type 1.
+    pub fn bar_registers(self) -> usize {
+        if self.is_bridge() { 2 } else { 6 }
     }
 
     fn pcie_type(self) -> u16 {
@@ -196,6 +280,34 @@ impl FunctionSpec {
             subsystem: 0,
             serial: 0,
         }
+    }
+
+    /// Checks what the model would otherwise truncate, round or drop: the class code, each
+    /// BAR, and that the BARs fit the header's registers.
+    pub fn check(&self) -> Result<(), SpecError> {
+        if self.class > PCI_CLASS_MAX {
+            return Err(SpecError::Class(self.class));
+        }
+        let registers = self.kind.bar_registers();
+        let mut used = 0;
+        for (bar, b) in self.bars.iter().enumerate() {
+            b.check().map_err(|why| SpecError::Bar { bar, why })?;
+            if used + b.registers() > registers {
+                let what = if self.kind.is_bridge() {
+                    "a bridge (type 1 header)"
+                } else {
+                    "an endpoint (type 0 header)"
+                };
+                return Err(SpecError::TooManyBars {
+                    bar,
+                    what,
+                    registers,
+                    used,
+                });
+            }
+            used += b.registers();
+        }
+        Ok(())
     }
 
     pub fn bridge(vendor: u16, device: u16, kind: FunctionKind) -> Self {
@@ -295,7 +407,7 @@ impl PciFunction {
         w[0x3c] = 0xff; // interrupt line
         c[PCI_INTERRUPT_PIN] = 1;
         let mut bars = vec![];
-        let max_bars = if spec.kind.is_bridge() { 2 } else { 6 };
+        let max_bars = spec.kind.bar_registers();
         let mut reg = PCI_BASE_ADDRESS_0;
         for b in spec.bars.iter().take(max_bars) {
             if reg >= PCI_BASE_ADDRESS_0 + 4 * max_bars {

@@ -97,6 +97,8 @@ pub enum ReplayError {
     Sim(#[from] SimError),
     #[error("topology: {0}")]
     Topology(String),
+    #[error("{0}: the trace has no guest access: nothing to replay")]
+    EmptyTrace(PathBuf),
 }
 
 /// One way the replay differed from the recording.
@@ -599,6 +601,7 @@ pub fn replay_with(
 ) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
     let (show, limit, progress) = (opts.show, opts.limit, opts.progress);
     let cfg = Config::load(topology)?;
+    check_trace(&cfg, trace_path)?;
     let mut reader = TraceReader::open(trace_path).map_err(|source| ReplayError::Trace {
         path: trace_path.to_path_buf(),
         source,
@@ -615,11 +618,7 @@ pub fn replay_with(
         let id = i as u16;
         names.push(s.name.clone());
         if s.qemu_devices.iter().any(|d| d == "*") {
-            if default_server.is_some() {
-                return Err(ReplayError::Topology(
-                    "more than one server has qemu_devices = [\"*\"]".into(),
-                ));
-            }
+            // The topology has at most one (Config checks).
             default_server = Some(id);
         }
         devices.push(s.qemu_devices.clone());
@@ -720,7 +719,10 @@ pub fn replay_with(
     'records: loop {
         let rec = match reader.next_record() {
             Ok(Some(r)) => r,
-            Ok(None) => break,
+            Ok(None) => {
+                refuse_empty(trace_path, h.report.accesses)?;
+                break;
+            }
             Err(source) => {
                 return Err(ReplayError::Trace {
                     path: trace_path.to_path_buf(),
@@ -808,6 +810,36 @@ pub fn replay_with(
     }
     h.report.elapsed_s = start.elapsed().as_secs_f64();
     Ok((h.report, h.engine))
+}
+
+/// Before replaying: the trace has accesses, and names each QEMU device type the topology's
+/// `qemu_devices` lists (a misspelt one would only show as divergences). Reads the trace
+/// once more, only when the topology lists device types.
+fn check_trace(cfg: &Config, trace_path: &Path) -> Result<(), ReplayError> {
+    let listed = cfg
+        .servers
+        .iter()
+        .any(|s| s.qemu_devices.iter().any(|d| d != "*"));
+    if !listed {
+        return Ok(());
+    }
+    let contents = TraceReader::open(trace_path)
+        .and_then(TraceReader::contents)
+        .map_err(|source| ReplayError::Trace {
+            path: trace_path.to_path_buf(),
+            source,
+        })?;
+    refuse_empty(trace_path, contents.accesses)?;
+    cfg.check_qemu_devices(trace_path, &contents.devices)?;
+    Ok(())
+}
+
+/// A trace without accesses replays "without divergence" and proves nothing: refused.
+fn refuse_empty(trace_path: &Path, accesses: u64) -> Result<(), ReplayError> {
+    if accesses == 0 {
+        return Err(ReplayError::EmptyTrace(trace_path.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// The engine for a topology alone (no trace), as `inspect` shows it before any access.

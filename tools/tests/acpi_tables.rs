@@ -53,8 +53,15 @@ fn overlapping_windows_are_refused_naming_both() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("engine.ecam[1] (segment 0002")
-            && err.contains("engine.ecam[0] (segment 0001"),
+        err.starts_with("ioreq-mux acpi-tables: engine.ecam[1] overlaps engine.ecam[0]\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("--> {}:5:1\n", conf.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("first claimed here, line 1: segment 0001") && err.contains("^ segment 0002"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&d);

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io;
 
-pub use reader::{StringTable, TraceReader};
+pub use reader::{StringTable, TraceContents, TraceReader, looks_like_zstd};
 pub use writer::{DEFAULT_LEVEL, TraceSummary, TraceWriter};
 
 /// The format version this build writes and the only one it reads.

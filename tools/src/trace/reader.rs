@@ -8,6 +8,7 @@ use super::{
     FORMAT_VERSION, HEADER_FRAME_MAGIC, MAGIC, MAX_JSON_LEN, MAX_STRING_LEN, Record, StrId,
     TraceError, TraceMeta, Trailer,
 };
+use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -18,6 +19,23 @@ const BUF_SIZE: usize = 256 * 1024;
 
 /// Standard zstd frame magic (little endian).
 const ZSTD_FRAME_MAGIC: u32 = 0xFD2F_B528;
+
+/// Whether `bytes` begin as a zstd stream does: a zstd frame or a skippable frame (a trace
+/// begins with one, `0x184D2A50..=0x184D2A5F`).
+pub fn looks_like_zstd(bytes: &[u8]) -> bool {
+    bytes.first_chunk::<4>().is_some_and(|h| {
+        let magic = u32::from_le_bytes(*h);
+        magic == ZSTD_FRAME_MAGIC || magic & 0xffff_fff0 == 0x184d_2a50
+    })
+}
+
+/// What a whole trace names: the QEMU device types of its configuration accesses and BAR
+/// events (what a topology's `qemu_devices` lists), and how many accesses it has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContents {
+    pub devices: BTreeSet<String>,
+    pub accesses: u64,
+}
 
 /// The strings a trace has defined so far, indexed by [`StrId`].
 #[derive(Debug, Clone, Default)]
@@ -122,6 +140,13 @@ fn read_header<R: Read>(r: &mut R) -> Result<(u32, TraceMeta), TraceError> {
                 .to_string()
         } else if first.starts_with(b"memory_") || first.starts_with(b"pci_") {
             "looks like a QEMU trace log; convert it with import-qemu-trace first".to_string()
+        } else if first
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+        {
+            "it is text, not a trace (a topology? the topology is given with --topology, the \
+             trace first)"
+                .to_string()
         } else {
             format!("bad magic bytes {:02x?}", &first[..4])
         };
@@ -245,6 +270,27 @@ impl<R: Read> TraceReader<R> {
     /// The end record's contents, once [`TraceReader::next_record`] has returned `Ok(None)`.
     pub fn trailer(&self) -> Option<&Trailer> {
         self.trailer.as_ref()
+    }
+
+    /// Reads the rest of the trace for what it names ([`TraceContents`]).
+    pub fn contents(mut self) -> Result<TraceContents, TraceError> {
+        let mut ids = BTreeSet::new();
+        let mut accesses = 0;
+        while let Some(rec) = self.next_record()? {
+            let device = match rec {
+                Record::Access { access, repeat } => {
+                    accesses += repeat;
+                    access.config.and_then(|c| c.device)
+                }
+                Record::Bar(ev) => ev.device,
+            };
+            ids.extend(device);
+        }
+        let devices = ids
+            .into_iter()
+            .filter_map(|id| self.string(id).map(str::to_string))
+            .collect();
+        Ok(TraceContents { devices, accesses })
     }
 
     /// The next record, `Ok(None)` after the end record.
