@@ -31,7 +31,6 @@ use ioreq_server::RangeKind;
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::oop::wire::Code;
 use ioreq_server::oop::{ClientError, ClientOptions, Ended, Stopper, serve_with};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -259,16 +258,6 @@ pub fn build_model(a: &DmArgs) -> Result<EmulatedModel, String> {
     Ok(m)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IOREQ_MUX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-}
-
 /// Stops `stopper` on SIGINT or SIGTERM (blocked in this thread, which must be the one that
 /// serves: threads it starts inherit the mask).
 fn stop_on_signals(stopper: &Stopper) {
@@ -300,7 +289,6 @@ fn stop_on_signals(stopper: &Stopper) {
 
 /// Runs `ioreq-mux dm`.
 pub fn run(a: &DmArgs) -> ExitCode {
-    init_logging();
     if let Err(e) = build_model(a) {
         eprintln!("ioreq-mux dm: {e}");
         return ExitCode::from(2);

@@ -11,6 +11,7 @@ pub mod dm;
 pub mod dm_socket;
 pub mod engine;
 pub mod inspect;
+pub mod logging;
 pub mod models;
 pub mod out;
 pub mod qemu_import;

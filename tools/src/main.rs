@@ -16,6 +16,8 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: ioreq_mux::logging::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -42,27 +44,41 @@ enum Cmd {
     ReplayDm(ioreq_mux::replay_dm::ReplayDmArgs),
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("IOREQ_MUX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+impl Cmd {
+    /// The log filter when no option or `$IOREQ_MUX_LOG` chooses one: the long-running
+    /// commands say what they do; the others speak only of trouble.
+    fn default_log(&self) -> &'static str {
+        match self {
+            Cmd::Serve(_) | Cmd::Dm(_) => "info",
+            _ => "warn",
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Cmd::Serve(_) => "serve",
+            Cmd::Replay(_) => "replay",
+            Cmd::ImportQemuTrace(_) => "import-qemu-trace",
+            Cmd::Inspect(_) => "inspect",
+            Cmd::Bench(_) => "bench",
+            Cmd::Dm(_) => "dm",
+            Cmd::AcpiTables(_) => "acpi-tables",
+            Cmd::ReplayDm(_) => "replay-dm",
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = ioreq_mux::logging::init(&cli.log, cli.cmd.default_log()) {
+        eprintln!("ioreq-mux {}: {e}", cli.cmd.name());
+        return ExitCode::from(2);
+    }
     match cli.cmd {
         Cmd::Serve(a) => ioreq_mux::serve::run(&a),
         Cmd::Dm(a) => ioreq_mux::dm::run(&a),
-        Cmd::ReplayDm(a) => {
-            init_logging();
-            ioreq_mux::replay_dm::run(&a)
-        }
+        Cmd::ReplayDm(a) => ioreq_mux::replay_dm::run(&a),
         Cmd::Replay(a) => {
-            init_logging();
             let progress = !a.json && std::io::stderr().is_terminal();
             let opts = replay::ReplayOptions {
                 show: a.show,
@@ -97,65 +113,53 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::ImportQemuTrace(a) => {
-            init_logging();
-            match qemu_import::run(&a) {
-                Ok(stats) => {
-                    if a.json {
-                        match serde_json::to_string(&stats) {
-                            Ok(j) => ioreq_mux::outln!("{j}"),
-                            Err(e) => {
-                                eprintln!("ioreq-mux import-qemu-trace: {e}");
-                                return ExitCode::from(1);
-                            }
+        Cmd::ImportQemuTrace(a) => match qemu_import::run(&a) {
+            Ok(stats) => {
+                if a.json {
+                    match serde_json::to_string(&stats) {
+                        Ok(j) => ioreq_mux::outln!("{j}"),
+                        Err(e) => {
+                            eprintln!("ioreq-mux import-qemu-trace: {e}");
+                            return ExitCode::from(1);
                         }
-                    } else {
-                        ioreq_mux::outln!("{stats}");
                     }
-                    ExitCode::SUCCESS
+                } else {
+                    ioreq_mux::outln!("{stats}");
                 }
-                Err(e) => {
-                    eprintln!("ioreq-mux import-qemu-trace: {e}");
-                    ExitCode::from(2)
-                }
+                ExitCode::SUCCESS
             }
-        }
-        Cmd::Inspect(a) => {
-            init_logging();
-            match inspect::run(&a) {
-                Ok(text) => {
-                    ioreq_mux::out::print(&text);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ioreq-mux inspect: {e}");
-                    ExitCode::from(2)
-                }
+            Err(e) => {
+                eprintln!("ioreq-mux import-qemu-trace: {e}");
+                ExitCode::from(2)
             }
-        }
-        Cmd::AcpiTables(a) => {
-            init_logging();
-            match ioreq_mux::acpi::run(&a) {
-                Ok(windows) => {
-                    for w in &windows {
-                        eprintln!("ioreq-mux acpi-tables: {w}");
-                    }
-                    eprintln!(
-                        "ioreq-mux acpi-tables: wrote MCFG and SSDT for {} window(s) to {}",
-                        windows.len(),
-                        a.output.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ioreq-mux acpi-tables: {e}");
-                    ExitCode::from(e.exit_code())
-                }
+        },
+        Cmd::Inspect(a) => match inspect::run(&a) {
+            Ok(text) => {
+                ioreq_mux::out::print(&text);
+                ExitCode::SUCCESS
             }
-        }
-        Cmd::Bench(a) => {
-            init_logging();
-            ioreq_mux::bench::run(&a)
-        }
+            Err(e) => {
+                eprintln!("ioreq-mux inspect: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::AcpiTables(a) => match ioreq_mux::acpi::run(&a) {
+            Ok(windows) => {
+                for w in &windows {
+                    eprintln!("ioreq-mux acpi-tables: {w}");
+                }
+                eprintln!(
+                    "ioreq-mux acpi-tables: wrote MCFG and SSDT for {} window(s) to {}",
+                    windows.len(),
+                    a.output.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ioreq-mux acpi-tables: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+        Cmd::Bench(a) => ioreq_mux::bench::run(&a),
     }
 }

@@ -18,9 +18,9 @@
 //! | 4 | the domain does not exist (or is not an HVM guest) |
 //!
 //! # Logs
-//! Through `tracing` on stderr: plain text without ANSI colours unless stderr is a terminal,
-//! without timestamps under journald (`JOURNAL_STREAM` set, it adds its own), or JSON lines
-//! with `--log-format json`. At `debug` (`--log-level debug`) every served access is one
+//! As for every command ([`crate::logging`]): `tracing` on stderr, `info` unless
+//! `--log-level`, `-v`/`-q` or `$IOREQ_MUX_LOG` say otherwise; JSON lines with
+//! `--log-format json`. At `debug` (`--log-level debug`, `-vv`) every served access is one
 //! line (`served config` with SBDF, register, size, direction and data). On exit: requests
 //! served per model and the engine's counters.
 
@@ -29,7 +29,6 @@ use crate::models::Placement;
 use ioreq_server::DeviceModel;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -42,16 +41,6 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     pub const NOT_XEN: u8 = 3;
     pub const NO_DOMAIN: u8 = 4;
-}
-
-/// Log line format.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    /// Human-readable lines (no colours unless stderr is a terminal).
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// What the multiplexer claims from Xen.
@@ -75,13 +64,6 @@ pub struct ServeArgs {
     /// Configuration file (TOML, see docs/xen.md).
     #[arg(long)]
     pub config: PathBuf,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// Log filter in `tracing` EnvFilter syntax (`debug` logs every served access).
-    /// Default: $IOREQ_MUX_LOG (as for every command), else `info`.
-    #[arg(long, value_name = "FILTER")]
-    pub log_level: Option<String>,
     /// What to claim from Xen.
     #[arg(long, value_enum, default_value_t = ClaimMode::Owned)]
     pub claim: ClaimMode,
@@ -123,26 +105,6 @@ pub fn parse_duration(t: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n.saturating_mul(3600)),
         other => return Err(format!("unknown unit '{other}' in '{t}' (ms, s, m, h)")),
     })
-}
-
-fn init_logging(args: &ServeArgs) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match &args.log_level {
-        Some(f) => EnvFilter::try_new(f).map_err(|e| format!("--log-level '{f}': {e}"))?,
-        None => EnvFilter::try_from_env("IOREQ_MUX_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    // A subscriber installed earlier (by `main`) wins; that is fine.
-    let _ = match (args.log_format, journald) {
-        (LogFormat::Json, _) => builder.json().try_init(),
-        (LogFormat::Text, true) => builder.without_time().try_init(),
-        (LogFormat::Text, false) => builder.try_init(),
-    };
-    Ok(())
 }
 
 /// Tells systemd (`Type=notify`) about our state, if it started us.
@@ -240,10 +202,6 @@ fn build_models(cfg: &Config, claim: ClaimMode) -> Models {
 
 /// Runs `ioreq-mux serve`.
 pub fn run(args: &ServeArgs) -> ExitCode {
-    if let Err(e) = init_logging(args) {
-        eprintln!("ioreq-mux serve: {e}");
-        return ExitCode::from(exit::USAGE);
-    }
     ExitCode::from(run_inner(args))
 }
 
@@ -535,7 +493,6 @@ mod tests {
             .unwrap();
         assert_eq!(c.serve.domid, 3);
         assert_eq!(c.serve.claim, ClaimMode::Owned);
-        assert_eq!(c.serve.log_format, LogFormat::Text);
         let c = Cli::try_parse_from([
             "x",
             "--domid",
@@ -544,8 +501,6 @@ mod tests {
             "c",
             "--claim",
             "all",
-            "--log-format",
-            "json",
             "--duration",
             "2s",
             "--max-requests",
@@ -588,8 +543,6 @@ mod tests {
         let args = |p: &std::path::Path| ServeArgs {
             domid: 1,
             config: p.to_path_buf(),
-            log_format: LogFormat::Text,
-            log_level: None,
             claim: ClaimMode::Owned,
             no_bufioreq: false,
             max_requests: None,
@@ -620,8 +573,6 @@ mod tests {
         let args = ServeArgs {
             domid: 1,
             config: path,
-            log_format: LogFormat::Text,
-            log_level: None,
             claim: ClaimMode::Owned,
             no_bufioreq: false,
             max_requests: None,

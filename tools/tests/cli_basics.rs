@@ -59,3 +59,58 @@ fn an_empty_log_is_refused() {
     assert!(err.contains("empty.log: it has no guest access"), "{err}");
     assert!(!out_trace.exists(), "a trace was written");
 }
+
+/// One set of logging options for every command, before or after the subcommand: `-v`
+/// turns on info lines, `-q` silences `$IOREQ_MUX_LOG`, and a filter that does not parse is
+/// exit 2 naming where it came from.
+#[test]
+fn logging_options_are_the_same_for_every_command() {
+    let stderr = |args: &[&str], env: Option<&str>| {
+        let mut c = bin();
+        c.args(args).env_remove("IOREQ_MUX_LOG");
+        if let Some(e) = env {
+            c.env("IOREQ_MUX_LOG", e);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let topo = repo("configs/qemu-q35-trace.toml");
+    let topo = topo.to_str().unwrap();
+    let (code, err) = stderr(&["inspect", "--topology", topo], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains(" INFO "), "warn by default: {err}");
+    for args in [
+        ["-v", "inspect", "--topology", topo],
+        ["inspect", "--topology", topo, "-v"],
+    ] {
+        let (code, err) = stderr(&args, None);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(err.contains(" INFO "), "-v logs info ({args:?}): {err}");
+    }
+    let (_, err) = stderr(&["inspect", "--topology", topo], Some("info"));
+    assert!(err.contains(" INFO "), "$IOREQ_MUX_LOG is read: {err}");
+    let (code, err) = stderr(&["inspect", "--topology", topo, "-q"], Some("info"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !err.contains(" INFO "),
+        "-q wins over $IOREQ_MUX_LOG: {err}"
+    );
+    let (code, err) = stderr(
+        &["replay", "t", "--topology", topo, "--log-level", "x[="],
+        None,
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("ioreq-mux replay: --log-level 'x[=': "),
+        "{err}"
+    );
+    let (code, err) = stderr(&["inspect", "--topology", topo], Some("x[="));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("ioreq-mux inspect: IOREQ_MUX_LOG 'x[=': "),
+        "{err}"
+    );
+}
