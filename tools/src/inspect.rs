@@ -1,12 +1,50 @@
-//! `ioreq-mux inspect`: the layout the multiplexer holds, from a topology alone or after
-//! replaying a trace: ECAM windows, the bus tree with owners, the PM block, the MMIO hole.
+//! `ioreq-mux inspect`: a connectivity view of what the multiplexer holds, from a topology
+//! alone or after replaying a trace. In the style of `lspci -tv` and QEMU's `info pci`: the
+//! bus tree with every function under its port (IDs, class, owner, BARs with sizes and
+//! owners), each bridge's bus numbers and windows, and per bus the free device numbers, the
+//! free bus numbers and whether a device can be hot-plugged there; then where a new function
+//! can be connected and which BDF (and topology position) it gets. `--json` prints the same as
+//! one JSON object, schema [`SCHEMA`], described key by key in docs/inspect.md.
+//!
+//! Where the facts come from:
+//! - Functions, IDs, class, BARs, bridge windows and PCIe capabilities are read through the
+//!   engine as the guest would read them (`scan`): PCI_CONFIG requests to
+//!   [`Engine::handle`], which routes each one to the function's owner (or master-aborts it).
+//!   The bus tree is walked like firmware walks it: every device of a bus, functions 1-7 of
+//!   multi-function devices, and the secondary bus of every bridge. After a trace, a trace
+//!   server answers from what the trace showed of its functions (the last value read or
+//!   written per byte, see `replay::recorded`); an emulated model answers from its state.
+//!   Nothing in the `DeviceModel` interface exposes a model's BARs, so there is no state to
+//!   read for every kind of model; reading the header is the one way that works for all.
+//! - BAR sizes are sized through the owner the way firmware sizes them (PCI Local Bus spec 3.0,
+//!   6.2.5.1): decoding off in the command register, all ones written, the answer read, the
+//!   BAR and the command register restored. An emulated model drops and re-claims its BAR
+//!   ranges on the way (same ranges at the end); a trace server gives the answer the recorded
+//!   device gave when firmware sized it.
+//! - Owners: the router's function table and position claims (functions), its port and MMIO
+//!   tables (BARs that decode). Bus numbers of the bridges the router follows are the ones it
+//!   learnt from the guest's writes; `scan` reads the same registers.
+//! - Free device numbers, free bus numbers, hot-plug and the BDF a new function gets: `slots`.
+
+mod layout;
+mod names;
+mod scan;
+mod slots;
+mod text;
 
 use crate::engine::Engine;
 use crate::replay::{ReplayError, replay_engine, topology_engine};
-use bdf_router::{Sbdf, ServerIdx};
 use ioreq_server::Backend;
-use std::fmt::Write as _;
+use serde::Serialize;
 use std::path::PathBuf;
+use thiserror::Error;
+
+pub use layout::owner_runs;
+pub use slots::{BusRange, SlotCaps, free_buses, free_devices, hotplug, position_of};
+
+/// The `schema` value of `inspect --json`. Bumped when a key changes meaning or goes away;
+/// new keys may appear within a version.
+pub const SCHEMA: &str = "ioreq-mux.inspect/1";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct InspectArgs {
@@ -16,106 +54,328 @@ pub struct InspectArgs {
     /// Replay this trace first and show the layout it left.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Print one JSON object (schema `ioreq-mux.inspect/1`, docs/inspect.md) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn run(a: &InspectArgs) -> Result<String, ReplayError> {
-    let engine = match &a.trace {
+#[derive(Debug, Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Runs `inspect`: the text or the JSON to print.
+pub fn run(a: &InspectArgs) -> Result<String, InspectError> {
+    let mut engine = match &a.trace {
         Some(t) => replay_engine(t, &a.topology, 0, None, false)?.1,
         None => topology_engine(&a.topology)?,
     };
-    Ok(layout_text(&engine))
-}
-
-/// Consecutive functions with the same owner, as ranges.
-fn runs(list: &[(Sbdf, ServerIdx)]) -> Vec<(Sbdf, Sbdf, ServerIdx)> {
-    let mut out: Vec<(Sbdf, Sbdf, ServerIdx)> = vec![];
-    for &(s, o) in list {
-        match out.last_mut() {
-            Some((_, end, owner)) if *owner == o && end.to_xen() + 1 == s.to_xen() => *end = s,
-            _ => out.push((s, s, o)),
-        }
-    }
-    out
-}
-
-/// The layout as text.
-pub fn layout_text<B: Backend>(e: &Engine<B>) -> String {
-    let r = e.router();
-    let name = |i: ServerIdx| r.server_name(i).to_string();
-    let mut t = String::new();
-    let _ = writeln!(t, "chipset: {}", e.chipset());
-    let _ = writeln!(t, "ECAM windows:");
-    if r.windows().is_empty() {
-        let _ = writeln!(t, "  none (PCIEXBAR disabled)");
-    }
-    for w in r.windows() {
-        let _ = writeln!(t, "  {w}");
-    }
-    let _ = writeln!(t, "bus tree (bridges the guest numbered):");
-    let bridges = r.bridges();
-    fn walk(
-        t: &mut String,
-        all: &[bdf_router::BridgeInfo],
-        parent: Option<usize>,
-        depth: usize,
-        owner: &dyn Fn(Sbdf) -> String,
-    ) {
-        for (i, b) in all.iter().enumerate().filter(|(_, b)| b.parent == parent) {
-            let at = b.sbdf.map_or("unreachable".into(), |s| s.to_string());
-            let who = b.sbdf.map_or(String::new(), owner);
-            let _ = writeln!(
-                t,
-                "  {:indent$}{at} -> buses {:02x}-{:02x} ({who})",
-                "",
-                b.numbers.secondary,
-                b.numbers.subordinate,
-                indent = depth * 2
-            );
-            walk(t, all, Some(i), depth + 1, owner);
-        }
-    }
-    let owner = |s: Sbdf| r.config_owner(s).map_or("unowned".into(), name);
-    walk(&mut t, &bridges, None, 0, &owner);
-    let _ = writeln!(t, "functions by owner:");
-    for (a, b, o) in runs(&r.functions()) {
-        if a == b {
-            let _ = writeln!(t, "  {a}            {}", name(o));
-        } else {
-            let _ = writeln!(t, "  {a}-{b} {}", name(o));
-        }
-    }
-    let _ = writeln!(t, "claims by position:");
-    for p in r.positions() {
-        let at = p
-            .resolved
-            .map_or("not reachable yet".into(), |s| s.to_string());
-        let _ = writeln!(t, "  {} -> {at} ({})", p.position, name(p.owner));
-    }
-    let _ = writeln!(t, "ports:");
-    for (s, en, o) in r.port_ranges() {
-        let _ = writeln!(t, "  {s:#06x}-{en:#06x} {}", name(o));
-    }
-    let _ = writeln!(t, "mmio:");
-    for (s, en, o) in r.mmio_ranges() {
-        let _ = writeln!(t, "  {s:#x}-{en:#x} {}", name(o));
-    }
-    let _ = writeln!(t, "intercepted registers:");
-    for (it, spec, v) in e.intercepts().snapshot() {
-        let _ = writeln!(
-            t,
-            "  {it:10} {:10} {} @{:#04x} width {} {:?}: {v:#x}",
-            spec.name, spec.sbdf, spec.offset, spec.width, spec.phase
-        );
-    }
-    let p = e.intercepts().platform;
-    let show = |v: Option<u64>| v.map_or("unknown".into(), |v| format!("{v:#x}"));
-    let _ = writeln!(
-        t,
-        "MMIO hole: TOLUD {} (fallback {}), TOUUD {} (fallback {})",
-        show(p.tolud),
-        show(p.low_ram_top),
-        show(p.touud),
-        show(p.high_ram_top)
+    let view = inspect(
+        &mut engine,
+        a.topology.display().to_string(),
+        a.trace.as_ref().map(|t| t.display().to_string()),
     );
-    t
+    if a.json {
+        let mut j = serde_json::to_string_pretty(&view)?;
+        j.push('\n');
+        Ok(j)
+    } else {
+        Ok(text::render(&view))
+    }
+}
+
+/// Reads the layout out of `engine` (configuration reads through the owners, see the module
+/// documentation).
+pub fn inspect<B: Backend>(
+    engine: &mut Engine<B>,
+    topology: String,
+    trace: Option<String>,
+) -> Inspection {
+    let tree = scan::walk(engine);
+    let router = engine.router();
+    let claimed_by = |s| {
+        router
+            .config_owner(s)
+            .map(|o| router.server_name(o).to_string())
+    };
+    let connect = slots::connect_points(&tree.buses, &claimed_by);
+    Inspection {
+        schema: SCHEMA,
+        topology,
+        trace,
+        chipset: engine.chipset().to_string(),
+        ecam_windows: layout::windows(engine),
+        buses: tree.buses,
+        functions: tree.functions,
+        connect,
+        claims: layout::claims(engine),
+        intercepts: layout::intercepts(engine),
+        mmio_hole: layout::mmio_hole(engine),
+    }
+}
+
+/// Everything `inspect` shows (the JSON object).
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    pub schema: &'static str,
+    pub topology: String,
+    pub trace: Option<String>,
+    pub chipset: String,
+    pub ecam_windows: Vec<EcamWindowView>,
+    /// Every bus reached, depth first (a bus, then the buses below its first bridge, ...).
+    pub buses: Vec<BusView>,
+    /// Every function found, depth first (as QEMU's `info pci` lists them).
+    pub functions: Vec<FunctionView>,
+    /// Where a new function can be connected, one entry per bus with a free device number.
+    pub connect: Vec<ConnectPoint>,
+    pub claims: ClaimsView,
+    pub intercepts: Vec<InterceptView>,
+    pub mmio_hole: MmioHoleView,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EcamWindowView {
+    pub segment: u16,
+    pub base: u64,
+    pub size: u64,
+    pub start_bus: u8,
+    pub end_bus: u8,
+}
+
+/// What kind of port a bus hangs off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortType {
+    /// The segment's root bus (no bridge above it).
+    RootBus,
+    RootPort,
+    DownstreamPort,
+    /// A switch's upstream port: its secondary bus is the switch's internal bus.
+    UpstreamPort,
+    PcieToPciBridge,
+    /// A bridge without a PCI Express capability (conventional PCI-to-PCI bridge).
+    PciBridge,
+    /// Any other PCIe bridge type.
+    OtherBridge,
+}
+
+/// What can sit on a bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkKind {
+    /// A root bus: device numbers 0-31 (root-complex integrated devices, root ports).
+    RootComplex,
+    /// The link below a root or downstream port: device 0 only (PCIe base spec 4.0, 7.3.1).
+    PcieLink,
+    /// A switch's internal bus: only the switch's downstream ports.
+    SwitchInternal,
+    /// A conventional PCI bus: device numbers 0-31.
+    Conventional,
+}
+
+/// One bus and what can still be connected to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BusView {
+    pub segment: u16,
+    pub bus: u8,
+    /// The bridge whose secondary bus this is (`None`: a root bus).
+    pub port: Option<String>,
+    pub port_type: PortType,
+    pub link: LinkKind,
+    /// Last bus number routed below this bus (the port's subordinate bus; for a root bus, the
+    /// last bus of its segment).
+    pub subordinate_bus: u8,
+    /// Device numbers in use.
+    pub devices: Vec<u8>,
+    /// Device numbers a new function may take (`slots::free_devices`).
+    pub free_devices: Vec<u8>,
+    /// Bus numbers in (this bus, subordinate] that no bridge below uses.
+    pub free_buses: Vec<BusRange>,
+    pub hotplug: HotplugView,
+    /// The topology position of this bus: root bus, then devfn per bridge (`owns.position`
+    /// of a function here is this plus `/dd.f`).
+    pub position: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HotplugView {
+    pub capable: bool,
+    /// Why: what was read (`pcie_slot`), what the bus is (`conventional_bus`, `root_bus`,
+    /// `switch_internal`), or that the port has no slot (`no_slot`).
+    pub reason: HotplugReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HotplugReason {
+    /// The port's Slot Capabilities say Hot-Plug Capable (PCIe base spec 4.0, 7.5.3.9).
+    PcieSlot,
+    /// The port's Slot Capabilities do not say Hot-Plug Capable.
+    PcieSlotNotCapable,
+    /// The port's PCI Express Capabilities say no slot is implemented (7.5.3.2).
+    NoSlot,
+    /// A conventional bus behind a bridge, with a free device number (capable) or none.
+    ConventionalBus,
+    RootBus,
+    SwitchInternal,
+}
+
+/// One PCI function.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionView {
+    pub bdf: String,
+    pub segment: u16,
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+    /// The bridge above (`None` on a root bus).
+    pub parent: Option<String>,
+    /// Server its configuration accesses go to.
+    pub owner: Option<String>,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    /// Class code: base class, sub-class, programming interface (24 bits).
+    pub class: u32,
+    pub class_name: String,
+    pub revision: u8,
+    /// Header layout (0 endpoint, 1 PCI-to-PCI bridge, 2 CardBus bridge).
+    pub header_type: u8,
+    pub multifunction: bool,
+    pub subsystem_vendor_id: Option<u16>,
+    pub subsystem_id: Option<u16>,
+    /// Device/port type from the PCI Express capability (`None`: no such capability).
+    pub pcie_type: Option<PcieType>,
+    pub bars: Vec<BarView>,
+    pub bridge: Option<BridgeView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PcieType {
+    Endpoint,
+    LegacyEndpoint,
+    RootPort,
+    UpstreamPort,
+    DownstreamPort,
+    PcieToPciBridge,
+    PciToPcieBridge,
+    RootComplexIntegratedEndpoint,
+    RootComplexEventCollector,
+    Reserved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BarKind {
+    Io,
+    Mem32,
+    Mem64,
+    /// Expansion ROM (index 6, as QEMU numbers it).
+    Rom,
+}
+
+/// One BAR, as the guest sized and placed it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BarView {
+    /// 0-5; 6 for the expansion ROM.
+    pub index: u8,
+    pub kind: BarKind,
+    pub prefetchable: bool,
+    /// The address programmed (meaningful only while `decoding`).
+    pub address: u64,
+    pub size: u64,
+    /// Decoding enabled (command register, ROM enable bit) at a non-zero address.
+    pub decoding: bool,
+    /// Server that claims the range (only while decoding).
+    pub owner: Option<String>,
+}
+
+/// A bridge's bus numbers and windows (PCI-to-PCI Bridge spec 1.2, 3.2.5).
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeView {
+    pub primary_bus: u8,
+    pub secondary_bus: u8,
+    pub subordinate_bus: u8,
+    pub io_window: WindowView,
+    pub memory_window: WindowView,
+    pub prefetchable_window: WindowView,
+}
+
+/// A bridge window; it forwards nothing when `base > limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WindowView {
+    pub base: u64,
+    pub limit: u64,
+    pub enabled: bool,
+}
+
+/// Where a new function can go.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectPoint {
+    pub segment: u16,
+    pub bus: u8,
+    pub port: Option<String>,
+    pub port_type: PortType,
+    pub link: LinkKind,
+    /// The BDF a new function gets (first free device number, function 0).
+    pub bdf: String,
+    /// What to write in the topology (`owns.position`) to claim it wherever firmware numbers
+    /// the buses.
+    pub position: String,
+    pub hotplug: HotplugView,
+    /// A server whose claim already covers that BDF (a BDF range on a root bus, say): the new
+    /// model can only have it if that claim is narrowed.
+    pub claimed_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClaimsView {
+    /// Functions claimed by BDF, as runs of consecutive functions of one bus and owner.
+    pub functions: Vec<FunctionRun>,
+    pub positions: Vec<PositionView>,
+    pub ports: Vec<RangeView>,
+    pub mmio: Vec<RangeView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FunctionRun {
+    pub first: String,
+    pub last: String,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PositionView {
+    pub position: String,
+    pub resolved: Option<String>,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RangeView {
+    pub first: u64,
+    pub last: u64,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InterceptView {
+    pub intercept: String,
+    pub register: String,
+    pub function: String,
+    pub offset: u16,
+    pub width: u16,
+    pub phase: chipset_intercept::Phase,
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MmioHoleView {
+    pub tolud: Option<u64>,
+    pub touud: Option<u64>,
+    pub low_ram_top: Option<u64>,
+    pub high_ram_top: Option<u64>,
 }

@@ -29,8 +29,10 @@ enum Cmd {
     Replay(replay::ReplayArgs),
     /// Convert a QEMU `log` trace (memory_region_ops + pci_cfg events) into a replayable trace.
     ImportQemuTrace(qemu_import::ImportArgs),
-    /// Print the layout (ECAM windows, bus tree with owners, PM block, MMIO hole) from a
-    /// topology, optionally after replaying a trace.
+    /// Show where everything is connected and where a new device can go: the bus tree with
+    /// every function, its owner, BARs and windows; free device and bus numbers and hot-plug
+    /// per bus; claims and intercepts. From a topology, optionally after replaying a trace;
+    /// `--json` for tools (docs/inspect.md).
     Inspect(inspect::InspectArgs),
     /// Measure the multiplexer against Xen-style dispatch and the machine's floors.
     Bench(ioreq_mux::bench::BenchArgs),

@@ -12,6 +12,10 @@
 //! BARs when the guest maps them: the trace's BAR events (QEMU's `pci_update_mappings_*`,
 //! recorded right after the configuration write that caused them) become map/unmap claims of
 //! the server that stands for that device, before the next access.
+//!
+//! After the last access, trace servers answer configuration accesses from what the trace
+//! showed of their functions (`replay::recorded`), so `inspect --trace` can read the layout the
+//! firmware left. Until then they answer exactly as before.
 
 use crate::config::{Config, ConfigError, Server, ServerKind};
 use crate::engine::{Control, Engine, EngineError, EngineStats, MUX_NAME};
@@ -27,12 +31,15 @@ use ioreq_server::{
     Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, RangeKind,
     abi, size_mask,
 };
+use recorded::RecordedConfig;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+mod recorded;
 
 /// vCPUs the simulated guest has (the traces use 2).
 pub const REPLAY_VCPUS: u32 = 8;
@@ -140,6 +147,9 @@ pub struct ReplayReport {
 #[derive(Debug, Default)]
 struct Cursor {
     active: bool,
+    /// The whole trace has been replayed: trace servers answer from what it showed
+    /// ([`RecordedConfig`]).
+    replayed: bool,
     /// The recorded access is a write.
     write: bool,
     data: u64,
@@ -161,6 +171,9 @@ struct TraceModel {
     claims: Vec<Claim>,
     ids: Vec<(Sbdf, u32)>,
     cursor: Shared,
+    /// What the trace showed of this server's functions, for the configuration accesses made
+    /// after the replay (`inspect`).
+    recorded: RecordedConfig,
 }
 
 impl DeviceModel for TraceModel {
@@ -179,6 +192,11 @@ impl DeviceModel for TraceModel {
         _ctl: &mut dyn DmControl,
     ) -> Result<u64, DmError> {
         let mut c = lock(&self.cursor);
+        if c.replayed {
+            if let Some(v) = self.recorded.after_replay(req) {
+                return Ok(v);
+            }
+        }
         // Outside the trace (detection, seeding) or a read the engine makes during a recorded
         // write (a header-type probe): answer what is known of the recorded machine.
         if !c.active || (c.write && req.dir == Dir::Read) {
@@ -200,6 +218,8 @@ impl DeviceModel for TraceModel {
             let (_, reg) = abi::split_pci_config_addr(req.addr);
             v >>= 8 * (reg.saturating_sub(u32::from(r0)).min(7));
         }
+        self.recorded
+            .learn_request(req, if req.dir == Dir::Read { v } else { req.data });
         Ok(v)
     }
 }
@@ -762,7 +782,11 @@ pub fn replay_with(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    lock(&h.cursor).active = false;
+    {
+        let mut c = lock(&h.cursor);
+        c.active = false;
+        c.replayed = true;
+    }
     if let Some(c) = children {
         for (name, summary) in c.finish(&mut h.engine) {
             if let Some(m) = summary.filter(|m| m.mismatches > 0) {
@@ -865,6 +889,7 @@ fn build_model(s: &Server, id: u16, cursor: &Shared) -> Result<Box<dyn DeviceMod
             claims: s.claims.clone(),
             ids: s.ids.clone(),
             cursor: cursor.clone(),
+            recorded: RecordedConfig::default(),
         })),
         ServerKind::Emulated => Ok(Box::new(s.emulated_model())),
         ServerKind::Process => Err(ReplayError::Topology(format!(
