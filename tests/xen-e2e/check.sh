@@ -235,9 +235,13 @@ cfg_fn_ok() { # BDF: every dword the guest printed was served for that function
   done < <(grep -E "^$f cfg [0-9a-f]{3}:" <<< "$GF" | sed -E "s/^$f cfg ([0-9a-f]{3}):/\1/")
   [ $n -ge 64 ] && [ $bad_n = 0 ]
 }
-for f in $(grep -E '^fn ' <<< "$GF" | awk '{print $2}'); do
-  check "config of $f: the guest read what its model served" cfg_fn_ok "$f"
-done
+if [ ${#SERVEDF[@]} = 0 ]; then
+  bad "config of every function: the mux log has no served config reads to compare with"
+else
+  for f in $(grep -E '^fn ' <<< "$GF" | awk '{print $2}'); do
+    check "config of $f: the guest read what its model served" cfg_fn_ok "$f"
+  done
+fi
 SHA_DOM0=$(marker 'phase F: disk image sha256' | sed -E 's/.*sha256 ([0-9a-f]+).*/\1/')
 SHA_GUEST=$(grep -E '^disk sha256 ' <<< "$GF" | awk '{print $3}')
 check "disk on QEMU's IDE read by the guest with rep insw: sha256 ${SHA_GUEST:0:16}... = dom0's image" \

@@ -38,6 +38,25 @@ try() {
 }
 up() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "E2E: $* [dom0 uptime $(up)s]"; }
+# wait_until SECONDS STEP 'CONDITION': polls CONDITION every STEP seconds until it holds or
+# SECONDS of dom0 time (the clock, not a count of polls: under a loaded host one poll of
+# `xl dmesg` can take seconds) have passed. WAITED: the whole seconds it took. Status:
+# whether CONDITION held.
+wait_until() {
+  t0=$(cut -d. -f1 /proc/uptime)
+  while :; do
+    WAITED=$(( $(cut -d. -f1 /proc/uptime) - t0 ))
+    eval "$3" && return 0
+    [ "$WAITED" -ge "$1" ] && return 1
+    sleep "$2"
+  done
+}
+# alive PID: PID runs (a zombie, killed but not yet reaped by its parent, does not).
+alive() { [ -r "/proc/$1/stat" ] && ! grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
+# wait_gone PID SECONDS: until PID exits; says whether it did.
+wait_gone() { wait_until "$2" 0.1 "! alive $1"; }
+# guest_said DOMID TEXT: the guest's console (through Xen's) has a line with TEXT.
+guest_said() { xl dmesg | grep "(d$1)" | grep -q -- "$2"; }
 dump() { try "sed 's/^/$1: /' '$2'"; }
 
 # start_mux NAME LOG [ARGS...]: `ioreq-mux serve` for domain NAME in the background ($MUX),
@@ -47,12 +66,11 @@ start_mux() {
   dom=$(xl domid "$name")
   ioreq-mux serve --domid "$dom" --config $CFG "$@" > "$log" 2>&1 &
   MUX=$!
-  i=0
-  while [ $i -lt 300 ]; do
-    if grep -q 'ready: serving' "$log"; then say "ioreq-mux ready for $name (domid $dom)"; return 0; fi
-    kill -0 $MUX 2>/dev/null || break
-    sleep 0.1; i=$((i+1))
-  done
+  if wait_until 60 0.1 "grep -q 'ready: serving' '$log' || ! kill -0 $MUX 2>/dev/null" \
+    && grep -q 'ready: serving' "$log"; then
+    say "ioreq-mux ready for $name (domid $dom)"
+    return 0
+  fi
   say "FAIL: ioreq-mux did not become ready for $name"
   cat "$log"
   return 1
@@ -71,12 +89,8 @@ say "phase A: domid $DOMA"
 start_mux e2e-seabios /tmp/mux-a.log --log-level debug
 say "phase A: unpause"
 xl unpause e2e-seabios
-i=0
-while [ $i -lt 120 ]; do
-  xl dmesg | grep -q -E 'No bootable device|Booting from|Boot failed' && break
-  sleep 1; i=$((i+1))
-done
-say "phase A: firmware finished (waited ${i}s)"
+wait_until 300 1 "xl dmesg | grep -q -E 'No bootable device|Booting from|Boot failed'"
+say "phase A: firmware finished (waited ${WAITED}s)"
 kill -TERM $MUX
 wait $MUX
 say "phase A: ioreq-mux exit code $?"
@@ -107,13 +121,10 @@ say "phase B: domid $DOMB"
 start_mux e2e-linux /tmp/mux-b.log --log-level debug
 say "phase B: unpause"
 xl unpause e2e-linux
-i=0
-while [ $i -lt 300 ] && xl domid e2e-linux >/dev/null 2>&1; do sleep 1; i=$((i+1)); done
-say "phase B: guest domain gone (waited ${i}s)"
-i=0
-while [ $i -lt 50 ] && kill -0 $MUX 2>/dev/null; do sleep 0.1; i=$((i+1)); done
-if kill -0 $MUX 2>/dev/null; then
-  say "FAIL: ioreq-mux still running 5s after the domain went away"
+wait_until 900 1 "! xl domid e2e-linux >/dev/null 2>&1"
+say "phase B: guest domain gone (waited ${WAITED}s)"
+if ! wait_gone $MUX 30; then
+  say "FAIL: ioreq-mux still running 30s after the domain went away"
   kill -TERM $MUX
 fi
 wait $MUX
@@ -129,11 +140,15 @@ export IOREQ_MUX_PRELOAD_LOG=info
 
 # mux_of DOMID: pid of the multiplexer the wrapper started for the domain.
 mux_of() { cat /run/ioreq-mux/$1.pid 2>/dev/null; }
-# wait_gone PID SECONDS: until PID exits; says whether it did.
-wait_gone() {
-  i=0
-  while [ $i -lt $(($2 * 10)) ] && kill -0 "$1" 2>/dev/null; do sleep 0.1; i=$((i+1)); done
-  ! kill -0 "$1" 2>/dev/null
+# qemu_of DOMID: pid of the QEMU serving DOMID (its command line has "-xen-domid DOMID").
+# A busybox applet crashing under the nested emulation must not lose it: looked up again.
+qemu_of() {
+  for attempt in 1 2 3; do
+    for p in /proc/[0-9]*; do
+      tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "-xen-domid $1 " && { echo "${p#/proc/}"; return 0; }
+    done
+  done
+  return 1
 }
 # the mux log without the per-access lines (they are many; the checks need few of them)
 dump_mux() { try "grep -v -E ' served (vcpu|config)| buffered write ' '$2' | sed 's/^/$1: /'"; }
@@ -153,15 +168,11 @@ if create /e2e/seabios-front.cfg /tmp/xl-e.log; then
   say "phase E: domid $DOME, ioreq-mux pid $MUXE"
   say "phase E: unpause"
   xl unpause e2e-seabios-front
-  i=0
-  while [ $i -lt 120 ]; do
-    xl dmesg | grep "(d$DOME)" | grep -q -E 'No bootable device|Booting from|Boot failed' && break
-    sleep 1; i=$((i+1))
-  done
-  say "phase E: firmware finished (waited ${i}s)"
+  wait_until 300 1 "xl dmesg | grep '(d$DOME)' | grep -q -E 'No bootable device|Booting from|Boot failed'"
+  say "phase E: firmware finished (waited ${WAITED}s)"
   xl destroy e2e-seabios-front
-  if wait_gone "$MUXE" 10; then say "phase E: ioreq-mux stopped after the domain went away"; else
-    say "FAIL: phase E: ioreq-mux still running 10s after the domain went away"; kill -TERM "$MUXE"; fi
+  if wait_gone "$MUXE" 30; then say "phase E: ioreq-mux stopped after the domain went away"; else
+    say "FAIL: phase E: ioreq-mux still running 30s after the domain went away"; kill -TERM "$MUXE"; fi
   dump_mux MUXE /var/log/xen/ioreq-mux-$DOME.log
   dump_mux_config MUXE /var/log/xen/ioreq-mux-$DOME.log 'sbdf=0000:00:01\.3 reg=0x(40|80) .*dir=write'
 fi
@@ -182,31 +193,29 @@ if create /e2e/linux-front.cfg /tmp/xl-f.log; then
     --vendor 0x1af4 --device 0x1338 --class 0xff0000 --revision 2 --bar mem64:4096:prefetch \
     > /tmp/dm-f.log 2>&1 &
   DMF=$!
-  i=0
-  while [ $i -lt 100 ] && ! grep -q 'device model attached model=bridge-ep' /var/log/xen/ioreq-mux-$DOMF.log; do
-    sleep 0.1; i=$((i+1))
-  done
-  say "phase F: process model bridge-ep joined (waited $((i / 10))s)"
+  wait_until 60 0.1 "grep -q 'device model attached model=bridge-ep' /var/log/xen/ioreq-mux-$DOMF.log"
+  say "phase F: process model bridge-ep joined (waited ${WAITED}s)"
   say "phase F: unpause"
   xl unpause e2e-linux-front
-  i=0
-  while [ $i -lt 150 ] && ! xl dmesg | grep "(d$DOMF)" | grep -q "GUESTF: ready for the QEMU kill"; do
-    sleep 1; i=$((i+1))
-  done
-  QPID=$(for p in /proc/[0-9]*; do
-    tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q -- "-xen-domid $DOMF " && echo ${p#/proc/}
-  done | head -1)
-  say "phase F: guest ready for the QEMU kill (waited ${i}s); killing QEMU pid $QPID"
-  kill -KILL "$QPID"
-  i=0
-  while [ $i -lt 120 ] && ! xl dmesg | grep "(d$DOMF)" | grep -q 'GUESTF: done after the kill'; do
-    sleep 1; i=$((i+1))
-  done
-  say "phase F: guest went on after the kill (waited ${i}s)"
+  # The kill must come after the guest's reads (the checks compare them with what QEMU
+  # served): a guest that is not ready in time is a failure of its own, not a reason to kill.
+  if wait_until 900 2 "guest_said $DOMF 'GUESTF: ready for the QEMU kill'"; then
+    QPID=$(qemu_of "$DOMF")
+    say "phase F: guest ready for the QEMU kill (waited ${WAITED}s); killing QEMU pid ${QPID:-none found}"
+    if [ -n "$QPID" ] && kill -KILL "$QPID" && wait_gone "$QPID" 30; then
+      say "phase F: QEMU pid $QPID is gone"
+    else
+      say "FAIL: phase F: QEMU (pid ${QPID:-none found}) still there after SIGKILL"
+    fi
+    wait_until 600 2 "guest_said $DOMF 'GUESTF: done after the kill'"
+    say "phase F: guest went on after the kill (waited ${WAITED}s)"
+  else
+    say "FAIL: phase F: the guest was not ready for the QEMU kill after ${WAITED}s"
+  fi
   if kill -0 "$MUXF" 2>/dev/null; then say "phase F: ioreq-mux still serving after QEMU died"; fi
   xl destroy e2e-linux-front
-  if wait_gone "$MUXF" 10; then say "phase F: ioreq-mux stopped after the domain went away"; else
-    say "FAIL: phase F: ioreq-mux still running 10s after the domain went away"; kill -TERM "$MUXF"; fi
+  if wait_gone "$MUXF" 30; then say "phase F: ioreq-mux stopped after the domain went away"; else
+    say "FAIL: phase F: ioreq-mux still running 30s after the domain went away"; kill -TERM "$MUXF"; fi
   wait_gone "$DMF" 5 || kill -TERM "$DMF"
   dump_mux MUXF /var/log/xen/ioreq-mux-$DOMF.log
   dump_mux_reads MUXF /var/log/xen/ioreq-mux-$DOMF.log

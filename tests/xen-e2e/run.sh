@@ -16,13 +16,14 @@
 #   IOREQ_MUX  use this ioreq-mux binary instead of building it (cargo build --release)
 #   IOREQ_MUX_PRELOAD_SO  and this preload library (with IOREQ_MUX; else built beside it)
 #   CARGO      cargo to build with (default: cargo on PATH, else ~/.cargo/bin/cargo)
-#   TIMEOUT    seconds the whole QEMU run may take (default 600)
+#   TIMEOUT    seconds the whole QEMU run may take (default 1500; a normal run takes 200-300,
+#              a loaded host three times that)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export W=${W:-/tmp/ioreq-mux-xen-e2e}
 export KV=6.1.0-56-amd64
-TIMEOUT=${TIMEOUT:-900}
+TIMEOUT=${TIMEOUT:-1500}
 T0=$(date +%s)
 
 fail() {
@@ -134,6 +135,19 @@ set -e
 T2=$(date +%s)
 grep -q 'E2E: dom0 test script done' "$W/run.log" || echo "xen-e2e: the dom0 test script did not finish (timeout $TIMEOUT s?)"
 
+# diagnose: what a failed run's log says about why, in a few lines (CI shows the tail of the
+# output): whether dom0's script finished, its FAIL markers, each phase's milestones with
+# their times, and how much of each mux log reached the console.
+diagnose() {
+  echo "---- diagnosis (whole log: $W/run.log) ----"
+  grep -q 'E2E: dom0 test script done' "$W/run.log" || echo "  dom0's test script did not finish (QEMU ran $(( ${T2:-0} - ${T1:-0} )) s, timeout $TIMEOUT s)"
+  grep -E 'E2E: (FAIL|phase [A-F]: (domid|unpause|firmware|guest|QEMU|ioreq-mux (exit|still|stopped)))' "$W/run.log" \
+    | sed -E 's/^ *([0-9.]+) E2E: /  \1 s: /; s/ \[dom0 uptime [0-9.]+s\]//' | tail -24
+  for m in MUXA MUXB MUXE MUXF QEMUF DMF; do printf '  %s: %s lines' "$m" "$(grep -c -E "^ *[0-9.]+ $m: " "$W/run.log")"; done
+  echo
+  grep -E 'GUESTF: ' "$W/run.log" | grep -v -E 'GUESTF: [0-9a-f:.]+ cfg ' | tail -4 | sed -E 's/^ *([0-9.]+) .*GUESTF: /  \1 s: guest F: /'
+}
+
 # ---- report -----------------------------------------------------------------------------
 echo
 echo "---- what the guests printed ----"
@@ -167,5 +181,6 @@ if [ $rc = 0 ] && { [ "$HOST_CHECK" = ok ] || [ "$HOST_CHECK" = skipped ]; }; th
   echo "PASS"
   exit 0
 fi
+diagnose
 echo "FAIL"
 exit 1
