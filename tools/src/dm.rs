@@ -107,20 +107,25 @@ pub struct DmArgs {
     /// The server's name in the multiplexer's configuration (`kind = "process"`).
     #[arg(long)]
     pub server: String,
-    /// A configuration file whose entry for the server describes the model (see above).
+    /// A configuration file (a topology, docs/configuration.md) whose `[[server]]` of this
+    /// name describes the model: its functions, BARs and fixed ranges. Without it, the
+    /// flags below describe one function.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Where the function given by flags sits: a BDF (`00:05.0`) or a position behind
     /// bridges (`00:02.0/00.0`).
     #[arg(long, value_name = "BDF|POSITION")]
     pub at: Option<String>,
+    /// Vendor ID of the function (register 0x00), e.g. 0x1af4.
     #[arg(long, value_parser = parse_u16)]
     pub vendor: Option<u16>,
+    /// Device ID of the function (register 0x02).
     #[arg(long, value_parser = parse_u16)]
     pub device: Option<u16>,
     /// Class code: base class, subclass, programming interface.
     #[arg(long, value_parser = parse_u32, default_value = "0xff0000")]
     pub class: u32,
+    /// Revision ID (register 0x08).
     #[arg(long, value_parser = parse_u8, default_value = "0")]
     pub revision: u8,
     /// A BAR as KIND:SIZE[:prefetch], KIND io, mem32 or mem64; repeat for more (in order).
@@ -137,8 +142,10 @@ pub struct DmArgs {
     /// Device Serial Number (extended capability at 0x100).
     #[arg(long, value_parser = parse_u64, default_value = "0")]
     pub serial: u64,
+    /// Subsystem vendor ID (register 0x2c).
     #[arg(long, value_parser = parse_u16, default_value = "0")]
     pub subsystem_vendor: u16,
+    /// Subsystem ID (register 0x2e).
     #[arg(long, value_parser = parse_u16, default_value = "0")]
     pub subsystem: u16,
     /// Fixed port registers (A, A-B or A+LEN), repeatable.

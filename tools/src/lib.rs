@@ -12,6 +12,7 @@ pub mod dm_socket;
 pub mod engine;
 pub mod inspect;
 pub mod logging;
+pub mod manual;
 pub mod models;
 pub mod out;
 pub mod qemu_import;

@@ -30,8 +30,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// The logging options of every command.
+/// The logging options of every command (listed under their own heading in `--help`).
 #[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+#[command(next_help_heading = "Logging (every command)")]
 pub struct LogArgs {
     /// Log filter in `tracing` EnvFilter syntax (`debug`, `info,ioreq_mux::engine=debug`).
     /// Default: $IOREQ_MUX_LOG, else `info` for serve and dm, `warn` for the other commands.

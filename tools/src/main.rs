@@ -2,7 +2,7 @@
 //! inspect a layout, run benchmarks, run a device model out of process, or write the ACPI
 //! tables for the configured ECAM windows.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use ioreq_mux::{inspect, qemu_import, replay};
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -23,27 +23,69 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve a Xen HVM guest as its ioreq server, in front of the configured device models.
+    #[command(after_help = "Examples:
+  ioreq-mux serve --domid 7 --config /etc/ioreq-mux/vgpu.toml
+      beside QEMU: claim from Xen only what the configured models own
+  ioreq-mux serve --domid 7 --config /etc/ioreq-mux/qemu.toml --claim all \\
+      --dm-socket /run/ioreq-mux/7.sock
+      in front of QEMU and other models in their own processes (QEMU through the preload
+      library; xl's device_model_override = the ioreq-mux-qemu wrapper does this: docs/xen.md)")]
     Serve(ioreq_mux::serve::ServeArgs),
     /// Replay a trace through the simulated hypervisor, the multiplexer and simulated device
     /// models; exit 0 only when every access matched the recording.
+    #[command(after_help = "Examples:
+  ioreq-mux replay seabios.trace.zst --topology configs/qemu-q35-trace.toml
+  ioreq-mux replay ovmf.trace.zst --topology configs/qemu-q35-trace.toml --dm-mode process --json")]
     Replay(replay::ReplayArgs),
     /// Convert a QEMU `log` trace (memory_region_ops + pci_cfg events) into a replayable trace.
+    #[command(after_help = "Example:
+  ioreq-mux import-qemu-trace traces/q35/seabios.log.zst -o seabios.trace.zst
+      (traces/capture.sh shows how such a log is recorded)")]
     ImportQemuTrace(qemu_import::ImportArgs),
     /// Show where everything is connected and where a new device can go: the bus tree with
     /// every function, its owner, BARs and windows; free device and bus numbers and hot-plug
     /// per bus; claims and intercepts. From a topology, optionally after replaying a trace;
     /// `--json` for tools (docs/inspect.md).
+    #[command(after_help = "Examples:
+  ioreq-mux inspect --topology configs/qemu-q35-trace.toml
+  ioreq-mux inspect --topology configs/qemu-q35-trace.toml --trace seabios.trace.zst --json
+      the layout the firmware left, and where a new function can be connected (docs/inspect.md)")]
     Inspect(inspect::InspectArgs),
     /// Measure the multiplexer against Xen-style dispatch and the machine's floors.
+    #[command(after_help = "Examples:
+  ioreq-mux bench --quick
+  ioreq-mux bench --json > bench.json && python3 scripts/check-bench.py bench.json")]
     Bench(ioreq_mux::bench::BenchArgs),
     /// Run a built-in device model in its own process, connected to a multiplexer.
+    #[command(
+        after_help = "Example (a function behind QEMU's bridge 00:06.0, on a multiplexer started
+with --dm-socket /run/ioreq-mux/7.sock and a kind = \"process\" server named bridge-ep):
+  ioreq-mux dm --socket /run/ioreq-mux/7.sock --server bridge-ep --at 00:06.0/01.0 \\
+      --vendor 0x1af4 --device 0x1338 --bar mem64:4096:prefetch"
+    )]
     Dm(ioreq_mux::dm::DmArgs),
     /// Write the ACPI tables (MCFG and an SSDT reserving each window) a guest needs to use the
     /// configuration's [[engine.ecam]] windows, for xl's `acpi_firmware=`.
+    #[command(after_help = "Example:
+  ioreq-mux acpi-tables --config /etc/ioreq-mux/qemu.toml -o /etc/xen/ecam.aml
+      then acpi_firmware = \"/etc/xen/ecam.aml\" in the guest's xl configuration")]
     AcpiTables(ioreq_mux::acpi::AcpiTablesArgs),
-    /// (internal) One trace server of `replay --dm-mode process`.
-    #[command(hide = true)]
-    ReplayDm(ioreq_mux::replay_dm::ReplayDmArgs),
+    /// Print a shell completion script.
+    Completions(ioreq_mux::manual::CompletionsArgs),
+    /// Write the manual pages (roff).
+    Man(ioreq_mux::manual::ManArgs),
+}
+
+/// `ioreq-mux replay-dm ...`: one trace server of `replay --dm-mode process`, started by
+/// replay itself. Parsed apart from [`Cli`] so that it is neither listed nor suggested for a
+/// mistyped command.
+#[derive(Parser, Debug)]
+#[command(name = "ioreq-mux replay-dm")]
+struct ReplayDmCli {
+    #[command(flatten)]
+    args: ioreq_mux::replay_dm::ReplayDmArgs,
+    #[command(flatten)]
+    log: ioreq_mux::logging::LogArgs,
 }
 
 impl Cmd {
@@ -65,12 +107,21 @@ impl Cmd {
             Cmd::Bench(_) => "bench",
             Cmd::Dm(_) => "dm",
             Cmd::AcpiTables(_) => "acpi-tables",
-            Cmd::ReplayDm(_) => "replay-dm",
+            Cmd::Completions(_) => "completions",
+            Cmd::Man(_) => "man",
         }
     }
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "replay-dm") {
+        let c = ReplayDmCli::parse_from(std::env::args_os().skip(1));
+        if let Err(e) = ioreq_mux::logging::init(&c.log, "warn") {
+            eprintln!("ioreq-mux replay-dm: {e}");
+            return ExitCode::from(2);
+        }
+        return ioreq_mux::replay_dm::run(&c.args);
+    }
     let cli = Cli::parse();
     if let Err(e) = ioreq_mux::logging::init(&cli.log, cli.cmd.default_log()) {
         eprintln!("ioreq-mux {}: {e}", cli.cmd.name());
@@ -79,7 +130,12 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Serve(a) => ioreq_mux::serve::run(&a),
         Cmd::Dm(a) => ioreq_mux::dm::run(&a),
-        Cmd::ReplayDm(a) => ioreq_mux::replay_dm::run(&a),
+        Cmd::Completions(a) => {
+            let script = ioreq_mux::manual::completions(&mut Cli::command(), a.shell);
+            ioreq_mux::out::print(&String::from_utf8_lossy(&script));
+            ExitCode::SUCCESS
+        }
+        Cmd::Man(a) => man(&a),
         Cmd::Replay(a) => {
             let progress = !a.json && std::io::stderr().is_terminal();
             let opts = replay::ReplayOptions {
@@ -163,5 +219,24 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Bench(a) => ioreq_mux::bench::run(&a),
+    }
+}
+
+fn man(a: &ioreq_mux::manual::ManArgs) -> ExitCode {
+    let written = match &a.out_dir {
+        Some(dir) => ioreq_mux::manual::write_pages(&Cli::command(), dir).map(|files| {
+            for f in files {
+                eprintln!("ioreq-mux man: wrote {}", f.display());
+            }
+        }),
+        None => ioreq_mux::manual::page(Cli::command())
+            .map(|roff| ioreq_mux::out::print(&String::from_utf8_lossy(&roff))),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ioreq-mux man: {e}");
+            ExitCode::from(1)
+        }
     }
 }

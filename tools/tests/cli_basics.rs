@@ -114,3 +114,95 @@ fn logging_options_are_the_same_for_every_command() {
         "{err}"
     );
 }
+
+/// Manual pages and completions come from the command line's own definition: every visible
+/// command has a page that documents its options, and the completion scripts know them.
+#[test]
+fn man_pages_and_completions_cover_every_command() {
+    let dir = temp("man");
+    let out = bin().args(["man", "--out-dir"]).arg(&dir).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let commands = [
+        "serve",
+        "replay",
+        "import-qemu-trace",
+        "inspect",
+        "bench",
+        "dm",
+        "acpi-tables",
+        "completions",
+        "man",
+    ];
+    let main = std::fs::read_to_string(dir.join("ioreq-mux.1")).unwrap();
+    assert!(main.contains(".TH ioreq-mux 1"), "{main}");
+    for c in commands {
+        let page = std::fs::read_to_string(dir.join(format!("ioreq-mux-{c}.1"))).unwrap();
+        assert!(
+            page.contains(&format!(".TH ioreq-mux-{c} 1")),
+            "{c}: {page}"
+        );
+        assert!(
+            page.contains("log\\-level"),
+            "{c}: the logging options are on every page"
+        );
+        let roff_name = format!("ioreq-mux-{c}(1)").replace('-', "\\-");
+        assert!(main.contains(&roff_name), "main page lists {c}");
+    }
+    let dm = std::fs::read_to_string(dir.join("ioreq-mux-dm.1")).unwrap();
+    assert!(dm.contains("Vendor ID of the function"), "{dm}");
+    assert!(
+        !dir.join("ioreq-mux-replay-dm.1").exists(),
+        "the internal command has no page"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = bin().args(["completions", shell]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["import-qemu-trace", "acpi-tables", "dm-socket", "topology"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+        assert!(
+            !script.contains("replay-dm"),
+            "{shell}: the internal command is not offered"
+        );
+    }
+}
+
+/// Every command's --help ends with an example of its use, and a mistyped command is never
+/// answered with the internal `replay-dm`.
+#[test]
+fn help_has_examples_and_typos_suggest_only_public_commands() {
+    for c in [
+        "serve",
+        "replay",
+        "import-qemu-trace",
+        "inspect",
+        "bench",
+        "dm",
+        "acpi-tables",
+    ] {
+        let out = bin().args([c, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("Example"),
+            "{c} --help has no example:\n{help}"
+        );
+        assert!(
+            help.contains(&format!("ioreq-mux {c} ")),
+            "{c}: the example runs {c}"
+        );
+    }
+    let out = bin().arg("replay-dn").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("'replay'") && !err.contains("replay-dm"),
+        "{err}"
+    );
+}
