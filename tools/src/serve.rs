@@ -1,9 +1,10 @@
 //! `ioreq-mux serve --domid N --config FILE`: runs the multiplexer for one Xen HVM guest.
 //!
-//! Loads the configuration, builds the device models (`kind = "emulated"` servers; process
-//! servers are not supported here yet and are skipped with an error), creates an ioreq server
-//! for the domain ([`crate::xen_backend::XenBackend`]), lets the engine claim what the models
-//! own, then serves until a signal, the domain going away, or a test limit.
+//! Loads the configuration, builds the device models (`kind = "emulated"` servers in this
+//! process; `kind = "process"` servers join later through the socket of `--dm-socket`, see
+//! [`crate::dm_socket`]), creates an ioreq server for the domain
+//! ([`crate::xen_backend::XenBackend`]), lets the engine claim what the models own, then
+//! serves until a signal, the domain going away, or a test limit.
 //!
 //! Start the guest paused, start `serve`, unpause once it is ready (the `ready` log line, or
 //! `READY=1` to systemd with `Type=notify`): see docs/xen.md.
