@@ -19,25 +19,10 @@ use crate::address::Sbdf;
 use serde::Serialize;
 use std::collections::HashMap;
 
-/// Register of the primary bus number in a type-1 header.
-pub const PCI_PRIMARY_BUS: u16 = 0x18;
-/// Register of the secondary bus number.
-pub const PCI_SECONDARY_BUS: u16 = 0x19;
-/// Register of the subordinate bus number.
-pub const PCI_SUBORDINATE_BUS: u16 = 0x1a;
-/// Register of the header type (bits 6:0 layout, bit 7 multi-function).
-pub const PCI_HEADER_TYPE: u16 = 0x0e;
-/// Header layout of a PCI-to-PCI bridge.
-pub const PCI_HEADER_TYPE_BRIDGE: u8 = 0x01;
-/// Mask of the layout bits in the header type register.
-pub const PCI_HEADER_TYPE_MASK: u8 = 0x7f;
-/// Register of the class code (24 bits at 0x09: programming interface, sub-class, base class).
-pub const PCI_CLASS_REVISION: u16 = 0x08;
-/// Base class 06h (bridge), sub-class 04h (PCI-to-PCI bridge): such a function has a type-1
-/// header (PCI Local Bus spec 3.0, appendix D; PCI-to-PCI Bridge Architecture spec 1.2,
-/// 3.2.4.6). Firmware reads the class code of a bridge before its header type, and may
-/// program bus numbers in between.
-pub const PCI_CLASS_BRIDGE_PCI: u16 = 0x0604;
+pub use ioreq_server::pci::{
+    PCI_CLASS_BRIDGE_PCI, PCI_CLASS_REVISION, PCI_HEADER_TYPE, PCI_HEADER_TYPE_BRIDGE,
+    PCI_HEADER_TYPE_MASK, PCI_PRIMARY_BUS, PCI_SECONDARY_BUS, PCI_SUBORDINATE_BUS,
+};
 
 /// A bridge's three bus numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

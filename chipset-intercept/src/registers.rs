@@ -7,10 +7,8 @@
 
 /// Intel's PCI vendor ID.
 pub const PCI_VENDOR_INTEL: u16 = 0x8086;
-/// Vendor ID register (PCI Local Bus spec 3.0, 6.2.1).
-pub const PCI_VENDOR_ID: u16 = 0x00;
-/// Device ID register.
-pub const PCI_DEVICE_ID: u16 = 0x02;
+/// The Vendor ID and Device ID registers (PCI Local Bus spec 3.0, 6.2.1).
+pub use ioreq_server::pci::{PCI_DEVICE_ID, PCI_VENDOR_ID};
 
 // ---- Q35 MCH, 00:00.0 ----
 

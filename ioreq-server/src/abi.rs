@@ -19,6 +19,11 @@
 
 use thiserror::Error;
 
+/// `MAX_NR_IOREQ_SERVERS` (xen/include/xen/ioreq.h in 4.17): ioreq servers per domain.
+pub const MAX_NR_IOREQ_SERVERS: usize = 8;
+/// `MAX_NR_IO_RANGES` (xen/common/ioreq.c): ranges per range set of one server.
+pub const MAX_NR_IO_RANGES: usize = 256;
+
 /// Size of `ioreq_t` in bytes.
 pub const IOREQ_SIZE: usize = 32;
 /// Size of `buf_ioreq_t` in bytes.

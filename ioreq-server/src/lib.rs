@@ -10,6 +10,7 @@ pub mod bufioreq;
 pub mod ioreq;
 pub mod model;
 pub mod oop;
+pub mod pci;
 pub mod range;
 pub mod sim;
 pub mod slot;

@@ -35,10 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// `MAX_NR_IOREQ_SERVERS` (xen/include/xen/ioreq.h in 4.17).
-pub const MAX_NR_IOREQ_SERVERS: usize = 8;
-/// `MAX_NR_IO_RANGES` (xen/common/ioreq.c).
-pub const MAX_NR_IO_RANGES: usize = 256;
+pub use crate::abi::{MAX_NR_IO_RANGES, MAX_NR_IOREQ_SERVERS};
 
 /// The range set already has its limit of ranges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

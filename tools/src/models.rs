@@ -32,102 +32,22 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub const PCI_VENDOR_ID: usize = 0x00;
-pub const PCI_DEVICE_ID: usize = 0x02;
-pub const PCI_COMMAND: usize = 0x04;
-pub const PCI_STATUS: usize = 0x06;
-pub const PCI_REVISION_ID: usize = 0x08;
-pub const PCI_CLASS_PROG: usize = 0x09;
-pub const PCI_HEADER_TYPE: usize = 0x0e;
-/// Header type bit 7: a multi-function device (PCI Local Bus spec 3.0, 6.2.1).
-pub const PCI_HEADER_TYPE_MULTIFUNCTION: u8 = 0x80;
-pub const PCI_BASE_ADDRESS_0: usize = 0x10;
-pub const PCI_SUBSYSTEM_VENDOR_ID: usize = 0x2c;
-pub const PCI_SUBSYSTEM_ID: usize = 0x2e;
-pub const PCI_CAPABILITY_LIST: usize = 0x34;
-pub const PCI_INTERRUPT_PIN: usize = 0x3d;
-/// Command register bits: I/O space, memory space, bus master, parity, SERR, INTx disable.
-pub const PCI_COMMAND_IO: u16 = 0x1;
-pub const PCI_COMMAND_MEMORY: u16 = 0x2;
-pub const PCI_COMMAND_WMASK: u16 = 0x1 | 0x2 | 0x4 | 0x40 | 0x100 | 0x400;
-/// Status bit 4: capabilities list present.
-pub const PCI_STATUS_CAP_LIST: u16 = 0x10;
-/// BAR bit 0: I/O space; bits 2:1 = 10b: 64-bit memory; bit 3: prefetchable.
-pub const PCI_BASE_ADDRESS_SPACE_IO: u32 = 0x1;
-pub const PCI_BASE_ADDRESS_MEM_TYPE_64: u32 = 0x4;
-pub const PCI_BASE_ADDRESS_MEM_PREFETCH: u32 = 0x8;
-/// Address bits of a memory BAR (bits 3:0 are type and prefetchable) and of an I/O BAR (bits
-/// 1:0 are the space indicator and a reserved bit) (PCI Local Bus spec 3.0, 6.2.5.1).
-pub const PCI_BASE_ADDRESS_MEM_MASK: u32 = !0xf;
-pub const PCI_BASE_ADDRESS_IO_MASK: u32 = !0x3;
-/// Bits 2:1 of a memory BAR: its type (00b 32-bit, 10b 64-bit) (6.2.5.1).
-pub const PCI_BASE_ADDRESS_MEM_TYPE_MASK: u32 = 0x6;
-/// BARs of a type-0 header (0x10-0x24) and of a type-1 header (0x10-0x14) (PCI Local Bus
-/// spec 3.0, 6.2.5.1; PCI-to-PCI Bridge Architecture spec 1.2, 3.2.5.1).
-pub const PCI_NUM_BARS: usize = 6;
-pub const PCI_BRIDGE_NUM_BARS: usize = 2;
-/// Expansion ROM base address: 0x30 in a type-0 header (PCI Local Bus spec 3.0, 6.2.5.2),
-/// 0x38 in a type-1 header (PCI-to-PCI Bridge spec 1.2, 3.2.5.16). Bit 0 enables decoding;
-/// bits 31:11 are the address (at least 2 KiB aligned).
-pub const PCI_ROM_ADDRESS: usize = 0x30;
-pub const PCI_ROM_ADDRESS1: usize = 0x38;
-pub const PCI_ROM_ADDRESS_ENABLE: u32 = 0x1;
-pub const PCI_ROM_ADDRESS_MASK: u32 = !0x7ff;
-/// Type-1 header: bus numbers, I/O and memory windows (PCI-to-PCI Bridge Architecture spec
-/// 1.2, 3.2.5.6-3.2.5.10: I/O base and limit 8 bits each, upper 16 bits at 0x30/0x32; memory
-/// base and limit 16 bits each; prefetchable base and limit 16 bits each, upper 32 bits at
-/// 0x28/0x2c).
-pub const PCI_PRIMARY_BUS: usize = 0x18;
-pub const PCI_IO_BASE: usize = 0x1c;
-pub const PCI_IO_LIMIT: usize = 0x1d;
-pub const PCI_MEMORY_BASE: usize = 0x20;
-pub const PCI_MEMORY_LIMIT: usize = 0x22;
-pub const PCI_PREF_MEMORY_BASE: usize = 0x24;
-pub const PCI_PREF_MEMORY_LIMIT: usize = 0x26;
-pub const PCI_PREF_BASE_UPPER32: usize = 0x28;
-pub const PCI_PREF_LIMIT_UPPER32: usize = 0x2c;
-pub const PCI_IO_BASE_UPPER16: usize = 0x30;
-pub const PCI_IO_LIMIT_UPPER16: usize = 0x32;
-pub const PCI_BRIDGE_CONTROL: usize = 0x3e;
-/// Bits 3:0 of the I/O base and of the prefetchable memory base: the addressing capability,
-/// 01h = 32-bit I/O (3.2.5.6) or 64-bit prefetchable memory (3.2.5.9); bits 7:4 (I/O) and
-/// 15:4 (memory) are address bits 15:12 and 31:20.
-pub const PCI_RANGE_TYPE_MASK: u32 = 0xf;
-pub const PCI_IO_RANGE_TYPE_32: u32 = 0x1;
-pub const PCI_PREF_RANGE_TYPE_64: u32 = 0x1;
-pub const PCI_IO_RANGE_MASK: u32 = 0xf0;
-pub const PCI_MEMORY_RANGE_MASK: u32 = 0xfff0;
-/// Register bits 7:4 of the I/O base/limit are address bits 15:12; register bits 15:4 of the
-/// memory base/limit are address bits 31:20 (3.2.5.6, 3.2.5.8).
-pub const PCI_IO_RANGE_SHIFT: u32 = 8;
-pub const PCI_MEMORY_RANGE_SHIFT: u32 = 16;
-/// I/O windows are 4 KiB granular, memory windows 1 MiB (3.2.5.6, 3.2.5.8).
-pub const PCI_IO_WINDOW_GRANULE: u64 = 0x1000;
-pub const PCI_MEMORY_WINDOW_GRANULE: u64 = 0x10_0000;
-/// Capability list entry: ID at +0, next pointer at +1 (PCI Local Bus spec 3.0, 6.7).
-pub const PCI_CAP_LIST_NEXT: usize = 1;
-/// Capability IDs: PCI Express (0x10); extended capability: Device Serial Number (0x0003).
-pub const PCI_CAP_ID_EXP: u8 = 0x10;
-pub const PCI_EXT_CAP_ID_DSN: u16 = 0x0003;
-/// PCI Express Capabilities register, at +2 in the capability (PCIe base spec 4.0, 7.5.3.2):
-/// device/port type in bits 7:4, Slot Implemented in bit 8.
-pub const PCI_EXP_FLAGS: usize = 0x02;
-pub const PCI_EXP_FLAGS_TYPE_SHIFT: u32 = 4;
-pub const PCI_EXP_FLAGS_TYPE_MASK: u16 = 0xf;
-pub const PCI_EXP_FLAGS_SLOT: u16 = 0x0100;
-/// PCIe device/port types (PCIe capabilities register bits 7:4).
-pub const PCI_EXP_TYPE_ENDPOINT: u16 = 0x0;
-pub const PCI_EXP_TYPE_LEG_END: u16 = 0x1;
-pub const PCI_EXP_TYPE_ROOT_PORT: u16 = 0x4;
-pub const PCI_EXP_TYPE_UPSTREAM: u16 = 0x5;
-pub const PCI_EXP_TYPE_DOWNSTREAM: u16 = 0x6;
-pub const PCI_EXP_TYPE_PCI_BRIDGE: u16 = 0x7;
-pub const PCI_EXP_TYPE_PCIE_BRIDGE: u16 = 0x8;
-pub const PCI_EXP_TYPE_RC_END: u16 = 0x9;
-pub const PCI_EXP_TYPE_RC_EC: u16 = 0xa;
-/// Slot Capabilities register, at +0x14 in the capability (7.5.3.9); bit 6 Hot-Plug Capable.
-pub const PCI_EXP_SLTCAP: usize = 0x14;
-pub const PCI_EXP_SLTCAP_HPC: u32 = 0x40;
+// The PCI and PCIe register facts, from their one place: offsets as array indices here.
+pub use ioreq_server::pci::idx::*;
+pub use ioreq_server::pci::{
+    EXT_CAP_NEXT_SHIFT, EXT_CAP_VERSION_SHIFT, PCI_BASE_ADDRESS_IO_MASK, PCI_BASE_ADDRESS_MEM_MASK,
+    PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_MEM_TYPE_MASK,
+    PCI_BASE_ADDRESS_SPACE_IO, PCI_BRIDGE_NUM_BARS, PCI_CAP_ID_EXP, PCI_CLASS_MAX, PCI_COMMAND_IO,
+    PCI_COMMAND_MEMORY, PCI_COMMAND_WMASK, PCI_EXP_DEVCTL_WMASK, PCI_EXP_FLAGS_SLOT,
+    PCI_EXP_FLAGS_TYPE_MASK, PCI_EXP_FLAGS_TYPE_SHIFT, PCI_EXP_SLTCAP_HPC, PCI_EXP_TYPE_DOWNSTREAM,
+    PCI_EXP_TYPE_ENDPOINT, PCI_EXP_TYPE_LEG_END, PCI_EXP_TYPE_PCI_BRIDGE, PCI_EXP_TYPE_PCIE_BRIDGE,
+    PCI_EXP_TYPE_RC_EC, PCI_EXP_TYPE_RC_END, PCI_EXP_TYPE_ROOT_PORT, PCI_EXP_TYPE_UPSTREAM,
+    PCI_EXT_CAP_ID_DSN, PCI_HEADER_TYPE_MULTIFUNCTION, PCI_IO_BAR_MAX, PCI_IO_RANGE_MASK,
+    PCI_IO_RANGE_SHIFT, PCI_IO_RANGE_TYPE_32, PCI_IO_WINDOW_GRANULE, PCI_MEM32_BAR_MAX,
+    PCI_MEMORY_RANGE_MASK, PCI_MEMORY_RANGE_SHIFT, PCI_MEMORY_WINDOW_GRANULE, PCI_NUM_BARS,
+    PCI_PREF_RANGE_TYPE_64, PCI_RANGE_TYPE_MASK, PCI_ROM_ADDRESS_ENABLE, PCI_ROM_ADDRESS_MASK,
+    PCI_STATUS_CAP_LIST,
+};
 /// Where the built-in models put the PCIe capability and the first extended capability.
 pub const PCIE_CAP_OFFSET: usize = 0x40;
 pub const EXT_CAP_OFFSET: usize = 0x100;
@@ -136,14 +56,8 @@ pub const DSN_OFFSET: usize = EXT_CAP_OFFSET;
 pub const DSN_SIZE: usize = 0x0c;
 /// The AER capability (7.8.4), after DSN.
 pub const AER_OFFSET: usize = 0x140;
-/// Extended capability header (7.6.3): ID bits 15:0, version 19:16, next offset 31:20.
-pub const EXT_CAP_VERSION_SHIFT: u32 = 16;
-pub const EXT_CAP_NEXT_SHIFT: u32 = 20;
 /// DSN capability version (7.9.3.1).
 pub const DSN_CAP_VERSION: u32 = 1;
-/// Device Control register in the PCIe capability (7.5.3.4) and its writable bits 14:0.
-pub const PCI_EXP_DEVCTL: usize = 0x08;
-pub const PCI_EXP_DEVCTL_WMASK: u16 = 0x7fff;
 /// Size of the PCI Express capability structure (version 2).
 pub const PCIE_CAP_SIZE: usize = 0x3c;
 
@@ -170,13 +84,6 @@ pub struct BarSpec {
     #[serde(default)]
     pub prefetchable: bool,
 }
-
-/// The largest class code: base class, sub-class and programming interface, a byte each.
-pub const PCI_CLASS_MAX: u32 = 0xff_ffff;
-/// An I/O BAR decodes at most 256 bytes (PCI Local Bus spec 3.0, 6.2.5.1).
-pub const PCI_IO_BAR_MAX: u64 = 0x100;
-/// A 32-bit memory BAR decodes at most 2 GiB (its size mask keeps bit 31).
-pub const PCI_MEM32_BAR_MAX: u64 = 1 << 31;
 
 /// Why a BAR cannot be built as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

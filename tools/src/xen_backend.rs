@@ -75,8 +75,7 @@ use xen_ffi::{
     Libraries, PciRangeDmOp, ResourceMapping, XenError,
 };
 
-/// `MAX_NR_IO_RANGES` (xen/common/ioreq.c): Xen's limit per range set.
-const MAX_NR_IO_RANGES: usize = 256;
+use ioreq_server::abi::MAX_NR_IO_RANGES;
 
 /// Above this many mapped functions, `Drop` leaves them to `destroy_ioreq_server` instead of
 /// unmapping one hypercall at a time.

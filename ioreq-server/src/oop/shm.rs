@@ -21,6 +21,7 @@
 
 use super::notify::NotifyPage;
 use super::slots::SlotWords;
+use super::sys::errno;
 use crate::abi;
 use crate::bufioreq::BufferedIoPage;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
@@ -44,10 +45,6 @@ pub const NOTIFY_OFFSET: usize = 8192;
 pub const SEALS: SealFlag = SealFlag::F_SEAL_SHRINK
     .union(SealFlag::F_SEAL_GROW)
     .union(SealFlag::F_SEAL_SEAL);
-
-fn errno(e: nix::Error) -> io::Error {
-    io::Error::from_raw_os_error(e as i32)
-}
 
 /// The three pages of one ioreq server, mapped shared.
 #[derive(Debug)]
