@@ -253,13 +253,49 @@ fn serve(_: &ServeArgs, _: &Config, models: Models, _: SignalFd) -> u8 {
 
 #[cfg(feature = "xen")]
 fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u8 {
-    use crate::engine::{Engine, EngineError};
-    use crate::xen_backend::{OpenError, XenBackend, XenBackendOptions};
-    use ioreq_server::{BackendError, ClaimError};
-    use std::os::fd::AsFd;
     use std::time::Instant;
-    use tracing::info;
+    let mut engine = match open_backend(args, cfg, &signals)
+        .and_then(|(backend, engine_cfg)| start_engine(backend, models, &engine_cfg))
+    {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    log_ready(args, &engine);
+    let dm_socket = match listen_for_models(args, cfg, &mut engine) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(e) = drop_privileges(args.user.as_deref(), args.chroot.as_deref()) {
+        error!("cannot drop privileges: {e}");
+        return exit::FAILURE;
+    }
+    sd_notify("READY=1");
+    let started = Instant::now();
+    let (code, domain_gone) = serve_until_stopped(args, &mut engine, &signals);
+    sd_notify("STOPPING=1");
+    finish(&mut engine, domain_gone, started);
+    if let Some(s) = dm_socket {
+        s.stop();
+    }
+    // Dropping the engine drops the backend: unclaim and destroy the server.
+    drop(engine);
+    tracing::info!(exit_code = code, "stopped");
+    code
+}
 
+#[cfg(feature = "xen")]
+type XenEngine = crate::engine::Engine<crate::xen_backend::XenBackend>;
+
+/// Creates the ioreq server for the domain with what `--claim` and `--no-bufioreq` ask, and
+/// the engine configuration that goes with it. Err: the exit code.
+#[cfg(feature = "xen")]
+fn open_backend(
+    args: &ServeArgs,
+    cfg: &Config,
+    signals: &SignalFd,
+) -> Result<(crate::xen_backend::XenBackend, crate::engine::EngineConfig), u8> {
+    use crate::xen_backend::{OpenError, XenBackend, XenBackendOptions};
+    use std::os::fd::AsFd;
     // The engine decides what to claim (PciClaims::Functions beside QEMU); the backend claims
     // what it is asked, but leaves 0xcf8-0xcff to QEMU beside it.
     let mut opts = XenBackendOptions::everything();
@@ -269,58 +305,62 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         engine_cfg.pci_claims = crate::engine::PciClaims::Functions;
     }
     opts.buffered = !args.no_bufioreq;
-    let mut backend = match XenBackend::open(args.domid, opts) {
-        Ok(b) => b,
-        Err(e) => {
-            error!("{e}");
-            return match e {
-                OpenError::NotXen(_) => exit::NOT_XEN,
-                OpenError::NoDomain { .. } => exit::NO_DOMAIN,
-                OpenError::TooManyVcpus { .. } | OpenError::Xen { .. } => exit::FAILURE,
-            };
+    let mut backend = XenBackend::open(args.domid, opts).map_err(|e| {
+        error!("{e}");
+        match e {
+            OpenError::NotXen(_) => exit::NOT_XEN,
+            OpenError::NoDomain { .. } => exit::NO_DOMAIN,
+            OpenError::TooManyVcpus { .. } | OpenError::Xen { .. } => exit::FAILURE,
         }
-    };
+    })?;
     match signals.as_fd().try_clone_to_owned() {
         Ok(fd) => backend.add_wake_fd(fd),
         Err(e) => warn!(error = %e, "signals will be noticed within half a second only"),
     }
-    let mut engine = match Engine::new(backend, models.models, &engine_cfg) {
-        Ok(e) => e,
-        Err(e) => {
-            error!("{e}");
-            return match e {
-                EngineError::Attach {
-                    source: ClaimError::Backend { .. },
-                    ..
-                }
-                | EngineError::Backend(_)
-                | EngineError::Doorbell(_)
-                | EngineError::Window {
-                    hypervisor: true, ..
-                } => exit::FAILURE,
-                EngineError::Attach { .. } | EngineError::Window { .. } => exit::USAGE,
-            };
+    Ok((backend, engine_cfg))
+}
+
+/// The engine over the backend, with the built-in models attached and their claims made.
+#[cfg(feature = "xen")]
+fn start_engine(
+    backend: crate::xen_backend::XenBackend,
+    models: Models,
+    engine_cfg: &crate::engine::EngineConfig,
+) -> Result<XenEngine, u8> {
+    use crate::engine::{Engine, EngineError};
+    use ioreq_server::ClaimError;
+    let mut engine = Engine::new(backend, models.models, engine_cfg).map_err(|e| {
+        error!("{e}");
+        match e {
+            EngineError::Attach {
+                source: ClaimError::Backend { .. },
+                ..
+            }
+            | EngineError::Backend(_)
+            | EngineError::Doorbell(_)
+            | EngineError::Window {
+                hypervisor: true, ..
+            } => exit::FAILURE,
+            EngineError::Attach { .. } | EngineError::Window { .. } => exit::USAGE,
         }
-    };
+    })?;
     // Device models' DMOPs outside a request wake the engine at once.
     match engine.control_wake_fd().try_clone_to_owned() {
         Ok(fd) => engine.backend_mut().add_wake_fd(fd),
         Err(e) => warn!(error = %e, "device models' claims will wait for the next guest access"),
     }
-    let claims: Vec<String> = engine
-        .backend()
-        .claims()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let skipped: Vec<String> = engine
-        .backend()
-        .skipped()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    Ok(engine)
+}
+
+/// The line the operator (and the e2e test) waits for before unpausing the guest.
+#[cfg(feature = "xen")]
+fn log_ready(args: &ServeArgs, engine: &XenEngine) {
+    let strings =
+        |v: &[ioreq_server::IoRange]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let claims = strings(&engine.backend().claims());
+    let skipped = strings(engine.backend().skipped());
     let names: Vec<String> = engine.served().into_iter().map(|(n, _)| n).collect();
-    info!(
+    tracing::info!(
         domid = args.domid,
         server = engine.backend().server_id(),
         models = ?names,
@@ -329,100 +369,136 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         chipset = %engine.chipset(),
         "ready: serving; unpause the guest now"
     );
-    let dm_socket = match &args.dm_socket {
-        Some(path) => {
-            let vcpus = ioreq_server::Backend::nr_vcpus(engine.backend());
-            match crate::dm_socket::DmSocket::from_config(
-                path,
-                cfg,
-                engine.control(),
-                vcpus,
-                ioreq_server::oop::server::ServerOptions::default(),
-            ) {
-                Ok(s) => {
-                    info!(socket = %path.display(), "listening for device models");
-                    Some(s)
-                }
-                Err(e) => {
-                    error!(socket = %path.display(), "cannot listen for device models: {e}");
-                    return exit::FAILURE;
-                }
-            }
-        }
-        None => None,
-    };
-    if let Err(e) = drop_privileges(args.user.as_deref(), args.chroot.as_deref()) {
-        error!("cannot drop privileges: {e}");
-        return exit::FAILURE;
-    }
-    sd_notify("READY=1");
+}
 
-    let started = Instant::now();
-    let deadline = args.duration.map(|d| started + d);
-    let mut next_check = started + Duration::from_secs(1);
+/// With `--dm-socket`: the listener for the configuration's process servers.
+#[cfg(feature = "xen")]
+fn listen_for_models(
+    args: &ServeArgs,
+    cfg: &Config,
+    engine: &mut XenEngine,
+) -> Result<Option<crate::dm_socket::DmSocket>, u8> {
+    let Some(path) = &args.dm_socket else {
+        return Ok(None);
+    };
+    let vcpus = ioreq_server::Backend::nr_vcpus(engine.backend());
+    match crate::dm_socket::DmSocket::from_config(
+        path,
+        cfg,
+        engine.control(),
+        vcpus,
+        ioreq_server::oop::server::ServerOptions::default(),
+    ) {
+        Ok(s) => {
+            tracing::info!(socket = %path.display(), "listening for device models");
+            Ok(Some(s))
+        }
+        Err(e) => {
+            error!(socket = %path.display(), "cannot listen for device models: {e}");
+            Err(exit::FAILURE)
+        }
+    }
+}
+
+/// Serves until a signal, the domain going away, an error or a test limit; a panic in the
+/// engine is an error too. Returns the exit code and whether the domain is gone.
+#[cfg(feature = "xen")]
+fn serve_until_stopped(args: &ServeArgs, engine: &mut XenEngine, signals: &SignalFd) -> (u8, bool) {
     let mut domain_gone = false;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        loop {
-            match signals.read_signal() {
-                Ok(Some(sig)) => {
-                    let name =
-                        Signal::try_from(sig.ssi_signo as i32).map_or("signal", |s| s.as_str());
-                    break Ok(format!("{name} received"));
-                }
-                Ok(None) => {}
-                Err(e) => warn!(error = %e, "reading the signalfd"),
-            }
-            let now = Instant::now();
-            let mut timeout = Duration::from_millis(500);
-            if let Some(d) = deadline {
-                if now >= d {
-                    break Ok("--duration reached".to_string());
-                }
-                timeout = timeout.min(d - now);
-            }
-            match engine.poll(Some(timeout)) {
-                Ok(_) => {}
-                Err(BackendError::Disconnected) => {
-                    domain_gone = true;
-                    break Ok(format!("domain {} is gone", args.domid));
-                }
-                Err(e) => break Err(format!("hypervisor: {e}")),
-            }
-            if let Some(max) = args.max_requests {
-                if engine.stats().requests >= max {
-                    break Ok("--max-requests reached".to_string());
-                }
-            }
-            let now = Instant::now();
-            if now >= next_check {
-                next_check = now + Duration::from_secs(1);
-                match engine.backend().alive() {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        domain_gone = true;
-                        break Ok(format!(
-                            "domain {} is gone (its ioreq servers were destroyed)",
-                            args.domid
-                        ));
-                    }
-                    Err(e) => warn!(error = %e, "checking that the domain is alive"),
-                }
-            }
-        }
+        serve_loop(args, engine, signals, &mut domain_gone)
     }));
-    sd_notify("STOPPING=1");
     let (code, why) = match outcome {
         Ok(Ok(why)) => (exit::OK, why),
         Ok(Err(why)) => (exit::FAILURE, why),
         Err(_) => (exit::FAILURE, "panic".to_string()),
     };
     if code == exit::OK {
-        info!(reason = %why, "shutting down");
+        tracing::info!(reason = %why, "shutting down");
     } else {
         error!(reason = %why, "shutting down after an error");
     }
+    (code, domain_gone)
+}
+
+/// The serving loop: Ok(why it stopped), or Err(what failed).
+#[cfg(feature = "xen")]
+fn serve_loop(
+    args: &ServeArgs,
+    engine: &mut XenEngine,
+    signals: &SignalFd,
+    domain_gone: &mut bool,
+) -> Result<String, String> {
+    use ioreq_server::BackendError;
+    use std::time::Instant;
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let mut next_check = started + Duration::from_secs(1);
+    loop {
+        if let Some(why) = signal_received(signals) {
+            return Ok(why);
+        }
+        let now = Instant::now();
+        let mut timeout = Duration::from_millis(500);
+        if let Some(d) = deadline {
+            if now >= d {
+                return Ok("--duration reached".to_string());
+            }
+            timeout = timeout.min(d - now);
+        }
+        match engine.poll(Some(timeout)) {
+            Ok(_) => {}
+            Err(BackendError::Disconnected) => {
+                *domain_gone = true;
+                return Ok(format!("domain {} is gone", args.domid));
+            }
+            Err(e) => return Err(format!("hypervisor: {e}")),
+        }
+        if args
+            .max_requests
+            .is_some_and(|max| engine.stats().requests >= max)
+        {
+            return Ok("--max-requests reached".to_string());
+        }
+        let now = Instant::now();
+        if now >= next_check {
+            next_check = now + Duration::from_secs(1);
+            match engine.backend().alive() {
+                Ok(true) => {}
+                Ok(false) => {
+                    *domain_gone = true;
+                    return Ok(format!(
+                        "domain {} is gone (its ioreq servers were destroyed)",
+                        args.domid
+                    ));
+                }
+                Err(e) => warn!(error = %e, "checking that the domain is alive"),
+            }
+        }
+    }
+}
+
+/// The name of a signal that arrived, if one did.
+#[cfg(feature = "xen")]
+fn signal_received(signals: &SignalFd) -> Option<String> {
+    match signals.read_signal() {
+        Ok(Some(sig)) => {
+            let name = Signal::try_from(sig.ssi_signo as i32).map_or("signal", |s| s.as_str());
+            Some(format!("{name} received"))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            warn!(error = %e, "reading the signalfd");
+            None
+        }
+    }
+}
+
+/// After the loop: unless the domain is gone, stop new requests and answer what Xen already
+/// put in the slots; then log what was served.
+#[cfg(feature = "xen")]
+fn finish(engine: &mut XenEngine, domain_gone: bool, started: std::time::Instant) {
     if !domain_gone {
-        // No new requests; then answer what Xen already put in our slots.
         if let Err(e) = engine.backend_mut().disable() {
             warn!(error = %e, "disabling the ioreq server");
         }
@@ -434,11 +510,11 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         }
     }
     for (model, requests) in engine.served() {
-        info!(%model, requests, "served by model");
+        tracing::info!(%model, requests, "served by model");
     }
     let s = engine.stats();
     let b = engine.backend().stats();
-    info!(
+    tracing::info!(
         requests = s.requests,
         buffered = s.buffered,
         config = s.config_cf8 + s.config_ecam,
@@ -457,13 +533,6 @@ fn serve(args: &ServeArgs, cfg: &Config, models: Models, signals: SignalFd) -> u
         uptime = ?started.elapsed(),
         "summary"
     );
-    if let Some(s) = dm_socket {
-        s.stop();
-    }
-    // Dropping the engine drops the backend: unclaim and destroy the server.
-    drop(engine);
-    info!(exit_code = code, "stopped");
-    code
 }
 
 #[cfg(test)]
