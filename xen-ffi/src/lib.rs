@@ -13,8 +13,11 @@
 //! Without the `bindgen` feature the crate builds with neither libclang nor the Xen headers,
 //! keeps the same API, and [`Libraries::load`] returns [`XenError::NotBuilt`].
 //!
-//! This is the only crate of the workspace allowed `unsafe`; every `unsafe` block carries a
-//! `SAFETY:` comment.
+//! The workspace denies `unsafe` (`unsafe_code = "deny"` in Cargo.toml) except in three
+//! places that allow it by name: this crate (the calls into Xen's libraries), the preload
+//! library beside it (`xen-ffi/preload`: the C symbols QEMU calls, and their mappings), and
+//! the shared pages of the device-model protocol (`ioreq-server/src/oop/shm.rs`). Every
+//! `unsafe` block carries a `SAFETY:` comment.
 #![allow(unsafe_code)]
 
 pub mod abi;
