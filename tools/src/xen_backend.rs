@@ -269,6 +269,53 @@ impl Drop for ServerGuard<'_> {
     }
 }
 
+/// The domain's vCPU count, which the shared page must have a slot for each of.
+fn vcpus_of(dm: &DeviceModelHandle, domid: u16) -> Result<u32, OpenError> {
+    let nr_vcpus = dm.nr_vcpus(domid).map_err(|e| match e.errno() {
+        Some(libc::ESRCH | libc::EINVAL | libc::EOPNOTSUPP) => {
+            OpenError::NoDomain { domid, source: e }
+        }
+        _ => OpenError::xen(format!("asking Xen for the vCPUs of domain {domid}"), e),
+    })?;
+    if nr_vcpus == 0 || nr_vcpus as usize > IoreqPage::SLOTS {
+        return Err(OpenError::TooManyVcpus {
+            domid,
+            vcpus: nr_vcpus,
+            max: IoreqPage::SLOTS,
+        });
+    }
+    Ok(nr_vcpus)
+}
+
+/// Creates the ioreq server, with an atomic buffered ring if asked and Xen agrees (else
+/// without one, every access synchronous).
+fn create_server(
+    dm: &DeviceModelHandle,
+    domid: u16,
+    buffered: bool,
+) -> Result<(u16, BufMode), OpenError> {
+    let create = |mode: u8| {
+        dm.create_ioreq_server(domid, mode).map_err(|e| {
+            if gone(&e) {
+                OpenError::NoDomain { domid, source: e }
+            } else {
+                OpenError::xen(format!("creating an ioreq server for domain {domid}"), e)
+            }
+        })
+    };
+    if !buffered {
+        return Ok((create(HVM_IOREQSRV_BUFIOREQ_OFF)?, BufMode::Off));
+    }
+    match create(HVM_IOREQSRV_BUFIOREQ_ATOMIC) {
+        Ok(id) => Ok((id, BufMode::Atomic)),
+        Err(e @ (OpenError::NoDomain { .. } | OpenError::NotXen(_))) => Err(e),
+        Err(e) => {
+            warn!(domid, error = %e, "no buffered ring (BUFIOREQ_ATOMIC refused); every access will be synchronous");
+            Ok((create(HVM_IOREQSRV_BUFIOREQ_OFF)?, BufMode::Off))
+        }
+    }
+}
+
 impl XenBackend {
     /// Creates, maps and enables an ioreq server for `domid` and binds its event channels.
     /// No range is claimed yet: the engine does that through [`Backend::map_range`].
@@ -278,41 +325,8 @@ impl XenBackend {
         let fmem = ForeignMemoryHandle::open(&libs).map_err(open_error)?;
         let evtchn = EventChannelHandle::open(&libs).map_err(open_error)?;
 
-        let nr_vcpus = dm.nr_vcpus(domid).map_err(|e| match e.errno() {
-            Some(libc::ESRCH | libc::EINVAL | libc::EOPNOTSUPP) => {
-                OpenError::NoDomain { domid, source: e }
-            }
-            _ => OpenError::xen(format!("asking Xen for the vCPUs of domain {domid}"), e),
-        })?;
-        if nr_vcpus == 0 || nr_vcpus as usize > IoreqPage::SLOTS {
-            return Err(OpenError::TooManyVcpus {
-                domid,
-                vcpus: nr_vcpus,
-                max: IoreqPage::SLOTS,
-            });
-        }
-
-        let create = |mode: u8| {
-            dm.create_ioreq_server(domid, mode).map_err(|e| {
-                if gone(&e) {
-                    OpenError::NoDomain { domid, source: e }
-                } else {
-                    OpenError::xen(format!("creating an ioreq server for domain {domid}"), e)
-                }
-            })
-        };
-        let (id, mode) = if opts.buffered {
-            match create(HVM_IOREQSRV_BUFIOREQ_ATOMIC) {
-                Ok(id) => (id, BufMode::Atomic),
-                Err(e @ (OpenError::NoDomain { .. } | OpenError::NotXen(_))) => return Err(e),
-                Err(e) => {
-                    warn!(domid, error = %e, "no buffered ring (BUFIOREQ_ATOMIC refused); every access will be synchronous");
-                    (create(HVM_IOREQSRV_BUFIOREQ_OFF)?, BufMode::Off)
-                }
-            }
-        } else {
-            (create(HVM_IOREQSRV_BUFIOREQ_OFF)?, BufMode::Off)
-        };
+        let nr_vcpus = vcpus_of(&dm, domid)?;
+        let (id, mode) = create_server(&dm, domid, opts.buffered)?;
         let mut guard = ServerGuard {
             dm: &dm,
             domid,
@@ -351,36 +365,7 @@ impl XenBackend {
             _fmem: fmem,
             dm,
         };
-        me.dm
-            .set_ioreq_server_state(domid, id, true)
-            .map_err(|e| OpenError::xen(format!("enabling ioreq server {id}"), e))?;
-        me.enabled = true;
-        // vp_eport is valid only now that the server is enabled.
-        {
-            let (page, _) = me.pages.pages();
-            for v in 0..nr_vcpus as usize {
-                let remote = page.vp_eport(v);
-                let local = me.evtchn.bind_interdomain(domid, remote).map_err(|e| {
-                    OpenError::xen(
-                        format!("binding the event channel of vCPU {v} (remote port {remote})"),
-                        e,
-                    )
-                })?;
-                me.vcpu_ports.push(local);
-            }
-        }
-        if mode == BufMode::Atomic {
-            let info = me
-                .dm
-                .get_ioreq_server_info(domid, id)
-                .map_err(|e| OpenError::xen("reading the buffered event channel", e))?;
-            if let Some(remote) = info {
-                let local = me.evtchn.bind_interdomain(domid, remote).map_err(|e| {
-                    OpenError::xen(format!("binding the buffered event channel ({remote})"), e)
-                })?;
-                me.buf_port = Some(local);
-            }
-        }
+        me.enable_and_bind()?;
         info!(
             domid,
             id,
@@ -391,6 +376,40 @@ impl XenBackend {
             "ioreq server created and enabled"
         );
         Ok(me)
+    }
+
+    /// Enables the server, then binds its event channels: one per vCPU (`vp_eport` is valid
+    /// only once the server is enabled) and the buffered ring's.
+    fn enable_and_bind(&mut self) -> Result<(), OpenError> {
+        let (domid, id) = (self.domid, self.id);
+        self.dm
+            .set_ioreq_server_state(domid, id, true)
+            .map_err(|e| OpenError::xen(format!("enabling ioreq server {id}"), e))?;
+        self.enabled = true;
+        let (page, _) = self.pages.pages();
+        for v in 0..self.nr_vcpus as usize {
+            let remote = page.vp_eport(v);
+            let local = self.evtchn.bind_interdomain(domid, remote).map_err(|e| {
+                OpenError::xen(
+                    format!("binding the event channel of vCPU {v} (remote port {remote})"),
+                    e,
+                )
+            })?;
+            self.vcpu_ports.push(local);
+        }
+        if self.mode == BufMode::Atomic {
+            let info = self
+                .dm
+                .get_ioreq_server_info(domid, id)
+                .map_err(|e| OpenError::xen("reading the buffered event channel", e))?;
+            if let Some(remote) = info {
+                let local = self.evtchn.bind_interdomain(domid, remote).map_err(|e| {
+                    OpenError::xen(format!("binding the buffered event channel ({remote})"), e)
+                })?;
+                self.buf_port = Some(local);
+            }
+        }
+        Ok(())
     }
 
     pub fn domid(&self) -> u16 {
