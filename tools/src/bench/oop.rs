@@ -642,10 +642,7 @@ fn blocking(
 
 pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
     let want = |p: Part| e.oop_parts.is_empty() || e.oop_parts.contains(&p);
-    let chunks = e.oop_chunks.max(1);
-    let per = |n: u64| (n / chunks).max(1);
     let pair = cpu_pair();
-    let (me, them) = (pair.map(|p| p.0), pair.map(|p| p.1));
     let syscall_ns = syscall_cost(100_000)?;
     progress(&format!(
         "one system call (empty eventfd read): {syscall_ns:.0} ns"
@@ -653,66 +650,23 @@ pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
     let local = if want(Part::Inprocess) {
         inprocess(e.poll_samples)?
     } else {
-        lat(&histogram()?)
+        NO_LAT
     };
-
-    // Busy-polling: the engine spins up to 500 ms, the device model 1 ms after each request.
-    // Between chunks the model goes to sleep while the floor runs; a short warm-up wakes it.
-    // The floor's warm-up outlasts the model's 1 ms of spinning after the last request.
-    let (mut spin_h, mut poll_h) = (histogram()?, histogram()?);
-    let mut ps = RemoteStats::default();
-    if want(Part::Poll) {
-        let _pinned = PinGuard::pin_self(me);
-        let mut dm = Dm::start(exe, "poll", Duration::from_millis(500), 1000, them)?;
-        dm.chunk(&mut poll_h, 0, 2000)?;
-        for _ in 0..chunks {
-            spin_floor_into(&mut spin_h, per(e.spin_samples), 20_000, them)?;
-            dm.chunk(&mut poll_h, per(e.poll_samples), 200)?;
-        }
-        ps = dm.stats();
-        dm.finish()?;
-    }
-    let (spin, poll) = (lat(&spin_h), lat(&poll_h));
-    progress(&format!(
-        "busy-polling: p50 {} ns, p99 {} ns (spun {}, blocked {}); cache-line floor p50 {} ns, p99 {} ns",
-        poll.p50_ns, poll.p99_ns, ps.spun, ps.blocked, spin.p50_ns, spin.p99_ns
-    ));
-
-    // Blocking: both sleep on their eventfds; the floor's peer sleeps between its chunks.
-    // Everything on one CPU (the figures the targets use), then engine and peers on two.
-    let (mut efd, mut block, mut bs) = (lat(&histogram()?), lat(&histogram()?), None);
-    let (mut efd_x, mut block_x) = (efd, block);
-    if want(Part::Block) {
-        let (f, b, st) = blocking(e, exe, me, me)?;
-        (efd, block, bs) = (f, b, Some(st));
-        progress(&format!(
-            "blocking, one CPU: p50 {} ns, p99 {} ns (spun {}, blocked {}); eventfd floor p50 {} ns, p99 {} ns",
-            block.p50_ns, block.p99_ns, st.spun, st.blocked, efd.p50_ns, efd.p99_ns
-        ));
-        if pair.is_some() {
-            (efd_x, block_x, _) = blocking(e, exe, me, them)?;
-            progress(&format!(
-                "blocking, two CPUs: p50 {} ns, p99 {} ns; eventfd floor p50 {} ns, p99 {} ns",
-                block_x.p50_ns, block_x.p99_ns, efd_x.p50_ns, efd_x.p99_ns
-            ));
-        }
-    }
-    let bs = bs.unwrap_or_default();
-
-    let def = RemoteOptions::default();
-    let mut dflt_h = histogram()?;
-    if want(Part::Default) {
-        let _pinned = PinGuard::pin_self(me);
-        let mut dm = Dm::start_with(exe, "default", (def.spin, def.spin_mode), 0, them)?;
-        dm.chunk(&mut dflt_h, e.block_samples, 1000)?;
-        dm.finish()?;
-    }
-    let dflt = lat(&dflt_h);
-    progress(&format!(
-        "defaults (engine spins up to {:?}, {:?}, model sleeps): p50 {} ns, p99 {} ns",
-        def.spin, def.spin_mode, dflt.p50_ns, dflt.p99_ns
-    ));
-
+    let polled = if want(Part::Poll) {
+        busy_polling(e, exe, pair)?
+    } else {
+        Polled::default()
+    };
+    let blocked = if want(Part::Block) {
+        blocking_both(e, exe, pair)?
+    } else {
+        Blocked::default()
+    };
+    let dflt = if want(Part::Default) {
+        defaults(e, exe, pair)?
+    } else {
+        NO_LAT
+    };
     let none = || Pressure {
         unloaded: NO_LAT,
         loaded: NO_LAT,
@@ -734,51 +688,214 @@ pub fn run(e: &Effort, exe: &Path) -> Result<Oop, String> {
             p.loaded_waits.1
         ));
     }
-    Ok(Oop {
-        poll_p50_ns: poll.p50_ns,
-        poll_p99_ns: poll.p99_ns,
-        block_p50_ns: block.p50_ns,
-        block_p99_ns: block.p99_ns,
-        spin_floor_ns: spin.p50_ns,
-        eventfd_floor_ns: efd.p50_ns,
-        poll_vs_floor: poll.p50_ns as f64 / spin.p50_ns.max(1) as f64,
-        block_vs_floor: block.p50_ns as f64 / efd.p50_ns.max(1) as f64,
-        default_p50_ns: dflt.p50_ns,
-        default_p99_ns: dflt.p99_ns,
-        inprocess_p50_ns: local.p50_ns,
-        unloaded_p50_ns: ad.unloaded.p50_ns,
-        unloaded_p99_ns: ad.unloaded.p99_ns,
-        loaded_p50_ns: ad.loaded.p50_ns,
-        loaded_p99_ns: ad.loaded.p99_ns,
-        loaded_vs_unloaded_p50: ratio(ad.loaded.p50_ns, ad.unloaded.p50_ns),
-        loaded_vs_unloaded_p99: ratio(ad.loaded.p99_ns, ad.unloaded.p99_ns),
-        fixed_loaded_vs_unloaded_p50: ratio(fx.loaded.p50_ns, fx.unloaded.p50_ns),
-        fixed_loaded_vs_unloaded_p99: ratio(fx.loaded.p99_ns, fx.unloaded.p99_ns),
+    let measured = Measured {
+        pair,
+        chunks: e.oop_chunks.max(1),
         syscall_ns,
-        detail: OopDetail {
-            cpus: pair,
-            spin_floor: spin,
-            eventfd_floor: efd,
-            poll,
-            block,
-            eventfd_floor_two_cpus: efd_x,
-            block_two_cpus: block_x,
-            default: dflt,
-            inprocess: local,
-            unloaded: ad.unloaded,
-            loaded: ad.loaded,
-            fixed_unloaded: fx.unloaded,
-            fixed_loaded: fx.loaded,
-            hogs,
-            loaded_waits: ad.loaded_waits,
-            fixed_loaded_waits: fx.loaded_waits,
+        local,
+        polled,
+        blocked,
+        dflt,
+        ad,
+        fx,
+        hogs,
+    };
+    Ok(measured.report())
+}
+
+/// Busy-polling round trips and the cache-line floor they are compared with.
+#[derive(Debug, Clone, Copy)]
+struct Polled {
+    spin: Lat,
+    poll: Lat,
+    stats: RemoteStats,
+}
+
+impl Default for Polled {
+    fn default() -> Self {
+        Polled {
+            spin: NO_LAT,
+            poll: NO_LAT,
+            stats: RemoteStats::default(),
+        }
+    }
+}
+
+/// Busy-polling: the engine spins up to 500 ms, the device model 1 ms after each request.
+/// Between chunks the model goes to sleep while the floor runs; a short warm-up wakes it.
+/// The floor's warm-up outlasts the model's 1 ms of spinning after the last request.
+fn busy_polling(e: &Effort, exe: &Path, pair: Option<(usize, usize)>) -> Result<Polled, String> {
+    let chunks = e.oop_chunks.max(1);
+    let per = |n: u64| (n / chunks).max(1);
+    let (me, them) = (pair.map(|p| p.0), pair.map(|p| p.1));
+    let (mut spin_h, mut poll_h) = (histogram()?, histogram()?);
+    let _pinned = PinGuard::pin_self(me);
+    let mut dm = Dm::start(exe, "poll", Duration::from_millis(500), 1000, them)?;
+    dm.chunk(&mut poll_h, 0, 2000)?;
+    for _ in 0..chunks {
+        spin_floor_into(&mut spin_h, per(e.spin_samples), 20_000, them)?;
+        dm.chunk(&mut poll_h, per(e.poll_samples), 200)?;
+    }
+    let stats = dm.stats();
+    dm.finish()?;
+    let (spin, poll) = (lat(&spin_h), lat(&poll_h));
+    progress(&format!(
+        "busy-polling: p50 {} ns, p99 {} ns (spun {}, blocked {}); cache-line floor p50 {} ns, p99 {} ns",
+        poll.p50_ns, poll.p99_ns, stats.spun, stats.blocked, spin.p50_ns, spin.p99_ns
+    ));
+    Ok(Polled { spin, poll, stats })
+}
+
+/// Blocking round trips and the eventfd floor, on one CPU and on two.
+#[derive(Debug, Clone, Copy)]
+struct Blocked {
+    efd: Lat,
+    block: Lat,
+    stats: RemoteStats,
+    efd_two_cpus: Lat,
+    block_two_cpus: Lat,
+}
+
+impl Default for Blocked {
+    fn default() -> Self {
+        Blocked {
+            efd: NO_LAT,
+            block: NO_LAT,
+            stats: RemoteStats::default(),
+            efd_two_cpus: NO_LAT,
+            block_two_cpus: NO_LAT,
+        }
+    }
+}
+
+/// Blocking: both sleep on their eventfds; the floor's peer sleeps between its chunks.
+/// Everything on one CPU (the figures the targets use), then engine and peers on two.
+fn blocking_both(e: &Effort, exe: &Path, pair: Option<(usize, usize)>) -> Result<Blocked, String> {
+    let (me, them) = (pair.map(|p| p.0), pair.map(|p| p.1));
+    let (efd, block, stats) = blocking(e, exe, me, me)?;
+    progress(&format!(
+        "blocking, one CPU: p50 {} ns, p99 {} ns (spun {}, blocked {}); eventfd floor p50 {} ns, p99 {} ns",
+        block.p50_ns, block.p99_ns, stats.spun, stats.blocked, efd.p50_ns, efd.p99_ns
+    ));
+    let mut b = Blocked {
+        efd,
+        block,
+        stats,
+        efd_two_cpus: NO_LAT,
+        block_two_cpus: NO_LAT,
+    };
+    if pair.is_some() {
+        let (f, k, _) = blocking(e, exe, me, them)?;
+        (b.efd_two_cpus, b.block_two_cpus) = (f, k);
+        progress(&format!(
+            "blocking, two CPUs: p50 {} ns, p99 {} ns; eventfd floor p50 {} ns, p99 {} ns",
+            k.p50_ns, k.p99_ns, f.p50_ns, f.p99_ns
+        ));
+    }
+    Ok(b)
+}
+
+/// The default settings: the engine's default spin, the model sleeping.
+fn defaults(e: &Effort, exe: &Path, pair: Option<(usize, usize)>) -> Result<Lat, String> {
+    let def = RemoteOptions::default();
+    let mut h = histogram()?;
+    let _pinned = PinGuard::pin_self(pair.map(|p| p.0));
+    let mut dm = Dm::start_with(
+        exe,
+        "default",
+        (def.spin, def.spin_mode),
+        0,
+        pair.map(|p| p.1),
+    )?;
+    dm.chunk(&mut h, e.block_samples, 1000)?;
+    dm.finish()?;
+    let dflt = lat(&h);
+    progress(&format!(
+        "defaults (engine spins up to {:?}, {:?}, model sleeps): p50 {} ns, p99 {} ns",
+        def.spin, def.spin_mode, dflt.p50_ns, dflt.p99_ns
+    ));
+    Ok(dflt)
+}
+
+/// Everything the section measured, before it becomes the report.
+struct Measured {
+    pair: Option<(usize, usize)>,
+    chunks: u64,
+    syscall_ns: f64,
+    local: Lat,
+    polled: Polled,
+    blocked: Blocked,
+    dflt: Lat,
+    ad: Pressure,
+    fx: Pressure,
+    hogs: usize,
+}
+
+impl Measured {
+    fn report(self) -> Oop {
+        let Measured {
+            pair,
             chunks,
-            poll_spun: ps.spun,
-            poll_blocked: ps.blocked,
-            block_spun: bs.spun,
-            block_blocked: bs.blocked,
-        },
-    })
+            syscall_ns,
+            local,
+            polled:
+                Polled {
+                    spin,
+                    poll,
+                    stats: ps,
+                },
+            blocked: b,
+            dflt,
+            ad,
+            fx,
+            hogs,
+        } = self;
+        Oop {
+            poll_p50_ns: poll.p50_ns,
+            poll_p99_ns: poll.p99_ns,
+            block_p50_ns: b.block.p50_ns,
+            block_p99_ns: b.block.p99_ns,
+            spin_floor_ns: spin.p50_ns,
+            eventfd_floor_ns: b.efd.p50_ns,
+            poll_vs_floor: poll.p50_ns as f64 / spin.p50_ns.max(1) as f64,
+            block_vs_floor: b.block.p50_ns as f64 / b.efd.p50_ns.max(1) as f64,
+            default_p50_ns: dflt.p50_ns,
+            default_p99_ns: dflt.p99_ns,
+            inprocess_p50_ns: local.p50_ns,
+            unloaded_p50_ns: ad.unloaded.p50_ns,
+            unloaded_p99_ns: ad.unloaded.p99_ns,
+            loaded_p50_ns: ad.loaded.p50_ns,
+            loaded_p99_ns: ad.loaded.p99_ns,
+            loaded_vs_unloaded_p50: ratio(ad.loaded.p50_ns, ad.unloaded.p50_ns),
+            loaded_vs_unloaded_p99: ratio(ad.loaded.p99_ns, ad.unloaded.p99_ns),
+            fixed_loaded_vs_unloaded_p50: ratio(fx.loaded.p50_ns, fx.unloaded.p50_ns),
+            fixed_loaded_vs_unloaded_p99: ratio(fx.loaded.p99_ns, fx.unloaded.p99_ns),
+            syscall_ns,
+            detail: OopDetail {
+                cpus: pair,
+                spin_floor: spin,
+                eventfd_floor: b.efd,
+                poll,
+                block: b.block,
+                eventfd_floor_two_cpus: b.efd_two_cpus,
+                block_two_cpus: b.block_two_cpus,
+                default: dflt,
+                inprocess: local,
+                unloaded: ad.unloaded,
+                loaded: ad.loaded,
+                fixed_unloaded: fx.unloaded,
+                fixed_loaded: fx.loaded,
+                hogs,
+                loaded_waits: ad.loaded_waits,
+                fixed_loaded_waits: fx.loaded_waits,
+                chunks,
+                poll_spun: ps.spun,
+                poll_blocked: ps.blocked,
+                block_spun: b.stats.spun,
+                block_blocked: b.stats.blocked,
+            },
+        }
+    }
 }
 
 /// Longest the busy loops run, whatever happens to the bench: a loaded chunk takes well
