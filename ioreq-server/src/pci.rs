@@ -44,12 +44,18 @@ registers! {
     PCI_CLASS_REVISION = 0x08;
     /// Programming interface, the class code's low byte.
     PCI_CLASS_PROG = 0x09;
+    /// Cache line size (8 bits, 6.2.4).
+    PCI_CACHE_LINE_SIZE = 0x0c;
+    /// Latency timer (8 bits, 6.2.4).
+    PCI_LATENCY_TIMER = 0x0d;
     /// Header type: bits 6:0 the layout, bit 7 multi-function.
     PCI_HEADER_TYPE = 0x0e;
     /// First base address register (6.2.5.1).
     PCI_BASE_ADDRESS_0 = 0x10;
     /// Capabilities pointer (6.7).
     PCI_CAPABILITY_LIST = 0x34;
+    /// Interrupt line (8 bits, 6.2.4): written by software, no meaning to the device.
+    PCI_INTERRUPT_LINE = 0x3c;
     /// Interrupt pin (8 bits).
     PCI_INTERRUPT_PIN = 0x3d;
 

@@ -356,15 +356,28 @@ fn put_aer(c: &mut [u8], w: &mut [u8], w1c: &mut [u8], at: usize, next: usize, r
     }
 }
 
-impl PciFunction {
-    pub fn new(spec: &FunctionSpec) -> Self {
-        let size = if spec.pcie { 0x1000 } else { 0x100 };
-        let mut c = vec![0u8; size];
-        let mut w = vec![0u8; size];
-        let mut w1c = vec![0u8; size];
-        let mut aer = None;
-        put16(&mut c, PCI_VENDOR_ID, spec.vendor);
-        put16(&mut c, PCI_DEVICE_ID, spec.device);
+/// A function's three register maps while it is being built: values, writable bits and
+/// write-1-to-clear bits.
+struct Maps {
+    c: Vec<u8>,
+    w: Vec<u8>,
+    w1c: Vec<u8>,
+}
+
+impl Maps {
+    fn new(size: usize) -> Self {
+        Maps {
+            c: vec![0u8; size],
+            w: vec![0u8; size],
+            w1c: vec![0u8; size],
+        }
+    }
+
+    /// IDs, class, header type, command, interrupt pin: what every header has.
+    fn common_header(&mut self, spec: &FunctionSpec) {
+        let (c, w) = (&mut self.c, &mut self.w);
+        put16(c, PCI_VENDOR_ID, spec.vendor);
+        put16(c, PCI_DEVICE_ID, spec.device);
         c[PCI_REVISION_ID] = spec.revision;
         c[PCI_CLASS_PROG] = spec.class as u8;
         c[PCI_CLASS_PROG + 1] = (spec.class >> 8) as u8;
@@ -375,11 +388,16 @@ impl PciFunction {
             } else {
                 0
             };
-        put16(&mut w, PCI_COMMAND, PCI_COMMAND_WMASK);
-        w[0x0c] = 0xff; // cache line size
-        w[0x0d] = 0xff; // latency timer
-        w[0x3c] = 0xff; // interrupt line
+        put16(w, PCI_COMMAND, PCI_COMMAND_WMASK);
+        w[PCI_CACHE_LINE_SIZE] = 0xff;
+        w[PCI_LATENCY_TIMER] = 0xff;
+        w[PCI_INTERRUPT_LINE] = 0xff;
         c[PCI_INTERRUPT_PIN] = 1;
+    }
+
+    /// The BARs in order from 0x10 (a 64-bit one takes two registers), each at least the
+    /// smallest size the spec allows and a power of two; returns their registers and specs.
+    fn bars(&mut self, spec: &FunctionSpec) -> Vec<(usize, BarSpec)> {
         let mut bars = vec![];
         let max_bars = spec.kind.bar_registers();
         let mut reg = PCI_BASE_ADDRESS_0;
@@ -400,73 +418,102 @@ impl PciFunction {
             } else {
                 0
             };
-            put32(&mut c, reg, low);
+            put32(&mut self.c, reg, low);
             let mask = !(size - 1);
-            put32(
-                &mut w,
-                reg,
-                mask as u32 & if b.kind == BarKind::Io { !0x3 } else { !0xf },
-            );
+            let address_bits = if b.kind == BarKind::Io {
+                PCI_BASE_ADDRESS_IO_MASK
+            } else {
+                PCI_BASE_ADDRESS_MEM_MASK
+            };
+            put32(&mut self.w, reg, mask as u32 & address_bits);
             bars.push((reg, BarSpec { size, ..*b }));
             if b.kind == BarKind::Mem64 {
-                put32(&mut w, reg + 4, (mask >> 32) as u32);
+                put32(&mut self.w, reg + 4, (mask >> 32) as u32);
                 reg += 8;
             } else {
                 reg += 4;
             }
         }
-        if spec.kind.is_bridge() {
-            // Bus numbers, secondary latency, I/O and memory windows, bridge control.
-            w[PCI_PRIMARY_BUS..PCI_PRIMARY_BUS + 4].fill(0xff);
-            w[PCI_IO_BASE] = 0xf0;
-            w[PCI_IO_BASE + 1] = 0xf0;
-            c[PCI_IO_BASE] = 0x01;
-            c[PCI_IO_BASE + 1] = 0x01;
-            put32(&mut w, PCI_MEMORY_BASE, 0xfff0_fff0);
-            put32(&mut w, PCI_PREF_MEMORY_BASE, 0xfff0_fff0);
-            put32(&mut c, PCI_PREF_MEMORY_BASE, 0x0001_0001);
-            put32(&mut w, PCI_PREF_BASE_UPPER32, 0xffff_ffff);
-            put32(&mut w, PCI_PREF_BASE_UPPER32 + 4, 0xffff_ffff);
-            put16(&mut w, PCI_IO_BASE_UPPER16, 0xffff);
-            put16(&mut w, PCI_BRIDGE_CONTROL, 0x0fff);
-        } else {
-            put16(&mut c, PCI_SUBSYSTEM_VENDOR_ID, spec.subsystem_vendor);
-            put16(&mut c, PCI_SUBSYSTEM_ID, spec.subsystem);
+        bars
+    }
+
+    /// Type 1: bus numbers, secondary latency, 32-bit I/O and 64-bit prefetchable windows,
+    /// bridge control. Type 0: the subsystem IDs.
+    fn type_specific(&mut self, spec: &FunctionSpec) {
+        let (c, w) = (&mut self.c, &mut self.w);
+        if !spec.kind.is_bridge() {
+            put16(c, PCI_SUBSYSTEM_VENDOR_ID, spec.subsystem_vendor);
+            put16(c, PCI_SUBSYSTEM_ID, spec.subsystem);
+            return;
         }
-        if spec.pcie {
-            put16(&mut c, PCI_STATUS, PCI_STATUS_CAP_LIST);
-            c[PCI_CAPABILITY_LIST] = PCIE_CAP_OFFSET as u8;
-            c[PCIE_CAP_OFFSET] = PCI_CAP_ID_EXP;
-            c[PCIE_CAP_OFFSET + 1] = 0;
-            // Capability version 2, device/port type in bits 7:4.
-            put16(
-                &mut c,
-                PCIE_CAP_OFFSET + PCI_EXP_FLAGS,
-                0x2 | (spec.kind.pcie_type() << PCI_EXP_FLAGS_TYPE_SHIFT),
-            );
-            put16(
-                &mut w,
-                PCIE_CAP_OFFSET + PCI_EXP_DEVCTL,
-                PCI_EXP_DEVCTL_WMASK,
-            );
-            let after_dsn = if spec.aer { AER_OFFSET } else { 0 };
-            put32(
-                &mut c,
-                DSN_OFFSET,
-                ext_cap_header(PCI_EXT_CAP_ID_DSN, DSN_CAP_VERSION, after_dsn),
-            );
-            put32(&mut c, DSN_OFFSET + 4, spec.serial as u32);
-            put32(&mut c, DSN_OFFSET + 8, (spec.serial >> 32) as u32);
-            if spec.aer {
-                let root_port = spec.kind == FunctionKind::RootPort;
-                put_aer(&mut c, &mut w, &mut w1c, AER_OFFSET, 0, root_port);
-                aer = Some(AER_OFFSET);
-            }
+        w[PCI_PRIMARY_BUS..PCI_PRIMARY_BUS + 4].fill(0xff);
+        w[PCI_IO_BASE] = 0xf0;
+        w[PCI_IO_LIMIT] = 0xf0;
+        c[PCI_IO_BASE] = PCI_IO_RANGE_TYPE_32 as u8;
+        c[PCI_IO_LIMIT] = PCI_IO_RANGE_TYPE_32 as u8;
+        put32(w, PCI_MEMORY_BASE, 0xfff0_fff0);
+        put32(w, PCI_PREF_MEMORY_BASE, 0xfff0_fff0);
+        put32(c, PCI_PREF_MEMORY_BASE, 0x0001_0001);
+        put32(w, PCI_PREF_BASE_UPPER32, 0xffff_ffff);
+        put32(w, PCI_PREF_LIMIT_UPPER32, 0xffff_ffff);
+        put16(w, PCI_IO_BASE_UPPER16, 0xffff);
+        put16(w, PCI_BRIDGE_CONTROL, 0x0fff);
+    }
+
+    /// The PCI Express capability at [`PCIE_CAP_OFFSET`], then the extended chain: DSN,
+    /// and AER unless the spec leaves it out. Returns where AER is.
+    fn pcie(&mut self, spec: &FunctionSpec) -> Option<usize> {
+        let c = &mut self.c;
+        put16(c, PCI_STATUS, PCI_STATUS_CAP_LIST);
+        c[PCI_CAPABILITY_LIST] = PCIE_CAP_OFFSET as u8;
+        c[PCIE_CAP_OFFSET] = PCI_CAP_ID_EXP;
+        c[PCIE_CAP_OFFSET + PCI_CAP_LIST_NEXT] = 0;
+        // Capability version 2, device/port type in bits 7:4.
+        put16(
+            c,
+            PCIE_CAP_OFFSET + PCI_EXP_FLAGS,
+            0x2 | (spec.kind.pcie_type() << PCI_EXP_FLAGS_TYPE_SHIFT),
+        );
+        put16(
+            &mut self.w,
+            PCIE_CAP_OFFSET + PCI_EXP_DEVCTL,
+            PCI_EXP_DEVCTL_WMASK,
+        );
+        let after_dsn = if spec.aer { AER_OFFSET } else { 0 };
+        put32(
+            c,
+            DSN_OFFSET,
+            ext_cap_header(PCI_EXT_CAP_ID_DSN, DSN_CAP_VERSION, after_dsn),
+        );
+        put32(c, DSN_OFFSET + 4, spec.serial as u32);
+        put32(c, DSN_OFFSET + 8, (spec.serial >> 32) as u32);
+        if !spec.aer {
+            return None;
         }
+        let root_port = spec.kind == FunctionKind::RootPort;
+        put_aer(
+            &mut self.c,
+            &mut self.w,
+            &mut self.w1c,
+            AER_OFFSET,
+            0,
+            root_port,
+        );
+        Some(AER_OFFSET)
+    }
+}
+
+impl PciFunction {
+    pub fn new(spec: &FunctionSpec) -> Self {
+        let mut m = Maps::new(if spec.pcie { 0x1000 } else { 0x100 });
+        m.common_header(spec);
+        let bars = m.bars(spec);
+        m.type_specific(spec);
+        let aer = if spec.pcie { m.pcie(spec) } else { None };
         PciFunction {
-            config: c,
-            wmask: w,
-            w1c,
+            config: m.c,
+            wmask: m.w,
+            w1c: m.w1c,
             aer,
             bars,
             kind: spec.kind,
