@@ -144,7 +144,12 @@ fn recorded_script_replays_without_divergence() {
     let r = replay(&trace, &topo, 20, None, false).unwrap();
     assert_eq!(r.divergences, 0, "{:#?}", r.first_divergences);
     assert!(r.per_server["vgpu"] >= 8, "{:?}", r.per_server);
-    let ev = r.layout_events.join("\n");
+    let ev = r
+        .layout_events
+        .iter()
+        .map(|e| e.description.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
     for want in [
         "ECAM window none -> segment 0000 buses 00-ff at 0xb0000000",
         "PM block of 0000:00:1f.0: none -> ports 0x600-0x67f",

@@ -51,16 +51,16 @@ fn import_and_replay(name: &str) -> ReplayReport {
     }
     // PCIEXBAR became the 256 MiB window at 0xb0000000 and the PM block went to 0x600.
     assert!(
-        r.layout_events
-            .iter()
-            .any(|e| e.contains("none -> segment 0000 buses 00-ff at 0xb0000000-0xbfffffff")),
+        r.layout_events.iter().any(|e| e
+            .description
+            .contains("none -> segment 0000 buses 00-ff at 0xb0000000-0xbfffffff")),
         "{:?}",
         r.layout_events
     );
     assert!(
         r.layout_events
             .iter()
-            .any(|e| e.contains("none -> ports 0x600-0x67f")),
+            .any(|e| e.description.contains("none -> ports 0x600-0x67f")),
         "{:?}",
         r.layout_events
     );
@@ -91,12 +91,12 @@ fn ovmf_trace_replays_without_divergence() {
     let pm = r
         .layout_events
         .iter()
-        .position(|e| e.contains("PM block"))
+        .position(|e| e.description.contains("PM block"))
         .unwrap();
     let ecam = r
         .layout_events
         .iter()
-        .position(|e| e.contains("ECAM window none"))
+        .position(|e| e.description.contains("ECAM window none"))
         .unwrap();
     assert!(pm < ecam, "{:?}", r.layout_events);
 }

@@ -179,9 +179,14 @@ impl Target {
     }
 }
 
+/// The `schema` value of `bench --json`. Bumped when a key changes meaning or goes away.
+pub const SCHEMA: &str = "ioreq-mux.bench/1";
+
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// [`SCHEMA`].
+    pub schema: &'static str,
     pub quick: bool,
     pub machine: util::Machine,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -408,6 +413,7 @@ pub fn run(a: &BenchArgs) -> ExitCode {
         *n = n.saturating_mul(a.oop_scale.max(1));
     }
     let mut r = BenchReport {
+        schema: SCHEMA,
         quick: a.quick,
         machine: util::Machine::probe(),
         route_lookup: None,

@@ -449,6 +449,16 @@ impl Config {
         })
     }
 
+    /// The 1-based line in the file of each of a server's `qemu_devices`, in order (empty
+    /// for a configuration not read from a file).
+    pub fn qemu_device_lines(&self, s: &Server) -> Vec<usize> {
+        s.places
+            .qemu_devices
+            .iter()
+            .map(|r| line_of(&self.text, r.start))
+            .collect()
+    }
+
     /// Checks each server's `qemu_devices` against the device types a trace names (`known`):
     /// a type the trace does not have is an error, with the nearest one it has.
     pub fn check_qemu_devices(

@@ -25,3 +25,36 @@ macro_rules! outln {
         $crate::out::print(&format!("{}\n", format_args!($($arg)*)))
     };
 }
+
+/// `12345678` -> `12,345,678`.
+/// Every count in a text report is written this way (JSON keeps plain numbers).
+#[derive(Debug, Clone, Copy)]
+pub struct Thousands(pub u64);
+
+impl std::fmt::Display for Thousands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0.to_string();
+        let mut out = String::with_capacity(s.len() + s.len() / 3);
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        f.pad(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Thousands;
+
+    #[test]
+    fn thousands_separate_every_three_digits() {
+        assert_eq!(Thousands(0).to_string(), "0");
+        assert_eq!(Thousands(999).to_string(), "999");
+        assert_eq!(Thousands(1000).to_string(), "1,000");
+        assert_eq!(Thousands(13_768_544).to_string(), "13,768,544");
+        assert_eq!(format!("{:>8}", Thousands(1234)), "   1,234");
+    }
+}

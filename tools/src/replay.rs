@@ -18,7 +18,7 @@
 //! firmware left. Until then they answer exactly as before.
 
 use crate::config::{Config, ConfigError, Server, ServerKind};
-use crate::engine::{Control, Engine, EngineError, EngineStats, MUX_NAME};
+use crate::engine::{Control, Engine, EngineError, MUX_NAME};
 use crate::replay_dm::Children;
 use crate::trace::{
     self, Access, BarEventKind, Record, Space, StrId, StringTable, TraceError, TraceReader,
@@ -26,13 +26,12 @@ use crate::trace::{
 use bdf_router::Sbdf;
 use chipset_intercept::Phase;
 use ioreq_server::bufioreq::BufioreqMode;
-use ioreq_server::sim::{Issued, SimBackend, SimError, SimHypervisor, SimStats};
+use ioreq_server::sim::{Issued, SimBackend, SimError, SimHypervisor};
 use ioreq_server::{
     Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, RangeKind,
     abi, size_mask,
 };
 use recorded::RecordedConfig;
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,6 +39,12 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 mod recorded;
+mod report;
+
+pub use report::{
+    Cause, CauseCount, CauseKind, ClaimFailure, ConfigPlace, Divergence, LayoutChange,
+    RecordedAccess, ReplayReport, SCHEMA,
+};
 
 /// vCPUs the simulated guest has (the traces use 2).
 pub const REPLAY_VCPUS: u32 = 8;
@@ -106,41 +111,6 @@ pub enum ReplayError {
     Topology(String),
     #[error("{0}: the trace has no guest access: nothing to replay")]
     EmptyTrace(PathBuf),
-}
-
-/// One way the replay differed from the recording.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Divergence {
-    /// Index (1-based) of the access among all accesses.
-    pub access: u64,
-    pub what: String,
-    pub recorded: String,
-}
-
-/// The outcome.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReplayReport {
-    pub trace: String,
-    pub topology: String,
-    /// Guest accesses replayed (repeats counted one by one).
-    pub accesses: u64,
-    /// Trace records read.
-    pub records: u64,
-    pub divergences: u64,
-    pub first_divergences: Vec<Divergence>,
-    /// Accesses each server answered (`ioreq-mux` = the multiplexer itself: CF8, intercepted
-    /// registers, master aborts).
-    pub per_server: BTreeMap<String, u64>,
-    /// Accesses by kind and configuration path.
-    pub by_kind: BTreeMap<String, u64>,
-    pub layout_events: Vec<String>,
-    /// BAR claims that could not be made (a range someone already had).
-    pub claim_failures: Vec<String>,
-    pub chipset: String,
-    pub engine: EngineStats,
-    pub sim: SimStats,
-    pub invariant_violations: Vec<String>,
-    pub elapsed_s: f64,
 }
 
 /// What the access being replayed recorded, shared with the trace servers.
@@ -262,7 +232,8 @@ struct Harness {
     served: Vec<u64>,
     /// Accesses by kind: config-cf8, config-ecam, pio, mmio.
     kinds: [u64; 4],
-    show: usize,
+    /// Per model id: the topology line of each of `devices`.
+    device_lines: Vec<Vec<usize>>,
     strings: StringTable,
 }
 
@@ -286,37 +257,77 @@ impl Harness {
         }
     }
 
-    fn diverge(&mut self, n: u64, what: String, a: &Access) {
-        self.report.divergences += 1;
-        if self.report.first_divergences.len() < self.show {
-            self.report.first_divergences.push(Divergence {
-                access: n,
-                what,
-                recorded: self.describe(a),
-            });
+    /// Counts a divergence of access `n` under its cause. `want` is the server expected
+    /// (for [`CauseKind::Misrouted`]), standing for QEMU's `device`.
+    fn diverge(&mut self, n: u64, a: &Access, cause: (CauseKind, Option<u16>), what: String) {
+        self.diverge_to(n, a, cause, None, what);
+    }
+
+    fn diverge_to(
+        &mut self,
+        n: u64,
+        a: &Access,
+        (kind, handler): (CauseKind, Option<u16>),
+        want: Option<(Option<u16>, Option<StrId>)>,
+        what: String,
+    ) {
+        let cause = Cause {
+            kind,
+            target: self.target(a),
+            answered_by: Some(self.name_of(handler)),
+            expected: want.map(|(w, _)| self.name_of(w)),
+            config: want.and_then(|(w, d)| self.place(w?, d?)),
+        };
+        let recorded = Some(self.describe(a));
+        self.report.diverge(Divergence {
+            access: n,
+            cause,
+            what,
+            recorded,
+        });
+    }
+
+    /// What an access addressed, as divergences are grouped: the function of a configuration
+    /// access, else QEMU's region.
+    fn target(&self, a: &Access) -> String {
+        match (a.config, a.region) {
+            (Some(c), _) => format!("config of {}", c.bdf),
+            (None, Some(r)) => format!("{} region '{}'", a.space, self.string(r)),
+            (None, None) => format!("{} {:#x}", a.space, a.addr),
         }
     }
 
-    fn describe(&self, a: &Access) -> String {
-        let region = a
-            .region
-            .map(|r| self.string(r))
-            .unwrap_or_else(|| "-".into());
-        let mut s = format!(
-            "vcpu {} {} {} {:#x} size {} value {:#x} region '{}'",
-            a.vcpu, a.space, a.dir, a.addr, a.size, a.data, region
-        );
-        if let Some(c) = a.config {
-            let dev = c
-                .device
-                .map(|d| self.string(d))
-                .unwrap_or_else(|| "none".into());
-            s.push_str(&format!(
-                " [config {} {} @{:#x} -> {}]",
-                c.path, c.bdf, c.reg, dev
-            ));
+    /// The topology line where server `m` lists QEMU's `device` (or `*`).
+    fn place(&self, m: u16, device: StrId) -> Option<ConfigPlace> {
+        let name = self.string(device);
+        let listed = &self.devices[usize::from(m)];
+        let i = listed
+            .iter()
+            .position(|d| *d == name)
+            .or_else(|| listed.iter().position(|d| d == "*"))?;
+        let line = *self.device_lines[usize::from(m)].get(i)?;
+        Some(ConfigPlace {
+            key: "qemu_devices",
+            line,
+        })
+    }
+
+    fn describe(&self, a: &Access) -> RecordedAccess {
+        RecordedAccess {
+            vcpu: a.vcpu,
+            space: a.space,
+            dir: a.dir,
+            addr: a.addr,
+            size: a.size,
+            value: a.data,
+            region: a.region.map(|r| self.string(r)),
+            config: a.config.map(|c| report::RecordedConfig {
+                path: c.path,
+                bdf: c.bdf,
+                reg: c.reg,
+                device: c.device.map(|d| self.string(d)),
+            }),
         }
-        s
     }
 
     /// The model standing for a QEMU device type.
@@ -389,13 +400,15 @@ impl Harness {
                     }) {
                         Ok(()) => claimed_by = Some(m),
                         Err(e) => {
-                            if self.report.claim_failures.len() < 50 {
-                                self.report.claim_failures.push(format!(
-                                    "{} {}: {e}",
-                                    self.string(device),
-                                    range
-                                ));
-                            }
+                            let c = ClaimFailure {
+                                server: self.names[usize::from(m)].clone(),
+                                device: self.string(device),
+                                range: range.to_string(),
+                                op: "map".into(),
+                                error: e,
+                                sizing: ClaimFailure::is_sizing(ev.space, last),
+                            };
+                            self.report.claim_failed(c);
                         }
                     }
                 }
@@ -419,9 +432,15 @@ impl Harness {
                             claim: Claim::Range(range),
                             reply,
                         }) {
-                            self.report
-                                .claim_failures
-                                .push(format!("unmap {range}: {e}"));
+                            let c = ClaimFailure {
+                                server: self.names[usize::from(m)].clone(),
+                                device: self.string(device),
+                                range: range.to_string(),
+                                op: "unmap".into(),
+                                error: e,
+                                sizing: false,
+                            };
+                            self.report.claim_failed(c);
                         }
                     }
                 }
@@ -471,7 +490,8 @@ impl Harness {
                 match self.hv.collect(vcpu)? {
                     Some(v) => v,
                     None => {
-                        self.diverge(n, "the engine did not complete the ioreq".into(), a);
+                        let what = "the engine did not complete the ioreq".to_string();
+                        self.diverge(n, a, (CauseKind::NotCompleted, None), what);
                         return Ok(());
                     }
                 }
@@ -495,15 +515,12 @@ impl Harness {
             let mask = size_mask(size);
             if got & mask != a.data & mask {
                 let name = self.name_of(handler);
-                self.diverge(
-                    n,
-                    format!(
-                        "read returned {:#x}, recorded {:#x} (answered by {name})",
-                        got & mask,
-                        a.data & mask
-                    ),
-                    a,
+                let what = format!(
+                    "read returned {:#x}, recorded {:#x} (answered by {name})",
+                    got & mask,
+                    a.data & mask
                 );
+                self.diverge(n, a, (CauseKind::WrongValue, handler), what);
                 return Ok(());
             }
         }
@@ -514,7 +531,8 @@ impl Harness {
                 if self.is_hidden(bdf, c.reg, a.size) {
                     if handler.is_some() {
                         let name = self.name_of(handler);
-                        self.diverge(n, format!("intercepted register reached {name}"), a);
+                        let what = format!("intercepted register reached {name}");
+                        self.diverge(n, a, (CauseKind::InterceptReachedModel, handler), what);
                     }
                     return Ok(());
                 }
@@ -534,28 +552,29 @@ impl Harness {
                         let (sbdf, reg) = abi::split_pci_config_addr(first.addr);
                         if Sbdf::from_xen(sbdf) != bdf || reg != u32::from(c.reg) {
                             let name = self.name_of(handler);
-                            self.diverge(
-                                n,
-                                format!(
-                                    "{name} got {} @{reg:#x}, QEMU routed {bdf} @{:#x}",
-                                    Sbdf::from_xen(sbdf),
-                                    c.reg
-                                ),
-                                a,
+                            let what = format!(
+                                "{name} got {} @{reg:#x}, QEMU routed {bdf} @{:#x}",
+                                Sbdf::from_xen(sbdf),
+                                c.reg
                             );
+                            self.diverge(n, a, (CauseKind::WrongFunction, handler), what);
                         }
                     }
-                    (h, w, _) => {
-                        let (name, w) = (self.name_of(h), self.name_of(w));
-                        self.diverge(n, format!("answered by {name}, expected {w}"), a);
+                    (h, w, d) => {
+                        let what = format!(
+                            "answered by {}, expected {}",
+                            self.name_of(h),
+                            self.name_of(w)
+                        );
+                        self.diverge_to(n, a, (CauseKind::Misrouted, h), Some((w, d)), what);
                     }
                 }
             }
             None => {
                 // Ports 0xcf8..0xcff outside a configuration access are the multiplexer's.
                 let own = a.space == Space::Port && (0xcf8..=0xcff).contains(&a.addr);
-                let want = if own {
-                    None
+                let (want, dev) = if own {
+                    (None, None)
                 } else {
                     let bars = if a.space == Space::Port {
                         &self.port_bars
@@ -567,17 +586,23 @@ impl Harness {
                         .rev()
                         .find(|b| b.base <= a.addr && a.addr <= b.last)
                         .map(|b| b.device);
-                    match (dev, a.region) {
+                    let want = match (dev, a.region) {
                         (Some(d), _) => self.server_for(d),
                         // Recorded as answered by nobody (a project-made trace of a master
                         // abort; QEMU always names a region, even 'io' for unassigned ports).
                         (None, None) => None,
                         (None, Some(_)) => self.default_server,
-                    }
+                    };
+                    (want, dev)
                 };
                 if handler != want {
-                    let (name, w) = (self.name_of(handler), self.name_of(want));
-                    self.diverge(n, format!("answered by {name}, expected {w}"), a);
+                    let what = format!(
+                        "answered by {}, expected {}",
+                        self.name_of(handler),
+                        self.name_of(want)
+                    );
+                    let cause = (CauseKind::Misrouted, handler);
+                    self.diverge_to(n, a, cause, Some((want, dev)), what);
                 }
             }
         }
@@ -621,7 +646,7 @@ pub fn replay_with(
 ) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
     let (show, limit, progress) = (opts.show, opts.limit, opts.progress);
     let cfg = Config::load(topology)?;
-    check_trace(&cfg, trace_path)?;
+    let total = check_trace(&cfg, trace_path)?;
     let mut reader = TraceReader::open(trace_path).map_err(|source| ReplayError::Trace {
         path: trace_path.to_path_buf(),
         source,
@@ -703,39 +728,23 @@ pub fn replay_with(
         bars: vec![],
         port_bars: vec![],
         hidden,
-        report: ReplayReport {
-            trace: trace_path.display().to_string(),
-            topology: topology.display().to_string(),
-            accesses: 0,
-            records: 0,
-            divergences: 0,
-            first_divergences: vec![],
-            per_server: BTreeMap::new(),
-            by_kind: BTreeMap::new(),
-            layout_events: vec![],
-            claim_failures: vec![],
+        report: ReplayReport::new(
+            trace_path.display().to_string(),
+            topology.display().to_string(),
             chipset,
-            engine: EngineStats::default(),
-            sim: SimStats::default(),
-            invariant_violations: vec![],
-            elapsed_s: 0.0,
-        },
+            show,
+        ),
         served: vec![0; cfg.servers.len() + 1],
         kinds: [0; 4],
-        show,
+        device_lines: cfg
+            .servers
+            .iter()
+            .map(|s| cfg.qemu_device_lines(s))
+            .collect(),
         strings: reader.strings().clone(),
     };
-    let bar = progress.then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {elapsed} {human_pos} accesses replayed ({per_sec}) {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        b
-    });
     let limit = limit.unwrap_or(u64::MAX);
+    let bar = progress.then(|| progress_bar(total.map(|t| t.min(limit))));
     'records: loop {
         let rec = match reader.next_record() {
             Ok(Some(r)) => r,
@@ -789,17 +798,8 @@ pub fn replay_with(
     }
     if let Some(c) = children {
         for (name, summary) in c.finish(&mut h.engine) {
-            if let Some(m) = summary.filter(|m| m.mismatches > 0) {
-                h.report.divergences += m.mismatches;
-                for e in m.examples {
-                    h.report.first_divergences.push(Divergence {
-                        access: 0,
-                        what: format!(
-                            "{name} (own process) received an access its record did not expect: {e}"
-                        ),
-                        recorded: String::new(),
-                    });
-                }
+            if let Some(m) = summary {
+                merge_summary(&mut h.report, &name, m);
             }
         }
     }
@@ -821,31 +821,87 @@ pub fn replay_with(
         .engine
         .layout_history()
         .iter()
-        .map(|e| e.to_string())
+        .map(LayoutChange::from)
         .collect();
     h.report.engine = h.engine.stats().clone();
     match h.hv.check() {
         Ok(s) => h.report.sim = s,
         Err(v) => {
             h.report.sim = h.hv.stats();
-            h.report.divergences += v.len() as u64;
+            let cause = Cause {
+                kind: CauseKind::Invariant,
+                target: "simulated hypervisor".into(),
+                answered_by: None,
+                expected: None,
+                config: None,
+            };
+            h.report.add_divergences(&cause, 0, v.len() as u64);
             h.report.invariant_violations = v;
         }
     }
+    h.report.finish_causes();
     h.report.elapsed_s = start.elapsed().as_secs_f64();
     Ok((h.report, h.engine))
 }
 
+/// What a trace server in its own process reported: its mismatches (divergences) and the
+/// BAR claims it was refused.
+fn merge_summary(r: &mut ReplayReport, name: &str, m: crate::replay_dm::DmSummary) {
+    let cause = Cause {
+        kind: CauseKind::OutOfProcess,
+        target: format!("server {name}"),
+        answered_by: Some(name.to_string()),
+        expected: None,
+        config: None,
+    };
+    if m.mismatches > 0 {
+        r.add_divergences(&cause, 0, m.mismatches);
+    }
+    for e in m.examples {
+        r.first_divergences.push(Divergence {
+            access: 0,
+            cause: cause.clone(),
+            what: format!("{name} (own process) received an access its record did not expect: {e}"),
+            recorded: None,
+        });
+    }
+    for c in m.claim_failures {
+        r.claim_failed(c);
+    }
+}
+
+/// Replay's progress on stderr: accesses against the trace's total when known (a bar with a
+/// percentage), else a spinner counting them.
+fn progress_bar(total: Option<u64>) -> indicatif::ProgressBar {
+    let (b, template) = match total {
+        Some(t) => (
+            indicatif::ProgressBar::new(t),
+            "{spinner} {elapsed} [{bar:30}] {percent}% {human_pos}/{human_len} accesses \
+             (eta {eta}) {msg}",
+        ),
+        None => (
+            indicatif::ProgressBar::new_spinner(),
+            "{spinner} {elapsed} {human_pos} accesses replayed {msg}",
+        ),
+    };
+    b.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    b.enable_steady_tick(Duration::from_millis(200));
+    b
+}
+
 /// Before replaying: the trace has accesses, and names each QEMU device type the topology's
 /// `qemu_devices` lists (a misspelt one would only show as divergences). Reads the trace
-/// once more, only when the topology lists device types.
-fn check_trace(cfg: &Config, trace_path: &Path) -> Result<(), ReplayError> {
+/// once more, only when the topology lists device types, and then returns its accesses.
+fn check_trace(cfg: &Config, trace_path: &Path) -> Result<Option<u64>, ReplayError> {
     let listed = cfg
         .servers
         .iter()
         .any(|s| s.qemu_devices.iter().any(|d| d != "*"));
     if !listed {
-        return Ok(());
+        return Ok(None);
     }
     let contents = TraceReader::open(trace_path)
         .and_then(TraceReader::contents)
@@ -855,7 +911,7 @@ fn check_trace(cfg: &Config, trace_path: &Path) -> Result<(), ReplayError> {
         })?;
     refuse_empty(trace_path, contents.accesses)?;
     cfg.check_qemu_devices(trace_path, &contents.devices)?;
-    Ok(())
+    Ok(Some(contents.accesses))
 }
 
 /// A trace without accesses replays "without divergence" and proves nothing: refused.
@@ -896,60 +952,5 @@ fn build_model(s: &Server, id: u16, cursor: &Shared) -> Result<Box<dyn DeviceMod
             "server {}: process servers are not supported by replay yet",
             s.name
         ))),
-    }
-}
-
-impl std::fmt::Display for ReplayReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "replay of {} with {}", self.trace, self.topology)?;
-        writeln!(f, "chipset: {}", self.chipset)?;
-        writeln!(
-            f,
-            "{} accesses ({} records) in {:.2} s: {:.0} accesses/s",
-            self.accesses,
-            self.records,
-            self.elapsed_s,
-            self.accesses as f64 / self.elapsed_s.max(1e-9)
-        )?;
-        writeln!(f, "by kind:")?;
-        for (k, v) in &self.by_kind {
-            writeln!(f, "  {k:12} {v:>10}")?;
-        }
-        writeln!(f, "per server:")?;
-        for (k, v) in &self.per_server {
-            writeln!(f, "  {k:12} {v:>10}")?;
-        }
-        writeln!(f, "layout changes, in order:")?;
-        for e in &self.layout_events {
-            writeln!(f, "  {e}")?;
-        }
-        let e = &self.engine;
-        writeln!(
-            f,
-            "engine: {} requests, {} master aborts, {} ECAM rejects, {} intercepted, {} model errors",
-            e.requests, e.master_aborts, e.ecam_rejects, e.intercepted, e.dm_errors
-        )?;
-        writeln!(
-            f,
-            "hypervisor: {} sent, {} completed, {} unclaimed, {} CF8 conversions",
-            self.sim.sent, self.sim.completed, self.sim.unclaimed, self.sim.cf8_converted
-        )?;
-        if !self.claim_failures.is_empty() {
-            writeln!(f, "BAR claims refused ({}):", self.claim_failures.len())?;
-            for c in self.claim_failures.iter().take(10) {
-                writeln!(f, "  {c}")?;
-            }
-        }
-        for v in &self.invariant_violations {
-            writeln!(f, "invariant violated: {v}")?;
-        }
-        for d in &self.first_divergences {
-            writeln!(
-                f,
-                "divergence at access {}: {}\n    recorded: {}",
-                d.access, d.what, d.recorded
-            )?;
-        }
-        write!(f, "divergences: {}", self.divergences)
     }
 }

@@ -10,7 +10,7 @@
 use crate::config::{Config, Server, ServerKind};
 use crate::dm_socket::{DmSocket, Policy};
 use crate::engine::{Engine, Grant};
-use crate::replay::{REPLAY_VCPUS, ReplayError};
+use crate::replay::{ClaimFailure, REPLAY_VCPUS, ReplayError};
 use crate::trace::{Access, BarEventKind, Record, Space, StrId, TraceReader};
 use ioreq_server::oop::server::ServerOptions;
 use ioreq_server::oop::{ClientOptions, serve_with};
@@ -36,6 +36,9 @@ pub struct DmSummary {
     pub mismatches: u64,
     /// The first few mismatches.
     pub examples: Vec<String>,
+    /// BAR claims the multiplexer refused (the in-process replay reports the same ones).
+    #[serde(default)]
+    pub claim_failures: Vec<ClaimFailure>,
 }
 
 /// The running trace-server processes and the socket they connect to.
@@ -290,6 +293,15 @@ impl DeviceSide {
                 self.bars.push((ev.space, ev.base, last));
                 if let Err(e) = ctl.map(Claim::Range(r)) {
                     info!(server = %self.name, error = %e, "BAR not claimed");
+                    let device = self.reader.strings().get(d).unwrap_or("?").to_string();
+                    self.summary.claim_failures.push(ClaimFailure {
+                        server: self.name.clone(),
+                        device,
+                        range: r.to_string(),
+                        op: "map".into(),
+                        error: e.to_string(),
+                        sizing: ClaimFailure::is_sizing(ev.space, last),
+                    });
                 }
             }
             BarEventKind::Unmap => {

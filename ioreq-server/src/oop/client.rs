@@ -371,6 +371,16 @@ pub struct Control<'a> {
     id: u16,
 }
 
+/// The owner named by a refused claim's message: the server sends the whole conflict
+/// (`CLAIM requested by X is already owned by OWNER`), which [`ClaimError::Conflict`] would
+/// otherwise repeat.
+fn conflict_owner(message: String) -> String {
+    match message.rsplit_once(" is already owned by ") {
+        Some((_, owner)) => owner.to_string(),
+        None => message,
+    }
+}
+
 fn claim_error(e: ClientError, claim: &Claim, requester: &str) -> ClaimError {
     let claim = claim.to_string();
     let requester = requester.to_string();
@@ -381,7 +391,7 @@ fn claim_error(e: ClientError, claim: &Claim, requester: &str) -> ClaimError {
             Code::EBUSY => ClaimError::Conflict {
                 claim,
                 requester,
-                owner: message,
+                owner: conflict_owner(message),
             },
             Code::EINVAL => ClaimError::Invalid {
                 claim,
@@ -735,4 +745,30 @@ fn serve_slot(
     }
     sp.resp_bell.ring()?;
     Ok(Some(Peer::Rung))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::IoRange;
+
+    /// Before: "mmio ... requested by virtio-net is already owned by mmio ... requested by
+    /// virtio-net is already owned by qemu" (the server's whole message taken as the owner).
+    #[test]
+    fn a_refused_claim_says_its_conflict_once() {
+        let claim = Claim::Range(IoRange::new(RangeKind::Mmio, 0xffff_c000, 0xffff_ffff));
+        let sent = ClaimError::Conflict {
+            claim: claim.to_string(),
+            requester: "virtio-net".into(),
+            owner: "qemu".into(),
+        };
+        let e = ClientError::Refused {
+            op: 0,
+            code: Code::EBUSY,
+            message: sent.to_string(),
+        };
+        let got = claim_error(e, &claim, "virtio-net");
+        assert_eq!(got, sent);
+        assert_eq!(got.to_string().matches("requested by").count(), 1, "{got}");
+    }
 }

@@ -47,10 +47,8 @@ use parse::Event;
 use stats::MAX_EXAMPLES;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Version of the importer's semantics, stored in the trace metadata. Bump it when the same
@@ -125,30 +123,25 @@ pub fn run(args: &ImportArgs) -> Result<ImportStats, ImportError> {
     import_file(&args.input, &args.output, &opts)
 }
 
-/// Counts the bytes read from the (possibly compressed) file, for the progress bar.
-struct CountingReader<R> {
-    inner: R,
-    count: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for CountingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// Opens a log file, decompressing it when it starts with a zstd frame (or skippable frame).
 /// Returns the line source and whether it was compressed.
-fn open_log(path: &Path, count: Arc<AtomicU64>) -> Result<(Box<dyn BufRead>, bool), ImportError> {
+/// An opened log: its lines, whether it was compressed, and how many bytes of text it holds
+/// when that is known (the file's size, or the zstd frame's content size when written).
+struct OpenLog {
+    lines: Box<dyn BufRead>,
+    compressed: bool,
+    text_bytes: Option<u64>,
+}
+
+fn open_log(path: &Path) -> Result<OpenLog, ImportError> {
     let f = File::open(path).map_err(|source| ImportError::Open {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut br = BufReader::with_capacity(1 << 20, CountingReader { inner: f, count });
+    let file_bytes = f.metadata().ok().map(|m| m.len());
+    let mut br = BufReader::with_capacity(1 << 20, f);
     let head = br.fill_buf().map_err(|source| ImportError::Open {
         path: path.to_path_buf(),
         source,
@@ -166,6 +159,7 @@ fn open_log(path: &Path, count: Arc<AtomicU64>) -> Result<(Box<dyn BufRead>, boo
         });
     }
     if magic == ZSTD_MAGIC || skippable {
+        let text_bytes = zstd::zstd_safe::get_frame_content_size(head).ok().flatten();
         let mut dec =
             zstd::stream::read::Decoder::with_buffer(br).map_err(|source| ImportError::Open {
                 path: path.to_path_buf(),
@@ -175,9 +169,17 @@ fn open_log(path: &Path, count: Arc<AtomicU64>) -> Result<(Box<dyn BufRead>, boo
             path: path.to_path_buf(),
             source,
         })?;
-        Ok((Box::new(BufReader::with_capacity(1 << 20, dec)), true))
+        Ok(OpenLog {
+            lines: Box::new(BufReader::with_capacity(1 << 20, dec)),
+            compressed: true,
+            text_bytes,
+        })
     } else {
-        Ok((Box::new(br), false))
+        Ok(OpenLog {
+            lines: Box::new(br),
+            compressed: false,
+            text_bytes: file_bytes,
+        })
     }
 }
 
@@ -212,20 +214,12 @@ pub fn import_file(
             reason: "the output would overwrite the input".into(),
         });
     }
-    let count = Arc::new(AtomicU64::new(0));
-    let (reader, compressed) = open_log(input, count.clone())?;
-    let progress = if opts.progress {
-        let bar = indicatif::ProgressBar::new(input_bytes);
-        let style = indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, \
-             eta {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-        bar.set_style(style);
-        Some(Progress { bar, count })
-    } else {
-        None
-    };
+    let OpenLog {
+        lines: reader,
+        compressed,
+        text_bytes,
+    } = open_log(input)?;
+    let progress = opts.progress.then(|| Progress::new(text_bytes));
     let tmp = tmp_path(output);
     let file = File::create(&tmp).map_err(|source| ImportError::Create {
         path: tmp.clone(),
@@ -280,7 +274,7 @@ pub fn import_file(
             source,
         })?;
         stats.output_bytes = std::fs::metadata(output).ok().map(|m| m.len());
-        stats.elapsed_secs = Some(start.elapsed().as_secs_f64());
+        stats.elapsed_s = Some(start.elapsed().as_secs_f64());
         Ok(stats)
     })();
     if let Some(p) = &progress {
@@ -317,13 +311,42 @@ pub fn import_reader<R: BufRead, W: Write>(
         ..Default::default()
     };
     let w = import_inner(input, output, &meta, opts, None, &mut stats)?;
-    stats.elapsed_secs = Some(start.elapsed().as_secs_f64());
+    stats.elapsed_s = Some(start.elapsed().as_secs_f64());
     Ok((w, stats))
 }
 
+/// The import's progress on stderr: bytes of log text read (after decompression) against
+/// the text's size when known (a bar with a percentage), else a spinner with bytes and lines.
 struct Progress {
     bar: indicatif::ProgressBar,
-    count: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn new(text_bytes: Option<u64>) -> Self {
+        let (bar, template) = match text_bytes {
+            Some(n) => (
+                indicatif::ProgressBar::new(n),
+                "{spinner} [{elapsed_precise}] {wide_bar} {percent}% {bytes}/{total_bytes} of log \
+                 text ({bytes_per_sec}, eta {eta}) {msg}",
+            ),
+            None => (
+                indicatif::ProgressBar::new_spinner(),
+                "{spinner} [{elapsed_precise}] {bytes} of log text ({bytes_per_sec}) {msg}",
+            ),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Progress { bar }
+    }
+
+    fn update(&self, text_bytes: u64, lines: u64) {
+        self.bar.set_position(text_bytes);
+        self.bar
+            .set_message(format!("{} lines", crate::out::Thousands(lines)));
+    }
 }
 
 fn truncate_line(line: &[u8]) -> String {
@@ -356,9 +379,7 @@ fn import_inner<R: BufRead, W: Write>(
         imp.line += 1;
         imp.stats.log_bytes += n as u64;
         match progress {
-            Some(p) if imp.line & 0xffff == 0 => {
-                p.bar.set_position(p.count.load(Ordering::Relaxed));
-            }
+            Some(p) if imp.line & 0xffff == 0 => p.update(imp.stats.log_bytes, imp.line),
             _ => {}
         }
         let text = match line.last() {

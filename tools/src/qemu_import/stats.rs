@@ -5,6 +5,20 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// The `schema` value of `import-qemu-trace --json`. Bumped when a key changes meaning or
+/// goes away.
+pub const SCHEMA: &str = "ioreq-mux.import/1";
+
+/// Serializes as [`SCHEMA`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Schema;
+
+impl Serialize for Schema {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(SCHEMA)
+    }
+}
+
 /// How many examples of each kind of problem are kept.
 pub(crate) const MAX_EXAMPLES: usize = 8;
 
@@ -12,6 +26,8 @@ pub(crate) const MAX_EXAMPLES: usize = 8;
 /// before folding.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ImportStats {
+    /// [`SCHEMA`].
+    pub schema: Schema,
     /// The input path as given.
     pub input: String,
     /// The output path as given (empty when importing to a writer).
@@ -53,7 +69,7 @@ pub struct ImportStats {
     pub regions: BTreeMap<String, RegionStats>,
     /// Wall time of the import (not in the trailer stored inside the trace).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub elapsed_secs: Option<f64>,
+    pub elapsed_s: Option<f64>,
     /// Size of the written trace file (not in the trailer stored inside the trace).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_bytes: Option<u64>,
@@ -211,22 +227,7 @@ impl Anomalies {
     }
 }
 
-/// `12345678` -> `12,345,678`.
-pub(crate) struct Thousands(pub u64);
-
-impl fmt::Display for Thousands {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.0.to_string();
-        let mut out = String::with_capacity(s.len() + s.len() / 3);
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        f.pad(&out)
-    }
-}
+pub(crate) use crate::out::Thousands;
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
@@ -252,7 +253,7 @@ impl fmt::Display for ImportStats {
         if !self.output.is_empty() {
             write!(f, " -> {}", self.output)?;
         }
-        if let Some(s) = self.elapsed_secs {
+        if let Some(s) = self.elapsed_s {
             write!(f, " in {s:.1} s")?;
         }
         writeln!(f)?;
