@@ -136,56 +136,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Man(a) => man(&a),
-        Cmd::Replay(a) => {
-            let progress = !a.json && std::io::stderr().is_terminal();
-            let opts = replay::ReplayOptions {
-                show: a.show,
-                limit: a.limit,
-                progress,
-                dm_mode: a.dm_mode,
-                kill: None,
-                dm_exe: None,
-            };
-            match replay::replay_with(&a.trace, &a.topology, &opts).map(|(r, _)| r) {
-                Ok(r) => {
-                    if a.json {
-                        match serde_json::to_string(&r) {
-                            Ok(j) => ioreq_mux::outln!("{j}"),
-                            Err(e) => {
-                                eprintln!("ioreq-mux replay: {e}");
-                                return ExitCode::from(1);
-                            }
-                        }
-                    } else {
-                        ioreq_mux::outln!("{r}");
-                    }
-                    if r.divergences == 0 {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("ioreq-mux replay: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Cmd::Replay(a) => replay(&a),
         Cmd::ImportQemuTrace(a) => match qemu_import::run(&a) {
-            Ok(stats) => {
-                if a.json {
-                    match serde_json::to_string(&stats) {
-                        Ok(j) => ioreq_mux::outln!("{j}"),
-                        Err(e) => {
-                            eprintln!("ioreq-mux import-qemu-trace: {e}");
-                            return ExitCode::from(1);
-                        }
-                    }
-                } else {
-                    ioreq_mux::outln!("{stats}");
-                }
-                ExitCode::SUCCESS
-            }
+            Ok(stats) => report("import-qemu-trace", &stats, a.json, ExitCode::SUCCESS),
             Err(e) => {
                 eprintln!("ioreq-mux import-qemu-trace: {e}");
                 ExitCode::from(2)
@@ -236,6 +189,56 @@ fn man(a: &ioreq_mux::manual::ManArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ioreq-mux man: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `ioreq-mux replay`: exit 0 with no divergence, 1 with some, 2 when it could not replay.
+fn replay(a: &replay::ReplayArgs) -> ExitCode {
+    let opts = replay::ReplayOptions {
+        show: a.show,
+        limit: a.limit,
+        progress: !a.json && std::io::stderr().is_terminal(),
+        dm_mode: a.dm_mode,
+        kill: None,
+        dm_exe: None,
+    };
+    match replay::replay_with(&a.trace, &a.topology, &opts) {
+        Ok((r, _)) => {
+            let code = if r.divergences == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+            report("replay", &r, a.json, code)
+        }
+        Err(e) => {
+            eprintln!("ioreq-mux replay: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints a command's report on stdout, as one JSON object with `--json`, else as text;
+/// returns `code`, or 1 if the report could not be serialized.
+fn report<R: serde::Serialize + std::fmt::Display>(
+    command: &str,
+    r: &R,
+    json: bool,
+    code: ExitCode,
+) -> ExitCode {
+    if !json {
+        ioreq_mux::outln!("{r}");
+        return code;
+    }
+    match serde_json::to_string(r) {
+        Ok(j) => {
+            ioreq_mux::outln!("{j}");
+            code
+        }
+        Err(e) => {
+            eprintln!("ioreq-mux {command}: {e}");
             ExitCode::from(1)
         }
     }
