@@ -248,6 +248,20 @@ impl fmt::Display for PathCounts {
 
 impl fmt::Display for ImportStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_header(f)?;
+        self.fmt_accesses_and_config(f)?;
+        self.fmt_events(f)?;
+        self.fmt_trace_written(f)?;
+        self.fmt_regions(f)?;
+        self.fmt_problems(f)?;
+        Ok(())
+    }
+}
+
+/// The text report, a section per function.
+impl ImportStats {
+    /// The input, output and time; the log's size.
+    fn fmt_header(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = Thousands;
         write!(f, "imported {}", self.input)?;
         if !self.output.is_empty() {
@@ -265,6 +279,12 @@ impl fmt::Display for ImportStats {
             mib(self.input_bytes),
             if self.compressed_input { ", zstd" } else { "" }
         )?;
+        Ok(())
+    }
+
+    /// Guest accesses and how configuration space was reached.
+    fn fmt_accesses_and_config(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = Thousands;
         let a = &self.accesses;
         writeln!(
             f,
@@ -306,6 +326,12 @@ impl fmt::Display for ImportStats {
                 String::new()
             }
         )?;
+        Ok(())
+    }
+
+    /// BAR events, internal accesses, masked values.
+    fn fmt_events(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = Thousands;
         let m = &self.mapping_events;
         writeln!(
             f,
@@ -328,6 +354,12 @@ impl fmt::Display for ImportStats {
             "  values wider than their access, masked: {}",
             t(self.wide_values_masked)
         )?;
+        Ok(())
+    }
+
+    /// What the trace holds, per vCPU and per size.
+    fn fmt_trace_written(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = Thousands;
         let tr = &self.trace;
         write!(
             f,
@@ -351,6 +383,12 @@ impl fmt::Display for ImportStats {
             join(&mut self.vcpus.iter().map(|(k, v)| format!("{k}: {}", t(*v)))),
             join(&mut self.sizes.iter().map(|(k, v)| format!("{k}B: {}", t(*v))))
         )?;
+        Ok(())
+    }
+
+    /// QEMU's memory regions, busiest first.
+    fn fmt_regions(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = Thousands;
         writeln!(
             f,
             "  regions ({}): space, guest reads, writes, config, address range, BAR",
@@ -379,6 +417,12 @@ impl fmt::Display for ImportStats {
             }
             writeln!(f)?;
         }
+        Ok(())
+    }
+
+    /// Malformed lines and anomalies, with examples.
+    fn fmt_problems(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = Thousands;
         if self.malformed_lines > 0 {
             writeln!(f, "  MALFORMED LINES SKIPPED: {}", t(self.malformed_lines))?;
             for e in &self.malformed_examples {
@@ -393,7 +437,7 @@ impl fmt::Display for ImportStats {
                 f,
                 "  WARNING: {} anomalies (pci_cfg mismatch {}, orphan pci_cfg_read {}, orphan \
                  pci_cfg_write {}, config region mismatch {}, space conflict {}, BAR space \
-                 conflict {}, ECAM outside window {}):",
+                 conflict {}, ECAM outside window {}, PCIEXBAR refused {}):",
                 an.total,
                 an.pci_cfg_mismatch,
                 an.orphan_pci_cfg_read,
@@ -401,7 +445,8 @@ impl fmt::Display for ImportStats {
                 an.config_region_mismatch,
                 an.space_conflict,
                 an.bar_space_conflict,
-                an.ecam_outside_window
+                an.ecam_outside_window,
+                an.pciexbar_refused
             )?;
             for e in &an.examples {
                 writeln!(f, "    {e}")?;
