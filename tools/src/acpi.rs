@@ -126,6 +126,48 @@ pub struct AcpiTablesArgs {
     /// Where to write the tables (MCFG, then SSDT; binary, concatenated).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
+    /// Report the windows described as one JSON object (schema `ioreq-mux.acpi-tables/1`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `acpi-tables` wrote: the file and, per window, what the MCFG says of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AcpiReport {
+    pub schema: &'static str,
+    pub output: PathBuf,
+    pub windows: Vec<WindowReport>,
+}
+
+/// One window of the MCFG: its segment, buses and where it is; `mcfg_base` is the address
+/// the MCFG gives (where bus 0 would be).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct WindowReport {
+    pub segment: u16,
+    pub start_bus: u8,
+    pub end_bus: u8,
+    pub base: u64,
+    pub mcfg_base: Option<u64>,
+}
+
+impl std::fmt::Display for AcpiReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for w in &self.windows {
+            let window = EcamWindow {
+                segment: w.segment,
+                base: w.base,
+                start_bus: w.start_bus,
+                end_bus: w.end_bus,
+            };
+            writeln!(f, "{window}")?;
+        }
+        write!(
+            f,
+            "wrote MCFG and SSDT for {} window(s) to {}",
+            self.windows.len(),
+            self.output.display()
+        )
+    }
 }
 
 /// The MCFG's base address of a window: where bus 0 would be.
@@ -265,14 +307,30 @@ pub fn split_tables(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
 }
 
 /// Runs `ioreq-mux acpi-tables`: loads the configuration, writes the tables.
-pub fn run(a: &AcpiTablesArgs) -> Result<Vec<EcamWindow>, AcpiError> {
+pub fn run(a: &AcpiTablesArgs) -> Result<AcpiReport, AcpiError> {
     let cfg = Config::load(&a.config)?;
     let bytes = tables_for(&a.config, &cfg)?;
     std::fs::write(&a.output, bytes).map_err(|source| AcpiError::Write {
         file: a.output.clone(),
         source,
     })?;
-    Ok(cfg.engine.ecam)
+    let windows = cfg
+        .engine
+        .ecam
+        .iter()
+        .map(|w| WindowReport {
+            segment: w.segment,
+            start_bus: w.start_bus,
+            end_bus: w.end_bus,
+            base: w.base,
+            mcfg_base: mcfg_base(w),
+        })
+        .collect();
+    Ok(AcpiReport {
+        schema: "ioreq-mux.acpi-tables/1",
+        output: a.output.clone(),
+        windows,
+    })
 }
 
 #[cfg(test)]
@@ -517,6 +575,7 @@ mod tests {
         let e = run(&AcpiTablesArgs {
             config: conf.clone(),
             output: out.clone(),
+            json: false,
         })
         .unwrap_err();
         assert_eq!(e.exit_code(), 1);
@@ -526,12 +585,15 @@ mod tests {
             "{e}"
         );
         let out = dir.join("t.aml");
-        let w = run(&AcpiTablesArgs {
+        let r = run(&AcpiTablesArgs {
             config: conf,
             output: out.clone(),
+            json: false,
         })
         .unwrap();
-        assert_eq!(w.len(), 1);
+        assert_eq!(r.windows.len(), 1);
+        // Segment 1, buses 0-0x3f at 0xe0000000: the MCFG's base is the window's own.
+        assert_eq!(r.windows[0].mcfg_base, Some(0xe000_0000));
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(split_tables(&bytes).unwrap().len(), 2);
         let _ = std::fs::remove_dir_all(&dir);

@@ -155,17 +155,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::AcpiTables(a) => match ioreq_mux::acpi::run(&a) {
-            Ok(windows) => {
-                for w in &windows {
-                    eprintln!("ioreq-mux acpi-tables: {w}");
-                }
-                eprintln!(
-                    "ioreq-mux acpi-tables: wrote MCFG and SSDT for {} window(s) to {}",
-                    windows.len(),
-                    a.output.display()
-                );
-                ExitCode::SUCCESS
-            }
+            Ok(r) => report("acpi-tables", &r, a.json, ExitCode::SUCCESS),
             Err(e) => {
                 eprintln!("ioreq-mux acpi-tables: {e}");
                 ExitCode::from(e.exit_code())

@@ -84,6 +84,25 @@ fn writes_mcfg_then_ssdt() {
     assert_eq!(tables.len(), 2);
     assert_eq!(&tables[0][..4], b"MCFG");
     assert_eq!(&tables[1][..4], b"SSDT");
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        text.starts_with("segment 0001 buses 00-3f at 0xe0000000-0xe3ffffff (64 MiB)\n")
+            && text.contains("wrote MCFG and SSDT for 1 window(s)"),
+        "{text}"
+    );
+    // --json: one object with a schema, the file and each window with its MCFG base.
+    let j = Command::new(env!("CARGO_BIN_EXE_ioreq-mux"))
+        .args(["acpi-tables", "--json", "--config"])
+        .arg(&conf)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    assert_eq!(v["schema"], "ioreq-mux.acpi-tables/1");
+    assert_eq!(v["windows"][0]["segment"], 1);
+    assert_eq!(v["windows"][0]["end_bus"], 0x3f);
+    assert_eq!(v["windows"][0]["mcfg_base"], 0xe000_0000_u64);
     // An unwritable output is an error naming it.
     let bad = d.join("missing-dir").join("t.aml");
     let r = acpi_tables(&conf, &bad);
