@@ -287,8 +287,9 @@ struct Harness {
     /// Per model id: QEMU device types it stands for; the default ("*") server.
     devices: Vec<Vec<String>>,
     default_server: Option<u16>,
-    /// Device type string id -> model id, resolved lazily.
-    by_device: BTreeMap<StrId, Option<u16>>,
+    /// Device type string id -> model id, resolved lazily (indexed by the id: a few dozen
+    /// strings; `None` = not resolved yet).
+    by_device: Vec<Option<Option<u16>>>,
     /// Memory BARs QEMU has mapped now.
     bars: Vec<LiveBar>,
     /// I/O BARs (few: kept apart so port accesses scan only them).
@@ -359,7 +360,8 @@ impl Harness {
 
     /// The model standing for a QEMU device type.
     fn server_for(&mut self, device: StrId) -> Option<u16> {
-        if let Some(v) = self.by_device.get(&device) {
+        let i = device.0 as usize;
+        if let Some(Some(v)) = self.by_device.get(i) {
             return *v;
         }
         let name = self.string(device);
@@ -369,7 +371,10 @@ impl Harness {
             .position(|d| d.contains(&name))
             .map(|i| i as u16)
             .or(self.default_server);
-        self.by_device.insert(device, v);
+        if self.by_device.len() <= i {
+            self.by_device.resize(i + 1, None);
+        }
+        self.by_device[i] = Some(v);
         v
     }
 
@@ -734,7 +739,7 @@ pub fn replay_with(
         names,
         devices,
         default_server,
-        by_device: BTreeMap::new(),
+        by_device: vec![],
         bars: vec![],
         port_bars: vec![],
         hidden,
