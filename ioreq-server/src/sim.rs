@@ -1299,6 +1299,63 @@ mod tests {
     }
 
     #[test]
+    fn a_destroyed_server_frees_the_vcpu_and_its_stale_backend_is_disconnected() {
+        let hv = SimHypervisor::new(1, Duration::from_secs(1));
+        let mut old = hv.create_server(BufioreqMode::Off).unwrap();
+        old.map_range(IoRange::ports(0x70, 0x71)).unwrap();
+        old.set_enabled(true).unwrap();
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0x70, 2, 0), false).unwrap(),
+            Issued::Pending
+        );
+        hv.destroy_server(0).unwrap();
+        // Never collected: the next access is not refused as Busy, the old one counts once.
+        let mut new = hv.create_server(BufioreqMode::Off).unwrap();
+        assert_eq!(new.id(), 0);
+        new.map_range(IoRange::ports(0x70, 0x71)).unwrap();
+        new.set_enabled(true).unwrap();
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0x70, 1, 0), false).unwrap(),
+            Issued::Pending
+        );
+        // The old backend sees nothing of the new server's slots and may not answer them.
+        let mut ev = vec![];
+        assert_eq!(
+            old.wait(Some(Duration::ZERO), &mut ev),
+            Err(BackendError::Disconnected)
+        );
+        assert_eq!(old.complete(0, 1), Err(BackendError::Disconnected));
+        assert_eq!(serve_one(&mut new, 0x5a).len(), 1);
+        assert_eq!(hv.collect(0).unwrap(), Some(0x5a));
+        assert_eq!(hv.check().unwrap().completed, 2);
+    }
+
+    #[test]
+    fn a_request_is_taken_once_and_a_changed_eport_is_refused() {
+        let hv = SimHypervisor::new(1, Duration::from_secs(1));
+        let mut s = hv.create_server(BufioreqMode::Off).unwrap();
+        s.map_range(IoRange::ports(0x70, 0x71)).unwrap();
+        s.set_enabled(true).unwrap();
+        hv.issue(0, &pio(Dir::Read, 0x71, 1, 0), false).unwrap();
+        let mut ev = vec![];
+        s.wait(Some(Duration::ZERO), &mut ev).unwrap();
+        assert_eq!(ev.len(), 1);
+        // Taken once: a second wait finds nothing, the slot stays INPROCESS.
+        ev.clear();
+        s.wait(Some(Duration::ZERO), &mut ev).unwrap();
+        assert!(ev.is_empty());
+        assert_eq!(hv.collect(0).unwrap(), None);
+        s.complete(0, 3).unwrap();
+        assert_eq!(hv.collect(0).unwrap(), Some(3));
+        s.write_vp_eport(0, 7);
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0x71, 1, 0), false),
+            Err(SimError::BadEventChannel { server: 0, vcpu: 0 })
+        );
+        assert!(hv.check().is_err());
+    }
+
+    #[test]
     fn threaded_server_serves_blocking_vcpus() {
         let hv = SimHypervisor::new(4, Duration::from_secs(5));
         let mut s = hv.create_server(BufioreqMode::Off).unwrap();
