@@ -22,7 +22,7 @@ ROUTE_FLAT_MAX = 3.0  # slowest / fastest multiplexer cell over the grid; target
 INPROCESS_MIN = 0.6  # target 0.8x the direct path
 OOP_FLOOR_MAX = 3.0  # target: p50 within 1.5x of the matching floor
 OOP_LOADED_MAX = 4.0  # target 2.5x: defaults' p50 with a busy loop per CPU / without (issue 14)
-REPLAY_VS_DECODE_MAX = 20.0  # regression guard only: the target (2x) is another issue's
+REPLAY_VS_DECODE_MAX = 5.0  # target 2x: replay / decode-only time, OVMF trace (the old code: 5.6-6.1x)
 
 CHECK_IDS = {
     "errors": "the bench reported no errors",
@@ -33,7 +33,7 @@ CHECK_IDS = {
     "oop_poll": f"busy-polling round trip p50 <= {OOP_FLOOR_MAX}x the cache-line floor",
     "oop_block": f"blocking round trip p50 <= {OOP_FLOOR_MAX}x the eventfd floor",
     "oop_loaded": f"defaults' round trip p50 with a busy loop per CPU <= {OOP_LOADED_MAX}x without",
-    "replay": f"replay time <= {REPLAY_VS_DECODE_MAX}x decode-only time (regression guard)",
+    "replay": f"replay time <= {REPLAY_VS_DECODE_MAX}x decode-only time (OVMF trace)",
 }
 
 
@@ -135,10 +135,11 @@ def main():
 
     rp = r.get("replay")
     if rp:
-        ratio = rp["decode_only_per_s"] / max(rp["accesses_per_s"], 1e-9)
-        check("replay", ratio <= REPLAY_VS_DECODE_MAX,
-              f"{ratio:.1f}x ({rp['accesses_per_s']:.0f} vs {rp['decode_only_per_s']:.0f} accesses/s; "
-              f"target 2x is tracked separately)")
+        # The bench's own ratio: the median of rounds that each decode and replay back to back.
+        ratio = rp.get("replay_vs_decode") or rp["decode_only_per_s"] / max(rp["accesses_per_s"], 1e-9)
+        check("replay", 0 < ratio <= REPLAY_VS_DECODE_MAX,
+              f"{ratio:.2f}x ({rp['accesses_per_s']:.0f} vs {rp['decode_only_per_s']:.0f} accesses/s, "
+              f"{rp.get('rounds', 1)} rounds; target 2x)")
     else:
         missing("replay", "replay")
 

@@ -20,17 +20,27 @@
 //! Not modelled: devices Xen emulates itself (PIT, PIC, RTC, PM timer...). Everything reaches
 //! the servers, so a trace recorded on QEMU replays as QEMU saw it.
 //!
+//! Sharing, as Xen shares its ioreq page: one lock covers the configuration and the send side
+//! of an access (selection, the CF8 latch, filling the slot, setting the event channel's
+//! pending flag). The rest of a round trip takes none: the server finds the pending flag and
+//! takes the request (READY -> INPROCESS), completes it (-> IORESP_READY) and the vCPU collects
+//! it (-> NONE) through atomics, every move checked against the slot state machine
+//! ([`crate::slot::AtomicSlot`]). Sleeping is decided under the lock for servers and with a
+//! fence on both sides for vCPUs, so no wake-up is lost and nobody spins.
+//!
 //! An invariant checker runs all the time: every issued request is completed exactly once, no
 //! slot moves illegally, and no vCPU waits past the deadline. [`SimHypervisor::check`]
 //! reports any violation.
 
-use crate::abi::{self, PCI_CONFIG_ADDRESS_PORT};
-use crate::bufioreq::{BufferError, BufferedIoPage, BufioreqMode};
+use crate::abi::{self, AbiError, PCI_CONFIG_ADDRESS_PORT, RawIoreq};
+use crate::bufioreq::{BufferedIoPage, BufioreqMode};
 use crate::ioreq::{Dir, Ioreq, IoreqState, IoreqType, size_mask};
 use crate::model::{Backend, BackendError, BackendEvent};
 use crate::range::{IoRange, RangeKind};
-use crate::slot::{Actor, Slot};
+use crate::slot::{Actor, AtomicSlot};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -180,62 +190,191 @@ pub struct SimStats {
     pub cf8_converted: u64,
 }
 
+/// One vCPU's slot in a server's ioreq page: the state and the request, each field its own
+/// atomic so the hypervisor and the server use it without a lock, as they share Xen's page.
+/// Who writes what follows the state ([`AtomicSlot`]): the hypervisor fills the request while
+/// the slot is NONE, the server writes `data` while it is INPROCESS, and the release store of
+/// the next state publishes those writes to the other side.
+#[derive(Debug, Default)]
+struct SlotCell {
+    slot: AtomicSlot,
+    addr: AtomicU64,
+    data: AtomicU64,
+    count: AtomicU32,
+    size: AtomicU32,
+    /// Written by Xen when the vCPU is added; a hostile server may overwrite it.
+    vp_eport: AtomicU32,
+    /// The `ioreq_t` flags byte without the state (data_is_ptr, dir, df).
+    flags: AtomicU8,
+    ty: AtomicU8,
+}
+
+impl SlotCell {
+    /// The hypervisor fills the slot (while it is NONE: the slot is the hypervisor's).
+    fn fill(&self, req: &Ioreq) {
+        let raw = req.to_raw();
+        self.addr.store(raw.addr, Relaxed);
+        self.data.store(raw.data, Relaxed);
+        self.count.store(raw.count, Relaxed);
+        self.size.store(raw.size, Relaxed);
+        self.flags.store(raw.flags & !abi::FLAG_STATE_MASK, Relaxed);
+        self.ty.store(raw.ty, Relaxed);
+    }
+
+    /// The request in the slot, as the given state.
+    fn request(&self, state: IoreqState) -> Result<Ioreq, AbiError> {
+        Ioreq::from_raw(&RawIoreq {
+            addr: self.addr.load(Relaxed),
+            data: self.data.load(Relaxed),
+            count: self.count.load(Relaxed),
+            size: self.size.load(Relaxed),
+            vp_eport: self.vp_eport.load(Relaxed),
+            pad0: 0,
+            flags: self.flags.load(Relaxed) | state as u8,
+            ty: self.ty.load(Relaxed),
+        })
+    }
+
+    fn is_read(&self) -> bool {
+        self.flags.load(Relaxed) & abi::FLAG_DIR_READ != 0
+    }
+
+    /// A read the server answers with a value (not through a guest buffer).
+    fn takes_data(&self) -> bool {
+        self.flags.load(Relaxed) & (abi::FLAG_DIR_READ | abi::FLAG_DATA_IS_PTR)
+            == abi::FLAG_DIR_READ
+    }
+}
+
+/// What one server id shares with the hypervisor outside the lock: its ioreq page (a slot per
+/// vCPU) and its event channels' pending flags. Reused when the id is, under a new generation.
 #[derive(Debug)]
-enum Notify {
-    Vcpu(u32),
-    Buffered,
+struct Port {
+    /// Odd while a server has this id; bumped by create and destroy. A backend or a waiting
+    /// vCPU that holds another generation deals with a server that is gone.
+    generation: AtomicU64,
+    slots: Box<[SlotCell]>,
+    /// One event channel per vCPU: set by the hypervisor after it filled the slot, cleared by
+    /// the server before it looks at the slot. Plain stores suffice: the hypervisor sets it
+    /// again only after the vCPU collected, which needs the server to have taken the slot.
+    pending: Box<[AtomicBool]>,
+    /// The buffered ring's event channel: set after a push, cleared before a drain.
+    buffered_pending: AtomicBool,
+}
+
+impl Port {
+    fn new(nr_vcpus: u32) -> Self {
+        Port {
+            generation: AtomicU64::new(0),
+            slots: (0..nr_vcpus).map(|_| SlotCell::default()).collect(),
+            pending: (0..nr_vcpus).map(|_| AtomicBool::new(false)).collect(),
+            buffered_pending: AtomicBool::new(false),
+        }
+    }
+
+    /// A new server takes the id: every slot free, its event channel written in.
+    fn reset(&self, eports: &[u32]) -> u64 {
+        for ((cell, p), &eport) in self.slots.iter().zip(&*self.pending).zip(eports) {
+            cell.slot.reset();
+            cell.vp_eport.store(eport, Relaxed);
+            p.store(false, Relaxed);
+        }
+        self.buffered_pending.store(false, Relaxed);
+        self.generation.fetch_add(1, Release) + 1
+    }
+
+    fn has_events(&self) -> bool {
+        self.buffered_pending.load(Acquire) || self.pending.iter().any(|p| p.load(Acquire))
+    }
 }
 
 #[derive(Debug)]
 struct SimServer {
     enabled: bool,
     ranges: [XenRangeSet; 3],
-    slots: Vec<(Slot, Ioreq)>,
     eports: Vec<u32>,
     ring: Arc<BufferedIoPage>,
     mode: BufioreqMode,
-    /// Event-channel notifications not yet seen by the server.
-    queue: std::collections::VecDeque<Notify>,
     /// The server sleeps in `wait`: ring its doorbell.
     sleeping: bool,
     doorbell: Sender<()>,
 }
 
 impl SimServer {
-    /// Sends an event-channel notification: queued, and the doorbell rung only when the
-    /// server is asleep (so a single-threaded driver pays no channel traffic).
-    fn notify(&mut self, n: Notify) {
-        self.queue.push_back(n);
-        if self.sleeping {
-            self.sleeping = false;
+    /// After setting a pending flag: the doorbell rings only when the server is asleep (so a
+    /// single-threaded driver pays no channel traffic). Both sides decide under the lock.
+    fn ring_if_sleeping(&mut self) {
+        if std::mem::take(&mut self.sleeping) {
             let _ = self.doorbell.send(());
         }
     }
 }
 
-#[derive(Debug, Default)]
-struct VcpuState {
-    /// Servers whose slot for this vCPU holds our request.
-    waiting_on: Vec<u16>,
-    /// A thread sleeps in `wait_collect` for this vCPU.
-    sleeping: bool,
+/// One vCPU, outside the lock. Its own thread (a vCPU is one thread) writes `waiting_on`,
+/// `waiting_gen`, `value` and `completed`, in `issue` and `collect`.
+#[derive(Debug)]
+struct VcpuCell {
+    /// Bit i: server i's slot for this vCPU holds our request.
+    waiting_on: AtomicU8,
+    /// The generation of each server waited on.
+    waiting_gen: [AtomicU64; MAX_NR_IOREQ_SERVERS],
     /// Value collected so far (read accesses).
-    value: u64,
+    value: AtomicU64,
+    /// What the access reads if its server is destroyed (all ones for a read).
+    if_gone: AtomicU64,
+    /// Requests of this vCPU completed and collected.
+    completed: AtomicU64,
+    /// A thread sleeps in `wait_collect` for this vCPU.
+    sleeping: AtomicBool,
+    done: (Sender<()>, Receiver<()>),
+}
+
+impl VcpuCell {
+    fn new() -> Self {
+        VcpuCell {
+            waiting_on: AtomicU8::new(0),
+            waiting_gen: Default::default(),
+            value: AtomicU64::new(0),
+            if_gone: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            sleeping: AtomicBool::new(false),
+            done: unbounded(),
+        }
+    }
+
+    /// One more completion (only this vCPU's thread counts: no read-modify-write).
+    fn count_completed(&self) {
+        self.completed
+            .store(self.completed.load(Relaxed) + 1, Relaxed);
+    }
+
+    /// After a change the vCPU may be waiting for: wake it if it sleeps. The fence pairs with
+    /// the one in `wait_collect` (the sleeper announces itself, fences, and looks again).
+    fn wake(&self) {
+        fence(SeqCst);
+        if self.sleeping.load(Relaxed) && self.sleeping.swap(false, SeqCst) {
+            let _ = self.done.0.send(());
+        }
+    }
 }
 
 #[derive(Debug)]
 struct State {
     cf8: u32,
     servers: Vec<Option<SimServer>>,
-    vcpus: Vec<VcpuState>,
+    /// Counters except `completed` (counted per vCPU).
     stats: SimStats,
     violations: Vec<String>,
 }
 
+/// What the hypervisor keeps. The lock covers configuration and the send side (selection,
+/// the CF8 latch, filling a slot); the rest of a round trip -- the server taking the request
+/// and completing it, the vCPU collecting it -- goes through [`Port`] and [`VcpuCell`].
 #[derive(Debug)]
 struct Shared {
     st: Mutex<State>,
-    done: Vec<(Sender<()>, Receiver<()>)>,
+    ports: Box<[Port]>,
+    vcpus: Box<[VcpuCell]>,
     deadline: Duration,
     nr_vcpus: u32,
 }
@@ -268,14 +407,16 @@ impl SimHypervisor {
         let st = State {
             cf8: 0,
             servers: (0..MAX_NR_IOREQ_SERVERS).map(|_| None).collect(),
-            vcpus: (0..nr_vcpus).map(|_| VcpuState::default()).collect(),
             stats: SimStats::default(),
             violations: vec![],
         };
         SimHypervisor {
             sh: Arc::new(Shared {
                 st: Mutex::new(st),
-                done: (0..nr_vcpus).map(|_| unbounded()).collect(),
+                ports: (0..MAX_NR_IOREQ_SERVERS)
+                    .map(|_| Port::new(nr_vcpus))
+                    .collect(),
+                vcpus: (0..nr_vcpus).map(|_| VcpuCell::new()).collect(),
                 deadline,
                 nr_vcpus,
             }),
@@ -284,6 +425,13 @@ impl SimHypervisor {
 
     pub fn nr_vcpus(&self) -> u32 {
         self.sh.nr_vcpus
+    }
+
+    fn vcpu(&self, vcpu: u32) -> Result<&VcpuCell, SimError> {
+        self.sh
+            .vcpus
+            .get(vcpu as usize)
+            .ok_or(SimError::NoSuchVcpu(vcpu))
     }
 
     /// `create_ioreq_server`: returns the server's backend end. The server starts disabled.
@@ -295,28 +443,26 @@ impl SimHypervisor {
             .position(Option::is_none)
             .ok_or(SimError::TooManyServers)?;
         let (tx, rx) = unbounded();
-        let n = self.sh.nr_vcpus as usize;
+        // Xen writes each vCPU's event channel into its slot when the vCPU is added.
+        let eports: Vec<u32> = (0..self.sh.nr_vcpus)
+            .map(|v| 1000 + id as u32 * 256 + v)
+            .collect();
+        let generation = self.sh.ports[id].reset(&eports);
+        let ring = Arc::new(BufferedIoPage::default());
         st.servers[id] = Some(SimServer {
             enabled: false,
             ranges: Default::default(),
-            // Xen writes each vCPU's event channel into its slot when the vCPU is added.
-            slots: (0..n as u32)
-                .map(|v| {
-                    let mut r = Ioreq::new(IoreqType::Pio, Dir::Write, 0, 1, 0);
-                    r.vp_eport = 1000 + id as u32 * 256 + v;
-                    (Slot::default(), r)
-                })
-                .collect(),
-            eports: (0..n as u32).map(|v| 1000 + id as u32 * 256 + v).collect(),
-            ring: Arc::new(BufferedIoPage::default()),
+            eports,
+            ring: ring.clone(),
             mode,
-            queue: std::collections::VecDeque::new(),
             sleeping: false,
             doorbell: tx,
         });
         Ok(SimBackend {
             hv: self.clone(),
             id: id as u16,
+            generation,
+            ring,
             rx,
         })
     }
@@ -334,28 +480,19 @@ impl SimHypervisor {
     }
 
     /// `destroy_ioreq_server`: requests still in its slots complete as if unclaimed, so no
-    /// vCPU is left waiting.
+    /// vCPU is left waiting (each sees the generation change when it collects).
     pub fn destroy_server(&self, id: u16) -> Result<(), SimError> {
         let mut st = lock(&self.sh.st);
-        let st = &mut *st;
-        let s = st
-            .servers
+        st.servers
             .get_mut(usize::from(id))
             .and_then(Option::take)
             .ok_or(SimError::NoSuchServer(id))?;
-        for (v, (slot, req)) in s.slots.iter().enumerate() {
-            if slot.state() != IoreqState::None {
-                let vs = &mut st.vcpus[v];
-                if let Some(i) = vs.waiting_on.iter().position(|&w| w == id) {
-                    vs.waiting_on.swap_remove(i);
-                    if req.dir == Dir::Read {
-                        vs.value = size_mask(req.size);
-                    }
-                    st.stats.completed += 1;
-                    if std::mem::take(&mut vs.sleeping) {
-                        let _ = self.sh.done[v].0.send(());
-                    }
-                }
+        self.sh.ports[usize::from(id)]
+            .generation
+            .fetch_add(1, Release);
+        for vs in self.sh.vcpus.iter() {
+            if vs.waiting_on.load(Relaxed) & (1 << id) != 0 {
+                vs.wake();
             }
         }
         Ok(())
@@ -378,42 +515,10 @@ impl SimHypervisor {
             .map_err(|e| SimError::Malformed(e.to_string()))?;
         let mut st = lock(&self.sh.st);
         let st = &mut *st;
-        if !st.vcpus[vcpu as usize].waiting_on.is_empty() {
+        if self.busy(&self.sh.vcpus[vcpu as usize]) {
             return Err(SimError::Busy(vcpu));
         }
-        // CF8 latch: 4-byte writes only (hvm_access_cf8); the write still goes on to
-        // whoever claims the port.
-        if req.ty == IoreqType::Pio
-            && req.addr == u64::from(PCI_CONFIG_ADDRESS_PORT)
-            && req.size == 4
-            && req.dir == Dir::Write
-            && !req.data_is_ptr
-        {
-            st.cf8 = req.data as u32;
-        }
-        // CFC conversion.
-        let mut match_key = None;
-        if req.ty == IoreqType::Pio && !req.data_is_ptr && req.count == 1 {
-            if let Some((sbdf, reg)) = abi::cf8_decode(st.cf8, req.addr as u16, req.size) {
-                req.ty = IoreqType::PciConfig;
-                req.addr = abi::pci_config_addr(sbdf, reg);
-                match_key = Some((RangeKind::Pci, u64::from(sbdf), u64::from(sbdf)));
-                st.stats.cf8_converted += 1;
-            }
-        }
-        let (kind, s, e) = match_key.unwrap_or_else(|| {
-            let (s, e) = if req.ty == IoreqType::Pio {
-                (req.addr, req.addr + u64::from(req.size) - 1)
-            } else {
-                req.byte_span()
-            };
-            let kind = if req.ty == IoreqType::Pio {
-                RangeKind::Port
-            } else {
-                RangeKind::Mmio
-            };
-            (kind, s, e)
-        });
+        let (kind, s, e) = Self::latch_and_convert(st, &mut req);
         let found = (0..MAX_NR_IOREQ_SERVERS).rev().find(|&id| {
             st.servers[id]
                 .as_ref()
@@ -427,53 +532,108 @@ impl SimHypervisor {
                 0
             }));
         };
-        let Some(srv) = st.servers[id].as_mut() else {
-            return Err(SimError::NoSuchServer(id as u16));
-        };
-        if buffered && srv.mode != BufioreqMode::Off {
-            match srv.ring.push(&req, srv.mode) {
-                Ok(()) => {
-                    st.stats.buffered += 1;
-                    srv.notify(Notify::Buffered);
-                    return Ok(Issued::Done(0));
-                }
-                Err(BufferError::Full | BufferError::NotBufferable) => {}
-            }
+        if buffered && self.push_buffered(st, id, &req) {
+            return Ok(Issued::Done(0));
         }
-        Self::send_sync(st, id as u16, vcpu, req)?;
+        self.send_sync(st, id as u16, vcpu, req)?;
         Ok(Issued::Pending)
     }
 
-    fn send_sync(st: &mut State, id: u16, vcpu: u32, mut req: Ioreq) -> Result<(), SimError> {
+    /// The CF8 latch (4-byte writes only, hvm_access_cf8; the write still goes on to whoever
+    /// claims the port) and the CFC conversion to PCI_CONFIG. Returns what selection matches:
+    /// the range kind and the first and last item.
+    fn latch_and_convert(st: &mut State, req: &mut Ioreq) -> (RangeKind, u64, u64) {
+        if req.ty == IoreqType::Pio
+            && req.addr == u64::from(PCI_CONFIG_ADDRESS_PORT)
+            && req.size == 4
+            && req.dir == Dir::Write
+            && !req.data_is_ptr
+        {
+            st.cf8 = req.data as u32;
+        }
+        if req.ty == IoreqType::Pio && !req.data_is_ptr && req.count == 1 {
+            if let Some((sbdf, reg)) = abi::cf8_decode(st.cf8, req.addr as u16, req.size) {
+                req.ty = IoreqType::PciConfig;
+                req.addr = abi::pci_config_addr(sbdf, reg);
+                st.stats.cf8_converted += 1;
+                return (RangeKind::Pci, u64::from(sbdf), u64::from(sbdf));
+            }
+        }
+        if req.ty == IoreqType::Pio {
+            (
+                RangeKind::Port,
+                req.addr,
+                req.addr + u64::from(req.size) - 1,
+            )
+        } else {
+            let (s, e) = req.byte_span();
+            (RangeKind::Mmio, s, e)
+        }
+    }
+
+    /// A write through server `id`'s ring, if it has one and the ring takes it.
+    fn push_buffered(&self, st: &mut State, id: usize, req: &Ioreq) -> bool {
+        let Some(srv) = st.servers[id].as_mut() else {
+            return false;
+        };
+        if srv.mode == BufioreqMode::Off || srv.ring.push(req, srv.mode).is_err() {
+            return false;
+        }
+        st.stats.buffered += 1;
+        self.sh.ports[id].buffered_pending.store(true, Release);
+        srv.ring_if_sleeping();
+        true
+    }
+
+    fn send_sync(
+        &self,
+        st: &mut State,
+        id: u16,
+        vcpu: u32,
+        mut req: Ioreq,
+    ) -> Result<(), SimError> {
         let Some(srv) = st.servers[usize::from(id)].as_mut() else {
             return Err(SimError::NoSuchServer(id));
         };
-        let (slot, cur) = &mut srv.slots[vcpu as usize];
+        let port = &self.sh.ports[usize::from(id)];
+        let cell = &port.slots[vcpu as usize];
+        let eport = srv.eports[vcpu as usize];
         // Xen checks the state first ("bad IO state"), then the event channel.
-        if slot.state() == IoreqState::None && cur.vp_eport != srv.eports[vcpu as usize] {
-            st.violations
-                .push(format!("server {id} changed vp_eport of vCPU {vcpu}"));
-            return Err(SimError::BadEventChannel { server: id, vcpu });
-        }
-        if slot.advance(Actor::Hypervisor, IoreqState::Ready).is_err() {
-            let state = slot.state();
+        if let Err(e) = cell.slot.check(Actor::Hypervisor, IoreqState::Ready) {
             st.violations.push(format!(
-                "server {id} left vCPU {vcpu}'s slot in {state:?} (bad IO state)"
+                "server {id} left vCPU {vcpu}'s slot in {:?} (bad IO state)",
+                e.from
             ));
             return Err(SimError::BadIoState {
                 server: id,
                 vcpu,
-                state,
+                state: e.from,
             });
         }
-        req.state = IoreqState::Ready;
-        req.vp_eport = srv.eports[vcpu as usize];
-        *cur = req;
-        srv.notify(Notify::Vcpu(vcpu));
+        if cell.vp_eport.load(Relaxed) != eport {
+            st.violations
+                .push(format!("server {id} changed vp_eport of vCPU {vcpu}"));
+            return Err(SimError::BadEventChannel { server: id, vcpu });
+        }
+        req.vp_eport = eport;
+        cell.fill(&req);
+        cell.slot
+            .advance(Actor::Hypervisor, IoreqState::Ready)
+            .map_err(|e| SimError::Malformed(e.to_string()))?;
+        port.pending[vcpu as usize].store(true, Release);
+        srv.ring_if_sleeping();
         st.stats.sent += 1;
-        let vs = &mut st.vcpus[vcpu as usize];
-        vs.waiting_on.push(id);
-        vs.value = 0;
+        let vs = &self.sh.vcpus[vcpu as usize];
+        vs.waiting_gen[usize::from(id)].store(port.generation.load(Relaxed), Relaxed);
+        vs.waiting_on
+            .store(vs.waiting_on.load(Relaxed) | 1 << id, Relaxed);
+        vs.value.store(0, Relaxed);
+        let gone = if req.dir == Dir::Read {
+            size_mask(req.size)
+        } else {
+            0
+        };
+        vs.if_gone.store(gone, Relaxed);
         Ok(())
     }
 
@@ -481,10 +641,7 @@ impl SimHypervisor {
     pub fn issue_invalidate(&self, vcpu: u32) -> Result<Issued, SimError> {
         let mut st = lock(&self.sh.st);
         let st = &mut *st;
-        if vcpu >= self.sh.nr_vcpus {
-            return Err(SimError::NoSuchVcpu(vcpu));
-        }
-        if !st.vcpus[vcpu as usize].waiting_on.is_empty() {
+        if self.busy(self.vcpu(vcpu)?) {
             return Err(SimError::Busy(vcpu));
         }
         let ids: Vec<u16> = (0..MAX_NR_IOREQ_SERVERS as u16)
@@ -499,7 +656,7 @@ impl SimHypervisor {
         }
         for id in ids {
             let req = Ioreq::new(IoreqType::Invalidate, Dir::Write, 0, 0, 0);
-            Self::send_sync(st, id, vcpu, req)?;
+            self.send_sync(st, id, vcpu, req)?;
         }
         Ok(Issued::Pending)
     }
@@ -509,10 +666,14 @@ impl SimHypervisor {
     pub fn send_timeoffset(&self, offset: u64) -> usize {
         let mut st = lock(&self.sh.st);
         let mut n = 0;
-        for s in st.servers.iter_mut().flatten().filter(|s| s.enabled) {
+        for (id, s) in st.servers.iter_mut().enumerate() {
+            let Some(s) = s.as_mut().filter(|s| s.enabled) else {
+                continue;
+            };
             let req = Ioreq::new(IoreqType::TimeOffset, Dir::Write, 0, 8, offset);
             if s.ring.push(&req, s.mode).is_ok() {
-                s.notify(Notify::Buffered);
+                self.sh.ports[id].buffered_pending.store(true, Release);
+                s.ring_if_sleeping();
                 n += 1;
             }
         }
@@ -521,42 +682,48 @@ impl SimHypervisor {
     }
 
     /// Collects a pending access once every server it went to has completed it: the slot goes
-    /// back to NONE and the read value is returned. `None` while still waiting.
+    /// back to NONE and the read value is returned. `None` while still waiting. Takes no lock:
+    /// the slots are read as Xen reads its shared page.
     pub fn collect(&self, vcpu: u32) -> Result<Option<u64>, SimError> {
-        let mut st = lock(&self.sh.st);
-        Self::collect_locked(&mut st, vcpu)
-    }
-
-    fn collect_locked(st: &mut State, vcpu: u32) -> Result<Option<u64>, SimError> {
-        let vs = st
-            .vcpus
-            .get_mut(vcpu as usize)
-            .ok_or(SimError::NoSuchVcpu(vcpu))?;
-        let mut i = 0;
-        while i < vs.waiting_on.len() {
-            let id = vs.waiting_on[i];
-            let Some(srv) = st.servers[usize::from(id)].as_mut() else {
-                vs.waiting_on.swap_remove(i);
-                continue;
-            };
-            let (slot, req) = &mut srv.slots[vcpu as usize];
-            if slot.state() == IoreqState::RespReady {
-                if slot.advance(Actor::Hypervisor, IoreqState::None).is_ok() {
-                    if req.dir == Dir::Read {
-                        vs.value = req.data & size_mask(req.size);
-                    }
-                    st.stats.completed += 1;
-                }
-                vs.waiting_on.swap_remove(i);
-            } else {
-                i += 1;
+        let vs = self.vcpu(vcpu)?;
+        let mut waiting = vs.waiting_on.load(Relaxed);
+        for id in 0..MAX_NR_IOREQ_SERVERS {
+            if waiting & (1 << id) != 0 && self.collect_from(vs, id, vcpu) {
+                waiting &= !(1 << id);
             }
         }
-        if vs.waiting_on.is_empty() {
-            Ok(Some(vs.value))
-        } else {
-            Ok(None)
+        vs.waiting_on.store(waiting, Relaxed);
+        Ok((waiting == 0).then(|| vs.value.load(Relaxed)))
+    }
+
+    /// Server `id`'s part of the pending access of `vcpu`: true once it is over (completed and
+    /// collected, or the server is gone).
+    fn collect_from(&self, vs: &VcpuCell, id: usize, vcpu: u32) -> bool {
+        let port = &self.sh.ports[id];
+        if port.generation.load(Acquire) != vs.waiting_gen[id].load(Relaxed) {
+            // Destroyed: completes as if unclaimed.
+            if vs.if_gone.load(Relaxed) != 0 {
+                vs.value.store(vs.if_gone.load(Relaxed), Relaxed);
+            }
+            vs.count_completed();
+            return true;
         }
+        let cell = &port.slots[vcpu as usize];
+        if cell.slot.state() != IoreqState::RespReady {
+            return false;
+        }
+        if cell.is_read() {
+            let mask = size_mask(cell.size.load(Relaxed));
+            vs.value.store(cell.data.load(Relaxed) & mask, Relaxed);
+        }
+        if cell
+            .slot
+            .advance(Actor::Hypervisor, IoreqState::None)
+            .is_ok()
+        {
+            vs.count_completed();
+        }
+        true
     }
 
     /// A whole access, blocking until a server (on another thread) completes it. A vCPU that
@@ -571,23 +738,25 @@ impl SimHypervisor {
     /// Blocks until the pending access of `vcpu` completes (or the deadline passes).
     pub fn wait_collect(&self, vcpu: u32) -> Result<u64, SimError> {
         let start = Instant::now();
-        let rx = &self.sh.done[vcpu as usize].1;
+        let vs = self.vcpu(vcpu)?;
         loop {
-            {
-                // Collect, or say we sleep, under one lock: a completion in between rings.
-                let mut st = lock(&self.sh.st);
-                if let Some(v) = Self::collect_locked(&mut st, vcpu)? {
-                    return Ok(v);
-                }
-                st.vcpus[vcpu as usize].sleeping = true;
+            if let Some(v) = self.collect(vcpu)? {
+                return Ok(v);
+            }
+            // Say we sleep, then look again: a completion after the fence sees the flag (it
+            // fences too, in `VcpuCell::wake`), one before it is collected here.
+            vs.sleeping.store(true, Relaxed);
+            fence(SeqCst);
+            if let Some(v) = self.collect(vcpu)? {
+                vs.sleeping.store(false, Relaxed);
+                return Ok(v);
             }
             let left = self.sh.deadline.saturating_sub(start.elapsed());
-            match rx.recv_timeout(left) {
+            match vs.done.1.recv_timeout(left) {
                 Ok(()) => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    let mut st = lock(&self.sh.st);
-                    st.vcpus[vcpu as usize].sleeping = false;
-                    st.violations.push(format!(
+                    vs.sleeping.store(false, Relaxed);
+                    lock(&self.sh.st).violations.push(format!(
                         "vCPU {vcpu} waited more than {:?}",
                         self.sh.deadline
                     ));
@@ -602,7 +771,14 @@ impl SimHypervisor {
     }
 
     pub fn stats(&self) -> SimStats {
-        lock(&self.sh.st).stats.clone()
+        let mut s = lock(&self.sh.st).stats.clone();
+        s.completed = self
+            .sh
+            .vcpus
+            .iter()
+            .map(|v| v.completed.load(Relaxed))
+            .sum();
+        s
     }
 
     /// The latched CF8 value.
@@ -620,30 +796,54 @@ impl SimHypervisor {
             .unwrap_or_default()
     }
 
+    /// The servers (bits) a vCPU still waits on: a destroyed one is over.
+    fn live_waits(&self, vs: &VcpuCell) -> u8 {
+        let waiting = vs.waiting_on.load(Relaxed);
+        (0..MAX_NR_IOREQ_SERVERS)
+            .filter(|&id| {
+                waiting & (1 << id) != 0
+                    && self.sh.ports[id].generation.load(Acquire)
+                        == vs.waiting_gen[id].load(Relaxed)
+            })
+            .fold(0, |m, id| m | 1 << id)
+    }
+
+    /// Has the vCPU an access in flight? Parts of it whose server was destroyed are complete,
+    /// as if unclaimed, and forgotten here if the vCPU never collected them.
+    fn busy(&self, vs: &VcpuCell) -> bool {
+        let waiting = vs.waiting_on.load(Relaxed);
+        if waiting == 0 {
+            return false;
+        }
+        let live = self.live_waits(vs);
+        for _ in 0..(waiting & !live).count_ones() {
+            vs.count_completed();
+        }
+        vs.waiting_on.store(live, Relaxed);
+        live != 0
+    }
+
     /// The invariant checker: Ok when nothing was lost or doubled, no slot moved illegally and
     /// no vCPU is still waiting; otherwise every violation seen.
     pub fn check(&self) -> Result<SimStats, Vec<String>> {
-        let st = lock(&self.sh.st);
-        let mut v = st.violations.clone();
-        for (i, vs) in st.vcpus.iter().enumerate() {
-            if !vs.waiting_on.is_empty() {
-                v.push(format!(
-                    "vCPU {i} still waits on servers {:?}",
-                    vs.waiting_on
-                ));
+        let stats = self.stats();
+        let mut v = lock(&self.sh.st).violations.clone();
+        for (i, vs) in self.sh.vcpus.iter().enumerate() {
+            let live = self.live_waits(vs);
+            let w: Vec<usize> = (0..MAX_NR_IOREQ_SERVERS)
+                .filter(|id| live & (1 << id) != 0)
+                .collect();
+            if !w.is_empty() {
+                v.push(format!("vCPU {i} still waits on servers {w:?}"));
             }
         }
-        if st.stats.completed > st.stats.sent {
+        if stats.completed > stats.sent {
             v.push(format!(
                 "{} completions for {} requests",
-                st.stats.completed, st.stats.sent
+                stats.completed, stats.sent
             ));
         }
-        if v.is_empty() {
-            Ok(st.stats.clone())
-        } else {
-            Err(v)
-        }
+        if v.is_empty() { Ok(stats) } else { Err(v) }
     }
 }
 
@@ -652,6 +852,9 @@ impl SimHypervisor {
 pub struct SimBackend {
     hv: SimHypervisor,
     id: u16,
+    /// The generation of the server id this backend was created with.
+    generation: u64,
+    ring: Arc<BufferedIoPage>,
     rx: Receiver<()>,
 }
 
@@ -671,51 +874,118 @@ impl SimBackend {
 
     /// Test hook for hostile-server tests: overwrite the vp_eport in a slot.
     pub fn write_vp_eport(&self, vcpu: u32, port: u32) {
-        let mut st = lock(&self.hv.sh.st);
-        if let Some(s) = st.servers[usize::from(self.id)].as_mut() {
-            if let Some((_, r)) = s.slots.get_mut(vcpu as usize) {
-                r.vp_eport = port;
+        if let Ok(p) = self.port() {
+            if let Some(cell) = p.slots.get(vcpu as usize) {
+                cell.vp_eport.store(port, Relaxed);
             }
+        }
+    }
+
+    /// This server's page and event channels, while the server exists.
+    fn port(&self) -> Result<&Port, BackendError> {
+        let p = &self.hv.sh.ports[usize::from(self.id)];
+        if p.generation.load(Acquire) == self.generation {
+            Ok(p)
+        } else {
+            Err(BackendError::Disconnected)
         }
     }
 
     fn with_server<T>(
         &self,
-        f: impl FnOnce(&mut SimServer, &mut State) -> Result<T, BackendError>,
+        f: impl FnOnce(&mut SimServer) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         let mut st = lock(&self.hv.sh.st);
-        let st = &mut *st;
-        let mut srv = st.servers[usize::from(self.id)]
-            .take()
+        self.port()?;
+        let srv = st.servers[usize::from(self.id)]
+            .as_mut()
             .ok_or(BackendError::Disconnected)?;
-        let r = f(&mut srv, st);
-        st.servers[usize::from(self.id)] = Some(srv);
-        r
+        f(srv)
     }
 
-    fn handle_notify(
-        srv: &mut SimServer,
-        violations: &mut Vec<String>,
-        n: Notify,
-        out: &mut Vec<BackendEvent>,
-    ) -> Result<(), BackendError> {
-        // The ring first: writes queued before a synchronous request stay before it.
-        if srv.ring.pending() != 0 {
-            let _ = srv
-                .ring
-                .drain(|r| out.push(BackendEvent::Buffered(r)))
-                .map_err(|e| violations.push(format!("buffered ring: {e}")));
+    /// What the event channels say, without the lock: the ring first (writes queued before a
+    /// synchronous request stay before it), then each notified vCPU's slot. True if any
+    /// channel had something.
+    fn take_events(&self, out: &mut Vec<BackendEvent>) -> Result<bool, BackendError> {
+        let port = self.port()?;
+        let mut any = false;
+        if port.buffered_pending.load(Acquire) {
+            port.buffered_pending.store(false, Relaxed);
+            any = true;
         }
-        if let Notify::Vcpu(v) = n {
-            let (slot, req) = &mut srv.slots[v as usize];
-            if slot.state() == IoreqState::Ready {
-                slot.advance(Actor::Server, IoreqState::InProcess)
-                    .map_err(|source| BackendError::Slot { vcpu: v, source })?;
-                req.state = IoreqState::InProcess;
-                out.push(BackendEvent::Request { vcpu: v, req: *req });
+        if any || self.ring.pending() != 0 {
+            self.drain_ring(out);
+        }
+        for (v, p) in port.pending.iter().enumerate() {
+            if p.load(Acquire) {
+                p.store(false, Relaxed);
+                any = true;
+                self.take_request(port, v as u32, out)?;
             }
         }
+        Ok(any)
+    }
+
+    fn drain_ring(&self, out: &mut Vec<BackendEvent>) {
+        if let Err(e) = self.ring.drain(|r| out.push(BackendEvent::Buffered(r))) {
+            lock(&self.hv.sh.st)
+                .violations
+                .push(format!("buffered ring: {e}"));
+        }
+    }
+
+    /// READY -> INPROCESS for a notified vCPU, and the request as an event. The request is
+    /// built from the slot's fields, never read back from a store just made.
+    fn take_request(
+        &self,
+        port: &Port,
+        vcpu: u32,
+        out: &mut Vec<BackendEvent>,
+    ) -> Result<(), BackendError> {
+        let cell = &port.slots[vcpu as usize];
+        if cell.slot.state() != IoreqState::Ready {
+            return Ok(());
+        }
+        let req = cell
+            .request(IoreqState::InProcess)
+            .map_err(|e| BackendError::Other(format!("slot of vCPU {vcpu}: {e}")))?;
+        cell.slot
+            .advance(Actor::Server, IoreqState::InProcess)
+            .map_err(|source| BackendError::Slot { vcpu, source })?;
+        out.push(BackendEvent::Request { vcpu, req });
         Ok(())
+    }
+
+    /// Sleeps until the doorbell rings or `left` passes, unless an event came in meanwhile.
+    /// The decision to sleep is taken under the lock, where the hypervisor sets the flags.
+    fn sleep(&self, left: Option<Duration>) -> Result<(), BackendError> {
+        // Doorbells rung for an earlier sleep that ended by itself.
+        while self.rx.try_recv().is_ok() {}
+        {
+            let mut st = lock(&self.hv.sh.st);
+            let port = self.port()?;
+            let srv = st.servers[usize::from(self.id)]
+                .as_mut()
+                .ok_or(BackendError::Disconnected)?;
+            if port.has_events() || self.ring.pending() != 0 {
+                return Ok(());
+            }
+            srv.sleeping = true;
+        }
+        match left {
+            None => self.rx.recv().map_err(|_| BackendError::Disconnected),
+            Some(l) => match self.rx.recv_timeout(l) {
+                Ok(()) => Ok(()),
+                Err(RecvTimeoutError::Timeout) => {
+                    let mut st = lock(&self.hv.sh.st);
+                    if let Some(s) = st.servers[usize::from(self.id)].as_mut() {
+                        s.sleeping = false;
+                    }
+                    Ok(())
+                }
+                Err(RecvTimeoutError::Disconnected) => Err(BackendError::Disconnected),
+            },
+        }
     }
 }
 
@@ -728,7 +998,7 @@ impl Backend for SimBackend {
         if !r.is_valid() {
             return Err(BackendError::InvalidRange(r));
         }
-        self.with_server(|srv, _| {
+        self.with_server(|srv| {
             let set = &mut srv.ranges[r.kind.index()];
             if set.overlaps(r.start, r.end) {
                 return Err(BackendError::Overlap(r));
@@ -742,7 +1012,7 @@ impl Backend for SimBackend {
     }
 
     fn unmap_range(&mut self, r: IoRange) -> Result<(), BackendError> {
-        self.with_server(|srv, _| {
+        self.with_server(|srv| {
             srv.ranges[r.kind.index()]
                 .remove(r.start, r.end, MAX_NR_IO_RANGES)
                 .map_err(|e| match e {
@@ -763,55 +1033,21 @@ impl Backend for SimBackend {
         // Taken only when we first have to sleep: the fast path reads no clock.
         let mut start: Option<Instant> = None;
         loop {
-            {
-                let mut st = lock(&self.hv.sh.st);
-                let st = &mut *st;
-                let srv = st.servers[usize::from(self.id)]
-                    .as_mut()
-                    .ok_or(BackendError::Disconnected)?;
-                if !srv.queue.is_empty() {
-                    let mut q = std::mem::take(&mut srv.queue);
-                    let r = q
-                        .drain(..)
-                        .try_for_each(|n| Self::handle_notify(srv, &mut st.violations, n, out));
-                    // Keep the queue's allocation.
-                    if let Some(s) = st.servers[usize::from(self.id)].as_mut() {
-                        if s.queue.is_empty() {
-                            s.queue = q;
-                        }
-                    }
-                    return r;
-                }
-                if timeout.is_some_and(|t| t.is_zero()) {
-                    return Ok(());
-                }
-                srv.sleeping = true;
+            if self.take_events(out)? || timeout == Some(Duration::ZERO) {
+                return Ok(());
             }
-            // Drain doorbells rung before we slept, then sleep until the next one.
-            while self.rx.try_recv().is_ok() {}
-            let started = *start.get_or_insert_with(Instant::now);
-            let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
-            let woke = match left {
-                None => self
-                    .rx
-                    .recv()
-                    .map_err(|_| BackendError::Disconnected)
-                    .map(|()| true)?,
-                Some(l) => match self.rx.recv_timeout(l) {
-                    Ok(()) => true,
-                    Err(RecvTimeoutError::Timeout) => false,
-                    Err(RecvTimeoutError::Disconnected) => return Err(BackendError::Disconnected),
-                },
-            };
-            if !woke {
-                let mut st = lock(&self.hv.sh.st);
-                if let Some(s) = st.servers[usize::from(self.id)].as_mut() {
-                    s.sleeping = false;
-                    if s.queue.is_empty() {
+            let left = match timeout {
+                None => None,
+                Some(t) => {
+                    let started = *start.get_or_insert_with(Instant::now);
+                    let l = t.saturating_sub(started.elapsed());
+                    if l.is_zero() {
                         return Ok(());
                     }
+                    Some(l)
                 }
-            }
+            };
+            self.sleep(left)?;
         }
     }
 
@@ -819,24 +1055,21 @@ impl Backend for SimBackend {
         if vcpu >= self.hv.sh.nr_vcpus {
             return Err(BackendError::NoSuchVcpu(vcpu));
         }
-        let mut st = lock(&self.hv.sh.st);
-        let st = &mut *st;
-        let srv = st.servers[usize::from(self.id)]
-            .as_mut()
-            .ok_or(BackendError::Disconnected)?;
-        let (slot, req) = &mut srv.slots[vcpu as usize];
-        if let Err(source) = slot.advance(Actor::Server, IoreqState::RespReady) {
-            st.violations
+        let cell = &self.port()?.slots[vcpu as usize];
+        // The answer first, then the state that publishes it.
+        if let Err(source) = cell.slot.check(Actor::Server, IoreqState::RespReady) {
+            lock(&self.hv.sh.st)
+                .violations
                 .push(format!("server completed vCPU {vcpu}: {source}"));
             return Err(BackendError::Slot { vcpu, source });
         }
-        if req.dir == Dir::Read && !req.data_is_ptr {
-            req.data = data;
+        if cell.takes_data() {
+            cell.data.store(data, Relaxed);
         }
-        req.state = IoreqState::RespReady;
-        if std::mem::take(&mut st.vcpus[vcpu as usize].sleeping) {
-            let _ = self.hv.sh.done[vcpu as usize].0.send(());
-        }
+        cell.slot
+            .advance(Actor::Server, IoreqState::RespReady)
+            .map_err(|source| BackendError::Slot { vcpu, source })?;
+        self.hv.sh.vcpus[vcpu as usize].wake();
         Ok(())
     }
 }
@@ -1060,6 +1293,63 @@ mod tests {
         // Destroying the server releases the vCPU.
         hv.destroy_server(0).unwrap();
         assert_eq!(hv.collect(0).unwrap(), Some(0xff));
+    }
+
+    #[test]
+    fn a_destroyed_server_frees_the_vcpu_and_its_stale_backend_is_disconnected() {
+        let hv = SimHypervisor::new(1, Duration::from_secs(1));
+        let mut old = hv.create_server(BufioreqMode::Off).unwrap();
+        old.map_range(IoRange::ports(0x70, 0x71)).unwrap();
+        old.set_enabled(true).unwrap();
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0x70, 2, 0), false).unwrap(),
+            Issued::Pending
+        );
+        hv.destroy_server(0).unwrap();
+        // Never collected: the next access is not refused as Busy, the old one counts once.
+        let mut new = hv.create_server(BufioreqMode::Off).unwrap();
+        assert_eq!(new.id(), 0);
+        new.map_range(IoRange::ports(0x70, 0x71)).unwrap();
+        new.set_enabled(true).unwrap();
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0x70, 1, 0), false).unwrap(),
+            Issued::Pending
+        );
+        // The old backend sees nothing of the new server's slots and may not answer them.
+        let mut ev = vec![];
+        assert_eq!(
+            old.wait(Some(Duration::ZERO), &mut ev),
+            Err(BackendError::Disconnected)
+        );
+        assert_eq!(old.complete(0, 1), Err(BackendError::Disconnected));
+        assert_eq!(serve_one(&mut new, 0x5a).len(), 1);
+        assert_eq!(hv.collect(0).unwrap(), Some(0x5a));
+        assert_eq!(hv.check().unwrap().completed, 2);
+    }
+
+    #[test]
+    fn a_request_is_taken_once_and_a_changed_eport_is_refused() {
+        let hv = SimHypervisor::new(1, Duration::from_secs(1));
+        let mut s = hv.create_server(BufioreqMode::Off).unwrap();
+        s.map_range(IoRange::ports(0x70, 0x71)).unwrap();
+        s.set_enabled(true).unwrap();
+        hv.issue(0, &pio(Dir::Read, 0x71, 1, 0), false).unwrap();
+        let mut ev = vec![];
+        s.wait(Some(Duration::ZERO), &mut ev).unwrap();
+        assert_eq!(ev.len(), 1);
+        // Taken once: a second wait finds nothing, the slot stays INPROCESS.
+        ev.clear();
+        s.wait(Some(Duration::ZERO), &mut ev).unwrap();
+        assert!(ev.is_empty());
+        assert_eq!(hv.collect(0).unwrap(), None);
+        s.complete(0, 3).unwrap();
+        assert_eq!(hv.collect(0).unwrap(), Some(3));
+        s.write_vp_eport(0, 7);
+        assert_eq!(
+            hv.issue(0, &pio(Dir::Read, 0x71, 1, 0), false),
+            Err(SimError::BadEventChannel { server: 0, vcpu: 0 })
+        );
+        assert!(hv.check().is_err());
     }
 
     #[test]

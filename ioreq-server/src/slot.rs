@@ -14,6 +14,7 @@
 //! never repaired silently.
 
 use crate::ioreq::IoreqState;
+use std::sync::atomic::{AtomicU8, Ordering};
 use thiserror::Error;
 
 /// Which side asks for a transition.
@@ -76,6 +77,51 @@ impl Slot {
     }
 }
 
+/// A slot shared by the hypervisor and a server without a lock, as in Xen's shared ioreq page.
+///
+/// Every state has exactly one actor that may leave it (the table above: the hypervisor leaves
+/// NONE and IORESP_READY, the server READY and INPROCESS), and each side drives a slot from one
+/// thread at a time (a vCPU is one thread; a server's backend is used through `&mut`). So a
+/// transition is what Xen does on the shared page: read the state (acquire), check the move
+/// against the table, write the new state (release) -- no read-modify-write. What the mover
+/// wrote to the slot before the release store is visible to whoever reads the new state.
+#[derive(Debug)]
+pub struct AtomicSlot {
+    state: AtomicU8,
+}
+
+impl Default for AtomicSlot {
+    fn default() -> Self {
+        AtomicSlot {
+            state: AtomicU8::new(IoreqState::None as u8),
+        }
+    }
+}
+
+impl AtomicSlot {
+    pub fn state(&self) -> IoreqState {
+        // Only the four states are ever stored.
+        IoreqState::from_u8(self.state.load(Ordering::Acquire)).unwrap_or(IoreqState::None)
+    }
+
+    /// Would `actor` be allowed to move the slot to `to` now?
+    pub fn check(&self, actor: Actor, to: IoreqState) -> Result<(), SlotError> {
+        check_transition(actor, self.state(), to)
+    }
+
+    /// Moves the slot, or reports why not (the slot is unchanged on error).
+    pub fn advance(&self, actor: Actor, to: IoreqState) -> Result<(), SlotError> {
+        self.check(actor, to)?;
+        self.state.store(to as u8, Ordering::Release);
+        Ok(())
+    }
+
+    /// Back to NONE outside the state machine: only for a slot nobody uses (a new server).
+    pub fn reset(&self) {
+        self.state.store(IoreqState::None as u8, Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +176,34 @@ mod tests {
         // Completing twice is an error.
         assert!(s.advance(Actor::Server, RespReady).is_err());
         s.advance(Actor::Hypervisor, None).unwrap();
+        assert_eq!(s.state(), None);
+    }
+
+    #[test]
+    fn atomic_slot_follows_the_same_table() {
+        let s = AtomicSlot::default();
+        assert_eq!(s.state(), None);
+        assert!(s.advance(Actor::Server, InProcess).is_err());
+        s.advance(Actor::Hypervisor, Ready).unwrap();
+        assert!(s.advance(Actor::Hypervisor, None).is_err());
+        s.advance(Actor::Server, InProcess).unwrap();
+        s.advance(Actor::Server, RespReady).unwrap();
+        assert_eq!(
+            s.advance(Actor::Server, RespReady),
+            Err(SlotError {
+                actor: Actor::Server,
+                from: RespReady,
+                to: RespReady
+            })
+        );
+        assert_eq!(
+            s.state(),
+            RespReady,
+            "a rejected move leaves the slot alone"
+        );
+        s.advance(Actor::Hypervisor, None).unwrap();
+        s.advance(Actor::Hypervisor, Ready).unwrap();
+        s.reset();
         assert_eq!(s.state(), None);
     }
 }

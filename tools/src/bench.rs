@@ -113,7 +113,7 @@ impl Effort {
                 poll_samples: 50_000,
                 block_samples: 10_000,
                 loaded_samples: 20_000,
-                replay_rounds: 1,
+                replay_rounds: 5,
                 oop_parts: vec![],
                 oop_chunks: 5,
             }
@@ -128,7 +128,7 @@ impl Effort {
                 poll_samples: 500_000,
                 block_samples: 100_000,
                 loaded_samples: 200_000,
-                replay_rounds: 3,
+                replay_rounds: 9,
                 oop_parts: vec![],
                 oop_chunks: 20,
             }

@@ -780,16 +780,18 @@ impl<B: Backend> Engine<B> {
         events.clear();
         let r = self.backend.wait(timeout, &mut events);
         let n = events.len();
-        for ev in events.drain(..) {
+        // By reference: the backend has just written these events field by field, and
+        // copying one out whole would wait on those stores (a store-forwarding stall).
+        for ev in &events {
             match ev {
-                BackendEvent::Request { vcpu, req } => {
+                &BackendEvent::Request { vcpu, ref req } => {
                     // Only now, with a guest access in hand: a device model that joined is
                     // serving by the time the guest runs, not while it is still starting up
                     // (QEMU claims its functions before its main loop runs).
                     if self.detect_pending && self.detected_at != self.mapped.pci_generation {
                         self.detect();
                     }
-                    let v = self.handle(vcpu, &req);
+                    let v = self.handle(vcpu, req);
                     self.stats.requests += 1;
                     if let Err(e) = self.backend.complete(vcpu, v) {
                         self.stats.completion_errors += 1;
@@ -798,10 +800,11 @@ impl<B: Backend> Engine<B> {
                 }
                 BackendEvent::Buffered(req) => {
                     self.stats.buffered += 1;
-                    self.handle(0, &req);
+                    self.handle(0, req);
                 }
             }
         }
+        events.clear();
         self.events = events;
         r.map(|()| n)
     }

@@ -32,9 +32,10 @@ use ioreq_server::{
     abi, size_mask,
 };
 use recorded::RecordedConfig;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -114,30 +115,94 @@ pub enum ReplayError {
 }
 
 /// What the access being replayed recorded, shared with the trace servers.
+///
+/// The harness writes it before an access and the in-process trace models read it while the
+/// engine dispatches that access, inside `Engine::poll` on the harness's own thread. Nothing
+/// here is ever touched by two threads at once, so relaxed loads and stores are enough: no
+/// lock and no read-modify-write on the path of an access (atomics only because a
+/// `DeviceModel` must be `Send`).
 #[derive(Debug, Default)]
 struct Cursor {
-    active: bool,
+    active: AtomicBool,
     /// The whole trace has been replayed: trace servers answer from what it showed
     /// ([`RecordedConfig`]).
-    replayed: bool,
+    replayed: AtomicBool,
     /// The recorded access is a write.
+    write: AtomicBool,
+    data: AtomicU64,
+    /// First register of a recorded configuration access, or [`NO_REG`].
+    reg: AtomicU32,
+    /// A trace model received a request for this access; `first_addr` is its address.
+    delivered: AtomicBool,
+    first_addr: AtomicU64,
+}
+
+/// `Cursor::reg` of an access that is not a configuration access.
+const NO_REG: u32 = u32::MAX;
+
+/// The recorded access as a trace model sees it.
+#[derive(Debug, Clone, Copy)]
+struct Recorded {
     write: bool,
     data: u64,
-    /// First register of a recorded configuration access.
     reg: Option<u16>,
-    deliveries: Vec<(u16, Ioreq)>,
 }
 
-type Shared = Arc<Mutex<Cursor>>;
+impl Cursor {
+    /// The harness starts replaying an access.
+    fn begin(&self, write: bool, data: u64, reg: Option<u16>) {
+        self.write.store(write, Relaxed);
+        self.data.store(data, Relaxed);
+        self.reg.store(reg.map_or(NO_REG, u32::from), Relaxed);
+        self.delivered.store(false, Relaxed);
+        self.active.store(true, Relaxed);
+    }
 
-fn lock(c: &Shared) -> MutexGuard<'_, Cursor> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
+    /// No recorded access any more: the whole trace has been replayed.
+    fn end(&self) {
+        self.active.store(false, Relaxed);
+        self.replayed.store(true, Relaxed);
+    }
+
+    /// Whether the whole trace has been replayed.
+    fn replayed(&self) -> bool {
+        self.replayed.load(Relaxed)
+    }
+
+    /// The access being replayed, if any.
+    fn recorded(&self) -> Option<Recorded> {
+        if !self.active.load(Relaxed) {
+            return None;
+        }
+        let reg = self.reg.load(Relaxed);
+        Some(Recorded {
+            write: self.write.load(Relaxed),
+            data: self.data.load(Relaxed),
+            reg: (reg != NO_REG).then_some(reg as u16),
+        })
+    }
+
+    /// A trace model received `req`; the first one per access is kept.
+    fn deliver(&self, req: &Ioreq) {
+        if !self.delivered.load(Relaxed) {
+            self.first_addr.store(req.addr, Relaxed);
+            self.delivered.store(true, Relaxed);
+        }
+    }
+
+    /// The address of the first request a trace model received for this access.
+    fn first_delivery(&self) -> Option<u64> {
+        self.delivered
+            .load(Relaxed)
+            .then(|| self.first_addr.load(Relaxed))
+    }
 }
+
+type Shared = Arc<Cursor>;
 
 /// A simulated device model answering with the recorded values.
 struct TraceModel {
     name: String,
-    id: u16,
     claims: Vec<Claim>,
     ids: Vec<(Sbdf, u32)>,
     cursor: Shared,
@@ -161,15 +226,15 @@ impl DeviceModel for TraceModel {
         req: &Ioreq,
         _ctl: &mut dyn DmControl,
     ) -> Result<u64, DmError> {
-        let mut c = lock(&self.cursor);
-        if c.replayed {
+        if self.cursor.replayed() {
             if let Some(v) = self.recorded.after_replay(req) {
                 return Ok(v);
             }
         }
+        let rec = self.cursor.recorded();
         // Outside the trace (detection, seeding) or a read the engine makes during a recorded
         // write (a header-type probe): answer what is known of the recorded machine.
-        if !c.active || (c.write && req.dir == Dir::Read) {
+        let Some(c) = rec.filter(|c| !(c.write && req.dir == Dir::Read)) else {
             if req.ty == IoreqType::PciConfig && req.dir == Dir::Read {
                 let (sbdf, reg) = abi::split_pci_config_addr(req.addr);
                 let f = Sbdf::from_xen(sbdf);
@@ -181,8 +246,8 @@ impl DeviceModel for TraceModel {
                 });
             }
             return Ok(0);
-        }
-        c.deliveries.push((self.id, *req));
+        };
+        self.cursor.deliver(req);
         let mut v = c.data;
         if let (IoreqType::PciConfig, Some(r0)) = (req.ty, c.reg) {
             let (_, reg) = abi::split_pci_config_addr(req.addr);
@@ -219,8 +284,9 @@ struct Harness {
     /// Per model id: QEMU device types it stands for; the default ("*") server.
     devices: Vec<Vec<String>>,
     default_server: Option<u16>,
-    /// Device type string id -> model id, resolved lazily.
-    by_device: BTreeMap<StrId, Option<u16>>,
+    /// Device type string id -> model id, resolved lazily (indexed by the id: a few dozen
+    /// strings; `None` = not resolved yet).
+    by_device: Vec<Option<Option<u16>>>,
     /// Memory BARs QEMU has mapped now.
     bars: Vec<LiveBar>,
     /// I/O BARs (few: kept apart so port accesses scan only them).
@@ -332,7 +398,8 @@ impl Harness {
 
     /// The model standing for a QEMU device type.
     fn server_for(&mut self, device: StrId) -> Option<u16> {
-        if let Some(v) = self.by_device.get(&device) {
+        let i = device.0 as usize;
+        if let Some(Some(v)) = self.by_device.get(i) {
             return *v;
         }
         let name = self.string(device);
@@ -342,7 +409,10 @@ impl Harness {
             .position(|d| d.contains(&name))
             .map(|i| i as u16)
             .or(self.default_server);
-        self.by_device.insert(device, v);
+        if self.by_device.len() <= i {
+            self.by_device.resize(i + 1, None);
+        }
+        self.by_device[i] = Some(v);
         v
     }
 
@@ -471,14 +541,8 @@ impl Harness {
             if dir == Dir::Write { a.data } else { 0 },
         );
         req.count = a.rep.max(1);
-        {
-            let mut c = lock(&self.cursor);
-            c.active = true;
-            c.write = dir == Dir::Write;
-            c.data = a.data;
-            c.reg = a.config.map(|c| c.reg);
-            c.deliveries.clear();
-        }
+        self.cursor
+            .begin(dir == Dir::Write, a.data, a.config.map(|c| c.reg));
         let vcpu = u32::from(a.vcpu);
         self.engine.mark();
         let got = match self.hv.issue(vcpu, &req, false)? {
@@ -497,7 +561,7 @@ impl Harness {
                 }
             }
         };
-        let first_delivery = lock(&self.cursor).deliveries.first().map(|d| d.1);
+        let first_delivery = self.cursor.first_delivery();
         let handler = self
             .engine
             .first_model_since_mark()
@@ -549,7 +613,7 @@ impl Harness {
                         let Some(first) = first_delivery else {
                             return Ok(());
                         };
-                        let (sbdf, reg) = abi::split_pci_config_addr(first.addr);
+                        let (sbdf, reg) = abi::split_pci_config_addr(first);
                         if Sbdf::from_xen(sbdf) != bdf || reg != u32::from(c.reg) {
                             let name = self.name_of(handler);
                             let what = format!(
@@ -654,7 +718,7 @@ pub fn replay_with(
     let start = Instant::now();
     let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
     let backend = hv.create_server(BufioreqMode::Atomic)?;
-    let cursor: Shared = Arc::new(Mutex::new(Cursor::default()));
+    let cursor: Shared = Arc::new(Cursor::default());
     let mut models: Vec<Box<dyn DeviceModel>> = vec![];
     let mut names = vec![];
     let mut devices = vec![];
@@ -671,7 +735,7 @@ pub fn replay_with(
             && s.kind == ServerKind::Trace
             && !s.qemu_devices.iter().any(|d| d == "*");
         if !remote {
-            models.push(build_model(s, id, &cursor)?);
+            models.push(build_model(s, &cursor)?);
         }
     }
     let mut engine = Engine::new(backend, models, &cfg.engine)?;
@@ -724,7 +788,7 @@ pub fn replay_with(
         names,
         devices,
         default_server,
-        by_device: BTreeMap::new(),
+        by_device: vec![],
         bars: vec![],
         port_bars: vec![],
         hidden,
@@ -791,11 +855,7 @@ pub fn replay_with(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    {
-        let mut c = lock(&h.cursor);
-        c.active = false;
-        c.replayed = true;
-    }
+    h.cursor.end();
     if let Some(c) = children {
         for (name, summary) in c.finish(&mut h.engine) {
             if let Some(m) = summary {
@@ -927,21 +987,19 @@ pub fn topology_engine(topology: &Path) -> Result<Engine<SimBackend>, ReplayErro
     let cfg = Config::load(topology)?;
     let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
     let backend = hv.create_server(BufioreqMode::Atomic)?;
-    let cursor: Shared = Arc::new(Mutex::new(Cursor::default()));
+    let cursor: Shared = Arc::new(Cursor::default());
     let models = cfg
         .servers
         .iter()
-        .enumerate()
-        .map(|(i, s)| build_model(s, i as u16, &cursor))
+        .map(|s| build_model(s, &cursor))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Engine::new(backend, models, &cfg.engine)?)
 }
 
-fn build_model(s: &Server, id: u16, cursor: &Shared) -> Result<Box<dyn DeviceModel>, ReplayError> {
+fn build_model(s: &Server, cursor: &Shared) -> Result<Box<dyn DeviceModel>, ReplayError> {
     match s.kind {
         ServerKind::Trace => Ok(Box::new(TraceModel {
             name: s.name.clone(),
-            id,
             claims: s.claims.clone(),
             ids: s.ids.clone(),
             cursor: cursor.clone(),
