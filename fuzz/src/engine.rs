@@ -236,16 +236,7 @@ impl Guest {
                 return vec![(s, reg, req.size, req.data)];
             }
         }
-        let (kind, s, e) = if req.ty == IoreqType::Pio {
-            (
-                RangeKind::Port,
-                req.addr,
-                req.addr + u64::from(req.size) - 1,
-            )
-        } else {
-            let (s, e) = req.byte_span();
-            (RangeKind::Mmio, s, e)
-        };
+        let (kind, s, e) = req.selection_span();
         if !contains(&self.hv.server_ranges(self.id, kind), s, e) {
             return vec![];
         }

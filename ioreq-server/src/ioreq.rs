@@ -287,6 +287,19 @@ impl Ioreq {
         size_mask(self.size)
     }
 
+    /// What Xen's server selection matches a port or MMIO request against: the range kind
+    /// and the first and last address (a port request: the port and its size, Xen's
+    /// `ioreq_server_select` ignores the rep count there; MMIO: [`Ioreq::byte_span`]).
+    pub fn selection_span(&self) -> (crate::RangeKind, u64, u64) {
+        if self.ty == IoreqType::Pio {
+            let last = self.addr + u64::from(self.size) - 1;
+            (crate::RangeKind::Port, self.addr, last)
+        } else {
+            let (s, e) = self.byte_span();
+            (crate::RangeKind::Mmio, s, e)
+        }
+    }
+
     /// The lowest and highest byte addresses touched, for claim checks: Xen's rule is that a
     /// port or MMIO range matches only if it contains every byte of every rep item.
     pub fn byte_span(&self) -> (u64, u64) {

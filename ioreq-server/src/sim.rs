@@ -559,16 +559,7 @@ impl SimHypervisor {
                 return (RangeKind::Pci, u64::from(sbdf), u64::from(sbdf));
             }
         }
-        if req.ty == IoreqType::Pio {
-            (
-                RangeKind::Port,
-                req.addr,
-                req.addr + u64::from(req.size) - 1,
-            )
-        } else {
-            let (s, e) = req.byte_span();
-            (RangeKind::Mmio, s, e)
-        }
+        req.selection_span()
     }
 
     /// A write through server `id`'s ring, if it has one and the ring takes it.

@@ -45,6 +45,26 @@ impl std::fmt::Display for Thousands {
     }
 }
 
+/// A progress display on stderr, ticking on its own: a bar with `with_total` as its template
+/// when the total is known, else a spinner with `without_total` (indicatif template syntax).
+/// Callers show one only when stderr is a terminal.
+pub fn progress(
+    total: Option<u64>,
+    with_total: &str,
+    without_total: &str,
+) -> indicatif::ProgressBar {
+    let (bar, template) = match total {
+        Some(n) => (indicatif::ProgressBar::new(n), with_total),
+        None => (indicatif::ProgressBar::new_spinner(), without_total),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::Thousands;

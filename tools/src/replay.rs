@@ -933,23 +933,12 @@ fn merge_summary(r: &mut ReplayReport, name: &str, m: crate::replay_dm::DmSummar
 /// Replay's progress on stderr: accesses against the trace's total when known (a bar with a
 /// percentage), else a spinner counting them.
 fn progress_bar(total: Option<u64>) -> indicatif::ProgressBar {
-    let (b, template) = match total {
-        Some(t) => (
-            indicatif::ProgressBar::new(t),
-            "{spinner} {elapsed} [{bar:30}] {percent}% {human_pos}/{human_len} accesses \
-             (eta {eta}) {msg}",
-        ),
-        None => (
-            indicatif::ProgressBar::new_spinner(),
-            "{spinner} {elapsed} {human_pos} accesses replayed {msg}",
-        ),
-    };
-    b.set_style(
-        indicatif::ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    b.enable_steady_tick(Duration::from_millis(200));
-    b
+    crate::out::progress(
+        total,
+        "{spinner} {elapsed} [{bar:30}] {percent}% {human_pos}/{human_len} accesses \
+         (eta {eta}) {msg}",
+        "{spinner} {elapsed} {human_pos} accesses replayed {msg}",
+    )
 }
 
 /// Before replaying: the trace has accesses, and names each QEMU device type the topology's

@@ -3,21 +3,24 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+use common::{bin, repo};
+use std::path::PathBuf;
+use std::process::Stdio;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ioreq-mux"))
-}
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
+/// The commands a user runs (besides `completions` and `man`).
+const PUBLIC_COMMANDS: [&str; 7] = [
+    "serve",
+    "replay",
+    "import-qemu-trace",
+    "inspect",
+    "bench",
+    "dm",
+    "acpi-tables",
+];
 
 fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ioreq-mux-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    common::scratch("cli", name)
 }
 
 /// `ioreq-mux inspect ... | head -0`: standard output is a pipe whose reader is gone before
@@ -127,17 +130,7 @@ fn man_pages_and_completions_cover_every_command() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let commands = [
-        "serve",
-        "replay",
-        "import-qemu-trace",
-        "inspect",
-        "bench",
-        "dm",
-        "acpi-tables",
-        "completions",
-        "man",
-    ];
+    let commands = PUBLIC_COMMANDS.iter().chain(&["completions", "man"]);
     let main = std::fs::read_to_string(dir.join("ioreq-mux.1")).unwrap();
     assert!(main.contains(".TH ioreq-mux 1"), "{main}");
     for c in commands {
@@ -178,15 +171,7 @@ fn man_pages_and_completions_cover_every_command() {
 /// answered with the internal `replay-dm`.
 #[test]
 fn help_has_examples_and_typos_suggest_only_public_commands() {
-    for c in [
-        "serve",
-        "replay",
-        "import-qemu-trace",
-        "inspect",
-        "bench",
-        "dm",
-        "acpi-tables",
-    ] {
+    for c in PUBLIC_COMMANDS {
         let out = bin().args([c, "--help"]).output().unwrap();
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(

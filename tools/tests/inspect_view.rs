@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::{bin, repo};
 use ioreq_mux::engine::{Engine, EngineConfig};
 use ioreq_mux::inspect::{BarKind, Inspection, LinkKind, PortType, inspect};
 use ioreq_mux::models::{BarKind as SpecBar, EmulatedModel, FunctionKind, FunctionSpec, Placement};
@@ -16,18 +18,9 @@ use ioreq_server::sim::{SimBackend, SimHypervisor};
 use ioreq_server::{DeviceModel, Dir, Ioreq, Position};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ioreq-mux"))
-}
 
 /// Runs the binary; its standard output, or a failure with its standard error.
 fn run(args: &[&str]) -> String {

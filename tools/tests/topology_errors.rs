@@ -4,25 +4,17 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+use common::{bin, repo};
 use ioreq_mux::trace::{
     Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, Record, Space, TraceMeta,
     TraceWriter,
 };
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ioreq-mux"))
-}
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
-}
+use std::process::Output;
 
 fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ioreq-mux-topo-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    common::scratch("topo", name)
 }
 
 fn write(name: &str, text: &str) -> PathBuf {

@@ -323,22 +323,12 @@ struct Progress {
 
 impl Progress {
     fn new(text_bytes: Option<u64>) -> Self {
-        let (bar, template) = match text_bytes {
-            Some(n) => (
-                indicatif::ProgressBar::new(n),
-                "{spinner} [{elapsed_precise}] {wide_bar} {percent}% {bytes}/{total_bytes} of log \
-                 text ({bytes_per_sec}, eta {eta}) {msg}",
-            ),
-            None => (
-                indicatif::ProgressBar::new_spinner(),
-                "{spinner} [{elapsed_precise}] {bytes} of log text ({bytes_per_sec}) {msg}",
-            ),
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(template)
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        let bar = crate::out::progress(
+            text_bytes,
+            "{spinner} [{elapsed_precise}] {wide_bar} {percent}% {bytes}/{total_bytes} of log \
+             text ({bytes_per_sec}, eta {eta}) {msg}",
+            "{spinner} [{elapsed_precise}] {bytes} of log text ({bytes_per_sec}) {msg}",
         );
-        bar.enable_steady_tick(std::time::Duration::from_millis(200));
         Progress { bar }
     }
 
