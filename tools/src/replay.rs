@@ -708,7 +708,6 @@ pub fn replay_with(
     topology: &Path,
     opts: &ReplayOptions,
 ) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
-    let (show, limit, progress) = (opts.show, opts.limit, opts.progress);
     let cfg = Config::load(topology)?;
     let total = check_trace(&cfg, trace_path)?;
     let mut reader = TraceReader::open(trace_path).map_err(|source| ReplayError::Trace {
@@ -716,40 +715,247 @@ pub fn replay_with(
         source,
     })?;
     let start = Instant::now();
-    let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
-    let backend = hv.create_server(BufioreqMode::Atomic)?;
-    let cursor: Shared = Arc::new(Cursor::default());
-    let mut models: Vec<Box<dyn DeviceModel>> = vec![];
-    let mut names = vec![];
-    let mut devices = vec![];
-    let mut default_server = None;
-    for (i, s) in cfg.servers.iter().enumerate() {
-        let id = i as u16;
-        names.push(s.name.clone());
-        if s.qemu_devices.iter().any(|d| d == "*") {
-            // The topology has at most one (Config checks).
-            default_server = Some(id);
-        }
-        devices.push(s.qemu_devices.clone());
-        let remote = opts.dm_mode == DmMode::Process
-            && s.kind == ServerKind::Trace
-            && !s.qemu_devices.iter().any(|d| d == "*");
-        if !remote {
-            models.push(build_model(s, &cursor)?);
+    let (mut h, mut children) = Harness::build(&cfg, trace_path, topology, opts, &reader)?;
+    let limit = opts.limit.unwrap_or(u64::MAX);
+    let bar = opts
+        .progress
+        .then(|| progress_bar(total.map(|t| t.min(limit))));
+    h.replay_records(
+        &mut reader,
+        trace_path,
+        limit,
+        opts,
+        children.as_mut(),
+        bar.as_ref(),
+    )?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    h.cursor.end();
+    if let Some(c) = children.take() {
+        for (name, summary) in c.finish(&mut h.engine) {
+            if let Some(m) = summary {
+                merge_summary(&mut h.report, &name, m);
+            }
         }
     }
-    let mut engine = Engine::new(backend, models, &cfg.engine)?;
-    engine.backend().set_enabled(true)?;
-    let mut children = match opts.dm_mode {
-        DmMode::InProcess => None,
-        DmMode::Process => Some(Children::start(
-            &mut engine,
-            &cfg,
-            trace_path,
-            topology,
-            opts.dm_exe.as_deref(),
-        )?),
-    };
+    h.finish_report();
+    h.report.elapsed_s = start.elapsed().as_secs_f64();
+    Ok((h.report, h.engine))
+}
+
+/// The models the replay runs in this process (all but the trace servers that run in their
+/// own processes in `--dm-mode process`), and per server its name and QEMU device types.
+struct ServerSet {
+    models: Vec<Box<dyn DeviceModel>>,
+    names: Vec<String>,
+    devices: Vec<Vec<String>>,
+    /// The server with `qemu_devices = ["*"]`, if any.
+    default_server: Option<u16>,
+}
+
+impl ServerSet {
+    fn build(cfg: &Config, opts: &ReplayOptions, cursor: &Shared) -> Result<Self, ReplayError> {
+        let mut set = ServerSet {
+            models: vec![],
+            names: vec![],
+            devices: vec![],
+            default_server: None,
+        };
+        for (i, s) in cfg.servers.iter().enumerate() {
+            let catch_all = s.qemu_devices.iter().any(|d| d == "*");
+            if catch_all {
+                // The topology has at most one (Config checks).
+                set.default_server = Some(i as u16);
+            }
+            set.names.push(s.name.clone());
+            set.devices.push(s.qemu_devices.clone());
+            let remote =
+                opts.dm_mode == DmMode::Process && s.kind == ServerKind::Trace && !catch_all;
+            if !remote {
+                set.models.push(build_model(s, cursor)?);
+            }
+        }
+        Ok(set)
+    }
+}
+
+impl Harness {
+    /// The simulated hypervisor, the engine over it with the in-process models, the trace
+    /// servers' processes (`--dm-mode process`), and the harness's view of them.
+    fn build(
+        cfg: &Config,
+        trace_path: &Path,
+        topology: &Path,
+        opts: &ReplayOptions,
+        reader: &TraceReader<impl std::io::Read>,
+    ) -> Result<(Harness, Option<Children>), ReplayError> {
+        let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
+        let backend = hv.create_server(BufioreqMode::Atomic)?;
+        let cursor: Shared = Arc::new(Cursor::default());
+        let set = ServerSet::build(cfg, opts, &cursor)?;
+        let mut engine = Engine::new(backend, set.models, &cfg.engine)?;
+        engine.backend().set_enabled(true)?;
+        let children = match opts.dm_mode {
+            DmMode::InProcess => None,
+            DmMode::Process => Some(Children::start(
+                &mut engine,
+                cfg,
+                trace_path,
+                topology,
+                opts.dm_exe.as_deref(),
+            )?),
+        };
+        let (engine_idx, by_engine) = engine_indices(&engine, &set.names)?;
+        let hidden = engine
+            .intercepts()
+            .snapshot()
+            .into_iter()
+            .filter(|(_, s, _)| s.phase == Phase::Instead)
+            .map(|(_, s, _)| (s.sbdf, s.offset, s.width))
+            .collect();
+        let remote = cfg
+            .servers
+            .iter()
+            .map(|s| children.as_ref().is_some_and(|c| c.has(&s.name)))
+            .collect();
+        let report = ReplayReport::new(
+            trace_path.display().to_string(),
+            topology.display().to_string(),
+            engine.chipset().to_string(),
+            opts.show,
+        );
+        let h = Harness {
+            by_engine,
+            remote,
+            engine,
+            hv,
+            cursor,
+            engine_idx,
+            names: set.names,
+            devices: set.devices,
+            default_server: set.default_server,
+            by_device: vec![],
+            bars: vec![],
+            port_bars: vec![],
+            hidden,
+            report,
+            served: vec![0; cfg.servers.len() + 1],
+            kinds: [0; 4],
+            device_lines: cfg
+                .servers
+                .iter()
+                .map(|s| cfg.qemu_device_lines(s))
+                .collect(),
+            strings: reader.strings().clone(),
+        };
+        Ok((h, children))
+    }
+
+    /// Replays every record (up to `limit` accesses), killing a trace server where the
+    /// options say (tests), and moving the progress bar.
+    fn replay_records(
+        &mut self,
+        reader: &mut TraceReader<impl std::io::Read>,
+        trace_path: &Path,
+        limit: u64,
+        opts: &ReplayOptions,
+        mut children: Option<&mut Children>,
+        bar: Option<&indicatif::ProgressBar>,
+    ) -> Result<(), ReplayError> {
+        loop {
+            let rec = match reader.next_record() {
+                Ok(Some(r)) => r,
+                Ok(None) => return refuse_empty(trace_path, self.report.accesses),
+                Err(source) => {
+                    return Err(ReplayError::Trace {
+                        path: trace_path.to_path_buf(),
+                        source,
+                    });
+                }
+            };
+            self.report.records += 1;
+            if reader.strings().len() != self.strings.len() {
+                self.strings = reader.strings().clone();
+            }
+            let (access, repeat) = match rec {
+                Record::Access { access, repeat } => (access, repeat),
+                Record::Bar(ev) => {
+                    self.bar(&ev);
+                    continue;
+                }
+            };
+            for _ in 0..repeat {
+                if self.report.accesses >= limit {
+                    return Ok(());
+                }
+                self.report.accesses += 1;
+                let n = self.report.accesses;
+                if let (Some((who, at)), Some(c)) = (&opts.kill, children.as_deref_mut()) {
+                    if *at == n {
+                        c.kill(who);
+                    }
+                }
+                self.access(n, &access)?;
+            }
+            if let Some(b) = bar {
+                if self.report.records % 4096 == 0 {
+                    b.set_position(self.report.accesses);
+                    b.set_message(format!("{} divergences", self.report.divergences));
+                }
+            }
+        }
+    }
+
+    /// After the trace: requests per server and per kind, the layout history, the engine's
+    /// and the simulated hypervisor's counters (its invariants checked), the causes grouped.
+    fn finish_report(&mut self) {
+        for (i, n) in self.served.iter().enumerate() {
+            let name = if i == 0 {
+                MUX_NAME.to_string()
+            } else {
+                self.names[i - 1].clone()
+            };
+            self.report.per_server.insert(name, *n);
+        }
+        for (k, n) in ["config-cf8", "config-ecam", "pio", "mmio"]
+            .iter()
+            .zip(self.kinds)
+        {
+            self.report.by_kind.insert(k.to_string(), n);
+        }
+        self.report.layout_events = self
+            .engine
+            .layout_history()
+            .iter()
+            .map(LayoutChange::from)
+            .collect();
+        self.report.engine = self.engine.stats().clone();
+        match self.hv.check() {
+            Ok(s) => self.report.sim = s,
+            Err(v) => {
+                self.report.sim = self.hv.stats();
+                let cause = Cause {
+                    kind: CauseKind::Invariant,
+                    target: "simulated hypervisor".into(),
+                    answered_by: None,
+                    expected: None,
+                    config: None,
+                };
+                self.report.add_divergences(&cause, 0, v.len() as u64);
+                self.report.invariant_violations = v;
+            }
+        }
+        self.report.finish_causes();
+    }
+}
+
+/// Each topology server's index in the engine, and for each engine index the topology
+/// server (none for the multiplexer itself).
+fn engine_indices(
+    engine: &Engine<SimBackend>,
+    names: &[String],
+) -> Result<(Vec<u16>, Vec<Option<u16>>), ReplayError> {
     let names_in_engine = engine.router().server_names().to_vec();
     let engine_idx = names
         .iter()
@@ -761,147 +967,11 @@ pub fn replay_with(
                 .ok_or_else(|| ReplayError::Topology(format!("server {n} missing")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let hidden = engine
-        .intercepts()
-        .snapshot()
-        .into_iter()
-        .filter(|(_, s, _)| s.phase == Phase::Instead)
-        .map(|(_, s, _)| (s.sbdf, s.offset, s.width))
-        .collect();
     let mut by_engine = vec![None; names_in_engine.len()];
     for (id, e) in engine_idx.iter().enumerate() {
         by_engine[usize::from(*e)] = Some(id as u16);
     }
-    let remote: Vec<bool> = cfg
-        .servers
-        .iter()
-        .map(|s| children.as_ref().is_some_and(|c| c.has(&s.name)))
-        .collect();
-    let chipset = engine.chipset().to_string();
-    let mut h = Harness {
-        by_engine,
-        remote,
-        engine,
-        hv: hv.clone(),
-        cursor,
-        engine_idx,
-        names,
-        devices,
-        default_server,
-        by_device: vec![],
-        bars: vec![],
-        port_bars: vec![],
-        hidden,
-        report: ReplayReport::new(
-            trace_path.display().to_string(),
-            topology.display().to_string(),
-            chipset,
-            show,
-        ),
-        served: vec![0; cfg.servers.len() + 1],
-        kinds: [0; 4],
-        device_lines: cfg
-            .servers
-            .iter()
-            .map(|s| cfg.qemu_device_lines(s))
-            .collect(),
-        strings: reader.strings().clone(),
-    };
-    let limit = limit.unwrap_or(u64::MAX);
-    let bar = progress.then(|| progress_bar(total.map(|t| t.min(limit))));
-    'records: loop {
-        let rec = match reader.next_record() {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                refuse_empty(trace_path, h.report.accesses)?;
-                break;
-            }
-            Err(source) => {
-                return Err(ReplayError::Trace {
-                    path: trace_path.to_path_buf(),
-                    source,
-                });
-            }
-        };
-        h.report.records += 1;
-        if reader.strings().len() != h.strings.len() {
-            h.strings = reader.strings().clone();
-        }
-        match rec {
-            Record::Access { access, repeat } => {
-                for _ in 0..repeat {
-                    if h.report.accesses >= limit {
-                        break 'records;
-                    }
-                    h.report.accesses += 1;
-                    let n = h.report.accesses;
-                    if let (Some((who, at)), Some(c)) = (&opts.kill, children.as_mut()) {
-                        if *at == n {
-                            c.kill(who);
-                        }
-                    }
-                    h.access(n, &access)?;
-                }
-                if let Some(b) = &bar {
-                    if h.report.records % 4096 == 0 {
-                        b.set_position(h.report.accesses);
-                        b.set_message(format!("{} divergences", h.report.divergences));
-                    }
-                }
-            }
-            Record::Bar(ev) => h.bar(&ev),
-        }
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    h.cursor.end();
-    if let Some(c) = children {
-        for (name, summary) in c.finish(&mut h.engine) {
-            if let Some(m) = summary {
-                merge_summary(&mut h.report, &name, m);
-            }
-        }
-    }
-    for (i, n) in h.served.iter().enumerate() {
-        let name = if i == 0 {
-            MUX_NAME.to_string()
-        } else {
-            h.names[i - 1].clone()
-        };
-        h.report.per_server.insert(name, *n);
-    }
-    for (k, n) in ["config-cf8", "config-ecam", "pio", "mmio"]
-        .iter()
-        .zip(h.kinds)
-    {
-        h.report.by_kind.insert(k.to_string(), n);
-    }
-    h.report.layout_events = h
-        .engine
-        .layout_history()
-        .iter()
-        .map(LayoutChange::from)
-        .collect();
-    h.report.engine = h.engine.stats().clone();
-    match h.hv.check() {
-        Ok(s) => h.report.sim = s,
-        Err(v) => {
-            h.report.sim = h.hv.stats();
-            let cause = Cause {
-                kind: CauseKind::Invariant,
-                target: "simulated hypervisor".into(),
-                answered_by: None,
-                expected: None,
-                config: None,
-            };
-            h.report.add_divergences(&cause, 0, v.len() as u64);
-            h.report.invariant_violations = v;
-        }
-    }
-    h.report.finish_causes();
-    h.report.elapsed_s = start.elapsed().as_secs_f64();
-    Ok((h.report, h.engine))
+    Ok((engine_idx, by_engine))
 }
 
 /// What a trace server in its own process reported: its mismatches (divergences) and the
