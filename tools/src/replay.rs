@@ -526,6 +526,28 @@ impl Harness {
 
     /// Replays one access; returns false on a fatal simulation error.
     fn access(&mut self, n: u64, a: &Access) -> Result<(), ReplayError> {
+        let Some(got) = self.round_trip(n, a)? else {
+            return Ok(());
+        };
+        let first_delivery = self.cursor.first_delivery();
+        let handler = self
+            .engine
+            .first_model_since_mark()
+            .and_then(|e| self.by_engine.get(usize::from(e)).copied().flatten());
+        self.count(a, handler);
+        if !self.value_matches(n, a, got, handler) {
+            return Ok(());
+        }
+        match a.config {
+            Some(c) => self.check_config_routing(n, a, &c, handler, first_delivery),
+            None => self.check_routing(n, a, handler),
+        }
+        Ok(())
+    }
+
+    /// The recorded access as the guest's ioreq, through the simulated hypervisor and the
+    /// engine: the value it completed with, or None (a divergence) if it was not completed.
+    fn round_trip(&mut self, n: u64, a: &Access) -> Result<Option<u64>, ReplayError> {
         let ty = if a.space == Space::Port {
             IoreqType::Pio
         } else {
@@ -533,39 +555,31 @@ impl Harness {
         };
         let dir = a.dir;
         let size = u32::from(a.size);
-        let mut req = Ioreq::new(
-            ty,
-            dir,
-            a.addr,
-            size,
-            if dir == Dir::Write { a.data } else { 0 },
-        );
+        let data = if dir == Dir::Write { a.data } else { 0 };
+        let mut req = Ioreq::new(ty, dir, a.addr, size, data);
         req.count = a.rep.max(1);
         self.cursor
             .begin(dir == Dir::Write, a.data, a.config.map(|c| c.reg));
         let vcpu = u32::from(a.vcpu);
         self.engine.mark();
-        let got = match self.hv.issue(vcpu, &req, false)? {
-            Issued::Done(v) => v,
+        match self.hv.issue(vcpu, &req, false)? {
+            Issued::Done(v) => Ok(Some(v)),
             Issued::Pending => {
                 self.engine
                     .poll(Some(Duration::ZERO))
                     .map_err(|e| ReplayError::Topology(e.to_string()))?;
-                match self.hv.collect(vcpu)? {
-                    Some(v) => v,
-                    None => {
-                        let what = "the engine did not complete the ioreq".to_string();
-                        self.diverge(n, a, (CauseKind::NotCompleted, None), what);
-                        return Ok(());
-                    }
+                let got = self.hv.collect(vcpu)?;
+                if got.is_none() {
+                    let what = "the engine did not complete the ioreq".to_string();
+                    self.diverge(n, a, (CauseKind::NotCompleted, None), what);
                 }
+                Ok(got)
             }
-        };
-        let first_delivery = self.cursor.first_delivery();
-        let handler = self
-            .engine
-            .first_model_since_mark()
-            .and_then(|e| self.by_engine.get(usize::from(e)).copied().flatten());
+        }
+    }
+
+    /// Counts the access for its server and its kind.
+    fn count(&mut self, a: &Access, handler: Option<u16>) {
         self.served[handler.map_or(0, |m| usize::from(m) + 1)] += 1;
         let kind = match (a.space, a.config.map(|c| c.path)) {
             (_, Some(trace::ConfigPath::Cf8)) => 0,
@@ -574,103 +588,116 @@ impl Harness {
             (Space::Mmio, None) => 3,
         };
         self.kinds[kind] += 1;
+    }
 
-        if dir == Dir::Read {
-            let mask = size_mask(size);
-            if got & mask != a.data & mask {
+    /// A read returned what was recorded (a divergence if not).
+    fn value_matches(&mut self, n: u64, a: &Access, got: u64, handler: Option<u16>) -> bool {
+        if a.dir != Dir::Read {
+            return true;
+        }
+        let mask = size_mask(u32::from(a.size));
+        if got & mask == a.data & mask {
+            return true;
+        }
+        let name = self.name_of(handler);
+        let what = format!(
+            "read returned {:#x}, recorded {:#x} (answered by {name})",
+            got & mask,
+            a.data & mask
+        );
+        self.diverge(n, a, (CauseKind::WrongValue, handler), what);
+        false
+    }
+
+    /// A configuration access reached the server that owns the recorded device (and, in
+    /// process, as the function and register QEMU routed), or nobody for an intercepted
+    /// register.
+    fn check_config_routing(
+        &mut self,
+        n: u64,
+        a: &Access,
+        c: &trace::ConfigAccess,
+        handler: Option<u16>,
+        first_delivery: Option<u64>,
+    ) {
+        let bdf = Sbdf::from_devfn(0, c.bdf.bus, c.bdf.devfn());
+        if self.is_hidden(bdf, c.reg, a.size) {
+            if handler.is_some() {
                 let name = self.name_of(handler);
-                let what = format!(
-                    "read returned {:#x}, recorded {:#x} (answered by {name})",
-                    got & mask,
-                    a.data & mask
-                );
-                self.diverge(n, a, (CauseKind::WrongValue, handler), what);
-                return Ok(());
+                let what = format!("intercepted register reached {name}");
+                self.diverge(n, a, (CauseKind::InterceptReachedModel, handler), what);
             }
+            return;
         }
-        // Routing.
-        match a.config {
-            Some(c) => {
-                let bdf = Sbdf::from_devfn(0, c.bdf.bus, c.bdf.devfn());
-                if self.is_hidden(bdf, c.reg, a.size) {
-                    if handler.is_some() {
-                        let name = self.name_of(handler);
-                        let what = format!("intercepted register reached {name}");
-                        self.diverge(n, a, (CauseKind::InterceptReachedModel, handler), what);
-                    }
-                    return Ok(());
-                }
-                let want = match c.device {
-                    Some(d) => self.server_for(d),
-                    None => None,
+        let want = c.device.and_then(|d| self.server_for(d));
+        match (handler, want, c.device) {
+            (None, None, None) => {}
+            (Some(h), _, None) if Some(h) == self.default_server => {}
+            (Some(h), Some(w), Some(_)) if h == w => {
+                // In-process trace servers report what they received; a server in its own
+                // process checks the request against its record itself.
+                let Some(first) = first_delivery else {
+                    return;
                 };
-                match (handler, want, c.device) {
-                    (None, None, None) => {}
-                    (Some(h), _, None) if Some(h) == self.default_server => {}
-                    (Some(h), Some(w), Some(_)) if h == w => {
-                        // In-process trace servers report what they received; a server in its
-                        // own process checks the request against its record itself.
-                        let Some(first) = first_delivery else {
-                            return Ok(());
-                        };
-                        let (sbdf, reg) = abi::split_pci_config_addr(first);
-                        if Sbdf::from_xen(sbdf) != bdf || reg != u32::from(c.reg) {
-                            let name = self.name_of(handler);
-                            let what = format!(
-                                "{name} got {} @{reg:#x}, QEMU routed {bdf} @{:#x}",
-                                Sbdf::from_xen(sbdf),
-                                c.reg
-                            );
-                            self.diverge(n, a, (CauseKind::WrongFunction, handler), what);
-                        }
-                    }
-                    (h, w, d) => {
-                        let what = format!(
-                            "answered by {}, expected {}",
-                            self.name_of(h),
-                            self.name_of(w)
-                        );
-                        self.diverge_to(n, a, (CauseKind::Misrouted, h), Some((w, d)), what);
-                    }
-                }
-            }
-            None => {
-                // Ports 0xcf8..0xcff outside a configuration access are the multiplexer's.
-                let own = a.space == Space::Port && (0xcf8..=0xcff).contains(&a.addr);
-                let (want, dev) = if own {
-                    (None, None)
-                } else {
-                    let bars = if a.space == Space::Port {
-                        &self.port_bars
-                    } else {
-                        &self.bars
-                    };
-                    let dev = bars
-                        .iter()
-                        .rev()
-                        .find(|b| b.base <= a.addr && a.addr <= b.last)
-                        .map(|b| b.device);
-                    let want = match (dev, a.region) {
-                        (Some(d), _) => self.server_for(d),
-                        // Recorded as answered by nobody (a project-made trace of a master
-                        // abort; QEMU always names a region, even 'io' for unassigned ports).
-                        (None, None) => None,
-                        (None, Some(_)) => self.default_server,
-                    };
-                    (want, dev)
-                };
-                if handler != want {
+                let (sbdf, reg) = abi::split_pci_config_addr(first);
+                if Sbdf::from_xen(sbdf) != bdf || reg != u32::from(c.reg) {
+                    let name = self.name_of(handler);
                     let what = format!(
-                        "answered by {}, expected {}",
-                        self.name_of(handler),
-                        self.name_of(want)
+                        "{name} got {} @{reg:#x}, QEMU routed {bdf} @{:#x}",
+                        Sbdf::from_xen(sbdf),
+                        c.reg
                     );
-                    let cause = (CauseKind::Misrouted, handler);
-                    self.diverge_to(n, a, cause, Some((want, dev)), what);
+                    self.diverge(n, a, (CauseKind::WrongFunction, handler), what);
                 }
             }
+            (h, w, d) => {
+                let what = format!(
+                    "answered by {}, expected {}",
+                    self.name_of(h),
+                    self.name_of(w)
+                );
+                self.diverge_to(n, a, (CauseKind::Misrouted, h), Some((w, d)), what);
+            }
         }
-        Ok(())
+    }
+
+    /// A port or MMIO access reached the server of the BAR it falls in (the catch-all server
+    /// for the rest; the multiplexer for the CF8/CFC ports).
+    fn check_routing(&mut self, n: u64, a: &Access, handler: Option<u16>) {
+        let config_ports =
+            u64::from(abi::PCI_CONFIG_ADDRESS_PORT)..=u64::from(abi::PCI_CONFIG_DATA_PORT) + 3;
+        let own = a.space == Space::Port && config_ports.contains(&a.addr);
+        let (want, dev) = if own {
+            (None, None)
+        } else {
+            let bars = if a.space == Space::Port {
+                &self.port_bars
+            } else {
+                &self.bars
+            };
+            let dev = bars
+                .iter()
+                .rev()
+                .find(|b| b.base <= a.addr && a.addr <= b.last)
+                .map(|b| b.device);
+            let want = match (dev, a.region) {
+                (Some(d), _) => self.server_for(d),
+                // Recorded as answered by nobody (a project-made trace of a master abort;
+                // QEMU always names a region, even 'io' for unassigned ports).
+                (None, None) => None,
+                (None, Some(_)) => self.default_server,
+            };
+            (want, dev)
+        };
+        if handler != want {
+            let what = format!(
+                "answered by {}, expected {}",
+                self.name_of(handler),
+                self.name_of(want)
+            );
+            let cause = (CauseKind::Misrouted, handler);
+            self.diverge_to(n, a, cause, Some((want, dev)), what);
+        }
     }
 }
 
