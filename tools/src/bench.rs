@@ -22,6 +22,7 @@ mod route;
 pub mod route_setup;
 mod util;
 
+use crate::out::Thousands;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -272,6 +273,19 @@ impl BenchReport {
             m.loadavg_1m,
             self.elapsed_s
         );
+        self.route_table(&mut s);
+        self.inprocess_table(&mut s);
+        self.oop_table(&mut s);
+        self.replay_table(&mut s);
+        self.targets_table(&mut s);
+        for e in &self.errors {
+            let _ = writeln!(s, "\nerror: {e}");
+        }
+        s
+    }
+
+    /// Section 1: route lookups, per grid cell.
+    fn route_table(&self, s: &mut String) {
         if let Some(cells) = &self.route_lookup {
             let _ = writeln!(
                 s,
@@ -294,6 +308,10 @@ impl BenchReport {
                 );
             }
         }
+    }
+
+    /// Section 2: the in-process path.
+    fn inprocess_table(&self, s: &mut String) {
         if let Some(p) = &self.inprocess {
             let _ = writeln!(
                 s,
@@ -301,10 +319,17 @@ impl BenchReport {
             );
             let _ = writeln!(
                 s,
-                "  multiplexer {:>12.0}\n  direct      {:>12.0}\n  ratio       {:>12.2}\n  ECAM reads through the multiplexer {:.0}/s",
-                p.mux_per_s, p.direct_per_s, p.ratio, p.mux_ecam_per_s
+                "  multiplexer {:>12}\n  direct      {:>12}\n  ratio       {:>12.2}\n  ECAM reads through the multiplexer {}/s",
+                per_s(p.mux_per_s),
+                per_s(p.direct_per_s),
+                p.ratio,
+                per_s(p.mux_ecam_per_s)
             );
         }
+    }
+
+    /// Section 3: the out-of-process round trips and their floors.
+    fn oop_table(&self, s: &mut String) {
         if let Some(o) = &self.oop {
             let d = &o.detail;
             let _ = writeln!(
@@ -353,18 +378,30 @@ impl BenchReport {
                 o.fixed_loaded_vs_unloaded_p99
             );
         }
+    }
+
+    /// Section 4: the replay against decode-only.
+    fn replay_table(&self, s: &mut String) {
         if let Some(r) = &self.replay {
-            let _ = writeln!(s, "\n4. Replay of the OVMF trace ({} accesses)", r.accesses);
             let _ = writeln!(
                 s,
-                "  replay       {:>12.0} accesses/s\n  decode only  {:>12.0} accesses/s\n  replay time / decode time {:.1}x\n  peak RSS of the replay {:.1} MiB (the binary doing nothing: {:.1} MiB)",
-                r.accesses_per_s,
-                r.decode_only_per_s,
+                "\n4. Replay of the OVMF trace ({} accesses)",
+                Thousands(r.accesses)
+            );
+            let _ = writeln!(
+                s,
+                "  replay       {:>12} accesses/s\n  decode only  {:>12} accesses/s\n  replay time / decode time {:.1}x\n  peak RSS of the replay {:.1} MiB (the binary doing nothing: {:.1} MiB)",
+                per_s(r.accesses_per_s),
+                per_s(r.decode_only_per_s),
                 r.replay_vs_decode,
                 r.peak_rss_mb,
                 r.baseline_rss_mb
             );
         }
+    }
+
+    /// The targets, met or missed.
+    fn targets_table(&self, s: &mut String) {
         if !self.targets.is_empty() {
             let _ = writeln!(s, "\nTargets");
             for t in &self.targets {
@@ -379,10 +416,6 @@ impl BenchReport {
                 );
             }
         }
-        for e in &self.errors {
-            let _ = writeln!(s, "\nerror: {e}");
-        }
-        s
     }
 }
 
@@ -473,4 +506,9 @@ pub fn run(a: &BenchArgs) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// A rate in the report's one number format (thousands separated), as text so that it pads.
+fn per_s(rate: f64) -> String {
+    Thousands(rate.round() as u64).to_string()
 }
