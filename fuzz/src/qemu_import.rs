@@ -13,7 +13,7 @@ use ioreq_mux::trace::{Record, Space, TraceReader};
 pub fn run(data: &[u8]) {
     let opts = |lenient| ImportOptions {
         lenient,
-        progress: false,
+        progress: None,
     };
     let (lenient, stats) = match import_reader(data, Vec::new(), "fuzz", &opts(true)) {
         Ok(x) => x,

@@ -26,24 +26,8 @@ macro_rules! outln {
     };
 }
 
-/// `12345678` -> `12,345,678`.
-/// Every count in a text report is written this way (JSON keeps plain numbers).
-#[derive(Debug, Clone, Copy)]
-pub struct Thousands(pub u64);
-
-impl std::fmt::Display for Thousands {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = self.0.to_string();
-        let mut out = String::with_capacity(s.len() + s.len() / 3);
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        f.pad(&out)
-    }
-}
+pub use ioreq_mux_trace::Thousands;
+use ioreq_mux_trace::{Progress, ProgressHandle};
 
 /// A progress display on stderr, ticking on its own: a bar with `with_total` as its template
 /// when the total is known, else a spinner with `without_total` (indicatif template syntax).
@@ -53,28 +37,67 @@ pub fn progress(
     with_total: &str,
     without_total: &str,
 ) -> indicatif::ProgressBar {
-    let (bar, template) = match total {
-        Some(n) => (indicatif::ProgressBar::new(n), with_total),
-        None => (indicatif::ProgressBar::new_spinner(), without_total),
+    let bar = indicatif::ProgressBar::hidden();
+    style(&bar, total, with_total, without_total);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+fn style(bar: &indicatif::ProgressBar, total: Option<u64>, with_total: &str, without_total: &str) {
+    let template = match total {
+        Some(n) => {
+            bar.set_length(n);
+            with_total
+        }
+        None => {
+            bar.unset_length();
+            without_total
+        }
     };
     bar.set_style(
         indicatif::ProgressStyle::with_template(template)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Thousands;
+/// The libraries' [`Progress`] drawn by indicatif with one command's templates.
+struct Bar {
+    bar: indicatif::ProgressBar,
+    with_total: &'static str,
+    without_total: &'static str,
+}
 
-    #[test]
-    fn thousands_separate_every_three_digits() {
-        assert_eq!(Thousands(0).to_string(), "0");
-        assert_eq!(Thousands(999).to_string(), "999");
-        assert_eq!(Thousands(1000).to_string(), "1,000");
-        assert_eq!(Thousands(13_768_544).to_string(), "13,768,544");
-        assert_eq!(format!("{:>8}", Thousands(1234)), "   1,234");
+impl Progress for Bar {
+    fn begin(&self, total: Option<u64>) {
+        style(&self.bar, total, self.with_total, self.without_total);
+        self.bar
+            .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        self.bar
+            .enable_steady_tick(std::time::Duration::from_millis(200));
     }
+    fn advance(&self, done: u64, note: &str) {
+        self.bar.set_position(done);
+        if !note.is_empty() {
+            self.bar.set_message(note.to_owned());
+        }
+    }
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// A progress display for a library pass, drawn only when stderr is a terminal.
+pub fn progress_handle(
+    with_total: &'static str,
+    without_total: &'static str,
+) -> Option<ProgressHandle> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        ProgressHandle(std::sync::Arc::new(Bar {
+            bar: indicatif::ProgressBar::hidden(),
+            with_total,
+            without_total,
+        }))
+    })
 }

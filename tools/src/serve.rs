@@ -75,7 +75,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_requests: Option<u64>,
     /// Stop cleanly after this long: `90`, `90s`, `500ms`, `5m` (tests).
-    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    #[arg(long, value_name = "TIME", value_parser = crate::config::parse_duration)]
     pub duration: Option<Duration>,
     /// Listen here for device models in their own processes (`kind = "process"` servers of
     /// the configuration; docs/dm-protocol.md).
@@ -88,24 +88,6 @@ pub struct ServeArgs {
     /// After setup, chroot here (an empty directory is best).
     #[arg(long, value_name = "DIR")]
     pub chroot: Option<PathBuf>,
-}
-
-/// `90`, `90s`, `500ms`, `5m`, `1h`.
-pub fn parse_duration(t: &str) -> Result<Duration, String> {
-    let t = t.trim();
-    let (num, unit) = t
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((t, ""), |i| t.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{t}' is not a duration (e.g. 90s, 500ms, 5m)"))?;
-    Ok(match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("unknown unit '{other}' in '{t}' (ms, s, m, h)")),
-    })
 }
 
 /// Tells systemd (`Type=notify`) about our state, if it started us.
@@ -545,16 +527,6 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         serve: ServeArgs,
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("s").is_err());
     }
 
     #[test]

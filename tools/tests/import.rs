@@ -46,7 +46,7 @@ fn import(log: &str, lenient: bool) -> Result<(Vec<u8>, ImportStats), ImportErro
         "snippet",
         &ImportOptions {
             lenient,
-            progress: false,
+            progress: None,
         },
     )
 }

@@ -27,11 +27,17 @@
 //! class = 0xff0000
 //! bars = [{ kind = "mem32", size = 4096 }]
 //! ```
+//!
+//! Also here: [`diagnostic`], how an error points into the file, and [`dm_socket`], the
+//! device-model socket's policy (who may connect and claim what) taken from this file.
+
+pub mod diagnostic;
+pub mod dm_socket;
 
 use crate::diagnostic::{Diagnostic, Mark, first_line, line_of};
-use crate::engine::EngineConfig;
-use crate::models::{EmulatedModel, FunctionSpec, Placement, SpecError};
 use bdf_router::Sbdf;
+use ioreq_mux_engine::EngineConfig;
+use ioreq_mux_models::{EmulatedModel, FunctionSpec, Placement, SpecError};
 use ioreq_server::{Claim, IoRange, Position, RangeKind};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
@@ -39,6 +45,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thiserror::Error;
 use toml::Spanned;
 
@@ -383,7 +390,7 @@ fn topology_text(file: &Path, bytes: Vec<u8>) -> Result<String, ConfigError> {
         file: file.to_path_buf(),
         why,
     };
-    if crate::trace::looks_like_zstd(&bytes) {
+    if ioreq_mux_trace::looks_like_zstd(&bytes) {
         return Err(not(
             "it is zstd-compressed (an ioreq-mux trace or a compressed QEMU log?); a topology \
              is a TOML text file, given with --topology, the trace goes first"
@@ -606,8 +613,8 @@ fn check_claims(
     windows: &[(bdf_router::EcamWindow, Range<usize>)],
 ) -> Result<(), ConfigError> {
     let mut router = bdf_router::Router::new();
-    let mux = router.add_server(crate::engine::MUX_NAME);
-    let _ = router.claim(mux, &Claim::Range(crate::engine::config_ports()));
+    let mux = router.add_server(ioreq_mux_engine::MUX_NAME);
+    let _ = router.claim(mux, &Claim::Range(ioreq_mux_engine::config_ports()));
     for (w, _) in windows {
         let _ = router.replace_window(None, Some(*w));
     }
@@ -680,7 +687,7 @@ fn claim_refused(
             let msg = format!("{who}: {claim} requested by {name} is already owned by {owner}");
             let help = format!(
                 "{} is the multiplexer's own (configuration ports)",
-                crate::engine::config_ports()
+                ioreq_mux_engine::config_ports()
             );
             src.at(this.span.clone(), msg, "").with_help(help)
         }
@@ -892,7 +899,7 @@ impl Source<'_> {
         let Some(d) = &s.deadline else {
             return Ok(None);
         };
-        crate::serve::parse_duration(d.get_ref())
+        parse_duration(d.get_ref())
             .map(Some)
             .map_err(|m| self.error(d.span(), format!("{who}: deadline: {m}"), ""))
     }
@@ -942,9 +949,37 @@ impl fmt::Display for Server {
     }
 }
 
+/// `90`, `90s`, `500ms`, `5m`, `1h`.
+pub fn parse_duration(t: &str) -> Result<Duration, String> {
+    let t = t.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{t}' is not a duration (e.g. 90s, 500ms, 5m)"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown unit '{other}' in '{t}' (ms, s, m, h)")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("t.toml"), t)
@@ -1329,14 +1364,14 @@ bars = [{ kind = "mem32", size = 4096 }]
              [server.function.\"00:07.0\"]\nvendor = 1\ndevice = 2\npcie = true\naer = false\n",
         )
         .unwrap();
-        let f: Vec<crate::models::PciFunction> = c.servers[0]
+        let f: Vec<ioreq_mux_models::PciFunction> = c.servers[0]
             .functions
             .iter()
-            .map(|(_, spec)| crate::models::PciFunction::new(spec))
+            .map(|(_, spec)| ioreq_mux_models::PciFunction::new(spec))
             .collect();
         assert_eq!(f[0].config_size(), 0x100, "conventional unless pcie = true");
         assert_eq!(f[1].config_size(), 0x1000);
-        assert_eq!(f[1].aer_offset(), Some(crate::models::AER_OFFSET));
+        assert_eq!(f[1].aer_offset(), Some(ioreq_mux_models::AER_OFFSET));
         assert_eq!(f[2].aer_offset(), None);
     }
 

@@ -275,7 +275,7 @@ impl std::error::Error for NoAer {}
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::models::{
+    use crate::{
         AER_OFFSET, DSN_OFFSET, FunctionKind, FunctionSpec, PCI_EXT_CAP_ID_DSN, PciFunction,
     };
     use proptest::prelude::*;

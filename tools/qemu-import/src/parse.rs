@@ -1,7 +1,7 @@
 //! Parsing one line of QEMU's `log` trace backend output (hand-written for speed: the SeaBIOS
 //! log is 13.8 M lines).
 
-use crate::trace::{BarEventKind, Bdf, Dir};
+use ioreq_mux_trace::{BarEventKind, Bdf, Dir};
 
 /// One parsed line. Byte slices borrow from the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! What an import saw and wrote: [`ImportStats`] (JSON via serde, human summary via `Display`).
 
-use crate::trace::TraceSummary;
+use ioreq_mux_trace::TraceSummary;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -227,7 +227,7 @@ impl Anomalies {
     }
 }
 
-pub(crate) use crate::out::Thousands;
+pub(crate) use ioreq_mux_trace::Thousands;
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)

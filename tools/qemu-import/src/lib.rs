@@ -1,6 +1,6 @@
 //! Converts a QEMU trace log (the `log` trace backend with the `memory_region_ops_read/write`,
 //! `pci_cfg_read/write` and `pci_update_mappings_add/del` events enabled) into the project's
-//! trace format ([`crate::trace`]).
+//! trace format ([`ioreq_mux_trace`]).
 //!
 //! The log is streamed line by line (plain text or zstd, detected by its magic bytes) in
 //! bounded memory. What the importer decides, and how (see also `docs/trace-format.md`):
@@ -34,20 +34,20 @@ pub use stats::{
     AccessCounts, Anomalies, ConfigCounts, ImportStats, MappingCounts, PathCounts, RegionStats,
 };
 
-use crate::trace::{
-    Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, Record, Space, StrId,
-    TraceError, TraceMeta, TraceWriter,
-};
 use bdf_router::ecam::ECAM_BUS_SIZE;
 use bdf_router::{Cf8Latch, EcamWindow, Sbdf};
 use chipset_intercept::q35::pciexbar_window;
 use chipset_intercept::registers::{MCH_PCIEXBAR, MCH_PCIEXBAR_SIZE, Q35_MCH_DEVFN};
+use ioreq_mux_trace::{
+    Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, ProgressHandle, Record,
+    Space, StrId, Thousands, TraceError, TraceMeta, TraceWriter,
+};
 use ioreq_server::abi::PCI_CONFIG_DATA_PORT;
 use parse::Event;
 use stats::MAX_EXAMPLES;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -61,32 +61,15 @@ const PORT_SPACE_END: u64 = 0x1_0000;
 /// Largest ECAM window (256 buses); used to guess the window base when PCIEXBAR was not seen.
 const ECAM_MAX_SIZE: u64 = 256 * ECAM_BUS_SIZE;
 
-/// `import-qemu-trace` arguments.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ImportArgs {
-    /// QEMU trace log (QEMU's `log` trace backend output), plain text or zstd-compressed
-    /// (detected by magic bytes)
-    pub input: PathBuf,
-    /// Trace to write (the ioreq-mux trace format; conventionally NAME.trace.zst)
-    #[arg(short, long)]
-    pub output: PathBuf,
-    /// Count and skip malformed lines instead of stopping at the first one
-    #[arg(long)]
-    pub lenient: bool,
-    /// Print the import statistics as JSON on stdout instead of the human summary
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// Options of [`import_file`] / [`import_reader`].
 #[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
     /// Count and skip malformed lines (the first few are kept in
     /// [`ImportStats::malformed_examples`]) instead of failing.
     pub lenient: bool,
-    /// Show a progress bar on stderr ([`import_file`] only; [`run`] enables it when stderr is a
-    /// terminal).
-    pub progress: bool,
+    /// Where to report progress (bytes of log text read, against the text's size when known;
+    /// [`import_file`] only). The command-line tool passes a bar when stderr is a terminal.
+    pub progress: Option<ProgressHandle>,
 }
 
 /// Why an import failed.
@@ -110,17 +93,6 @@ pub enum ImportError {
     },
     #[error("writing the trace failed: {0}")]
     Trace(#[from] TraceError),
-}
-
-/// Imports `args.input` into `args.output` and returns the statistics. A progress bar is drawn
-/// on stderr when it is a terminal. Nothing is printed on stdout: the caller prints the summary
-/// (the `Display` of [`ImportStats`], or its JSON when `args.json`).
-pub fn run(args: &ImportArgs) -> Result<ImportStats, ImportError> {
-    let opts = ImportOptions {
-        lenient: args.lenient,
-        progress: io::stderr().is_terminal(),
-    };
-    import_file(&args.input, &args.output, &opts)
 }
 
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -150,8 +122,8 @@ fn open_log(path: &Path) -> Result<OpenLog, ImportError> {
     let n = head.len().min(4);
     magic[..n].copy_from_slice(&head[..n]);
     let skippable = u32::from_le_bytes(magic) & 0xffff_fff0 == 0x184d_2a50;
-    if u32::from_le_bytes(magic) == crate::trace::HEADER_FRAME_MAGIC
-        && head.get(8..16) == Some(&crate::trace::MAGIC[..])
+    if u32::from_le_bytes(magic) == ioreq_mux_trace::HEADER_FRAME_MAGIC
+        && head.get(8..16) == Some(&ioreq_mux_trace::MAGIC[..])
     {
         return Err(ImportError::NotALog {
             path: path.to_path_buf(),
@@ -219,7 +191,10 @@ pub fn import_file(
         compressed,
         text_bytes,
     } = open_log(input)?;
-    let progress = opts.progress.then(|| Progress::new(text_bytes));
+    let progress = opts.progress.clone();
+    if let Some(p) = &progress {
+        p.begin(text_bytes);
+    }
     let tmp = tmp_path(output);
     let file = File::create(&tmp).map_err(|source| ImportError::Create {
         path: tmp.clone(),
@@ -278,7 +253,7 @@ pub fn import_file(
         Ok(stats)
     })();
     if let Some(p) = &progress {
-        p.bar.finish_and_clear();
+        p.finish();
     }
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -315,28 +290,9 @@ pub fn import_reader<R: BufRead, W: Write>(
     Ok((w, stats))
 }
 
-/// The import's progress on stderr: bytes of log text read (after decompression) against
-/// the text's size when known (a bar with a percentage), else a spinner with bytes and lines.
-struct Progress {
-    bar: indicatif::ProgressBar,
-}
-
-impl Progress {
-    fn new(text_bytes: Option<u64>) -> Self {
-        let bar = crate::out::progress(
-            text_bytes,
-            "{spinner} [{elapsed_precise}] {wide_bar} {percent}% {bytes}/{total_bytes} of log \
-             text ({bytes_per_sec}, eta {eta}) {msg}",
-            "{spinner} [{elapsed_precise}] {bytes} of log text ({bytes_per_sec}) {msg}",
-        );
-        Progress { bar }
-    }
-
-    fn update(&self, text_bytes: u64, lines: u64) {
-        self.bar.set_position(text_bytes);
-        self.bar
-            .set_message(format!("{} lines", crate::out::Thousands(lines)));
-    }
+/// The import's progress: bytes of log text read (after decompression), and lines.
+fn report_progress(p: &ProgressHandle, text_bytes: u64, lines: u64) {
+    p.advance(text_bytes, &format!("{} lines", Thousands(lines)));
 }
 
 fn truncate_line(line: &[u8]) -> String {
@@ -350,7 +306,7 @@ fn import_inner<R: BufRead, W: Write>(
     output: W,
     meta: &TraceMeta,
     opts: &ImportOptions,
-    progress: Option<&Progress>,
+    progress: Option<&ProgressHandle>,
     stats: &mut ImportStats,
 ) -> Result<W, ImportError> {
     let mut imp = Importer::new(TraceWriter::new(output, meta)?, std::mem::take(stats));
@@ -369,7 +325,7 @@ fn import_inner<R: BufRead, W: Write>(
         imp.line += 1;
         imp.stats.log_bytes += n as u64;
         match progress {
-            Some(p) if imp.line & 0xffff == 0 => p.update(imp.stats.log_bytes, imp.line),
+            Some(p) if imp.line & 0xffff == 0 => report_progress(p, imp.stats.log_bytes, imp.line),
             _ => {}
         }
         let text = match line.last() {

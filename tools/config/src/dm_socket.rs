@@ -12,9 +12,9 @@
 //! The socket machinery (accept, SO_PEERCRED, descriptor passing, the request path) is
 //! [`ioreq_server::oop`]; this module is the [`Host`] the listener calls.
 
-use crate::config::{Config, Server, ServerKind};
-use crate::engine::{Control, ControlSender, Grant};
+use crate::{Config, Server, ServerKind};
 use crossbeam_channel::RecvTimeoutError;
+use ioreq_mux_engine::{Control, ControlSender, Grant};
 use ioreq_server::oop::RemoteOptions;
 use ioreq_server::oop::server::{DmListener, DmopError, Host, ServerOptions, ServerStatus};
 use ioreq_server::oop::sys::PeerCred;
@@ -236,7 +236,7 @@ pub struct DmSocket {
 
 impl DmSocket {
     /// Listens on `path` for the servers `policies` allow, adding them to the engine behind
-    /// `control` (from [`crate::engine::Engine::control`]). `nr_vcpus` is the guest's.
+    /// `control` (from [`ioreq_mux_engine::Engine::control`]). `nr_vcpus` is the guest's.
     pub fn start(
         path: &Path,
         policies: Vec<Policy>,
@@ -357,8 +357,8 @@ device = 0x29c0
     /// reach the grant and the request path; other servers keep the listener's defaults.
     #[test]
     fn guest_memory_and_deadline_from_the_configuration() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/xen-e2e-front.toml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../configs/xen-e2e-front.toml");
         let cfg = Config::load(&path).unwrap();
         let pols = policies(&cfg);
         let qemu = pols.iter().find(|p| p.name == "qemu").unwrap();

@@ -13,6 +13,7 @@
 //! [`TraceReader::string`] to resolve names. Reading allocates nothing per record.
 
 mod codec;
+pub mod counts;
 mod reader;
 mod writer;
 
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io;
 
+pub use counts::{Progress, ProgressHandle, Thousands};
 pub use reader::{StringTable, TraceContents, TraceReader, looks_like_zstd};
 pub use writer::{DEFAULT_LEVEL, TraceSummary, TraceWriter};
 

@@ -1,0 +1,358 @@
+//! The engine's own tests: chipset detection, PM blocks, guest buffers, extended registers
+//! and the control channel, through the simulated hypervisor.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+use super::*;
+use chipset_intercept::Phase;
+use ioreq_server::bufioreq::BufioreqMode;
+use ioreq_server::sim::{Issued, SimBackend, SimHypervisor};
+use ioreq_server::{Dir, DmControl, DmError, Ioreq, IoreqType, RangeKind, abi};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What a [`Chip`] saw: every request, and whether its own PM-block claim succeeded.
+#[derive(Default)]
+struct Seen {
+    requests: Vec<Ioreq>,
+    pm_claims: Vec<Result<(), ClaimError>>,
+}
+
+/// An i440FX + PIIX3 + PIIX4 as QEMU is in Xen: owns bus 0's chipset functions, answers
+/// their IDs, and while the guest enables PIIX4's PM I/O space maps the PM block's
+/// registers itself, one range each, moving them with PMBA (QEMU's memory listener does,
+/// during the config write).
+struct Chip {
+    name: &'static str,
+    claims: Vec<Claim>,
+    pmba: u64,
+    pm_enabled: bool,
+    /// Answer IDs no chipset has.
+    unknown_ids: bool,
+    seen: Arc<Mutex<Seen>>,
+}
+
+fn chip(name: &'static str, claims: Vec<Claim>) -> (Chip, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let c = Chip {
+        name,
+        claims,
+        pmba: 1,
+        pm_enabled: false,
+        unknown_ids: false,
+        seen: seen.clone(),
+    };
+    (c, seen)
+}
+
+const PIIX4_PM: &str = "00:01.3";
+/// QEMU's PIIX4 PM registers inside the block: PM1a event, control, timer.
+const PM_PIECES: [(u16, u16); 3] = [(0, 3), (4, 5), (8, 0xb)];
+
+impl Chip {
+    /// Maps or unmaps the PM registers at the current base; records each result.
+    fn pm_regions(&mut self, map: bool, ctl: &mut dyn DmControl) {
+        let base = (self.pmba & 0xffc0) as u16;
+        for (a, b) in PM_PIECES {
+            let c = Claim::Range(IoRange::ports(base + a, base + b));
+            let r = if map { ctl.map(c) } else { ctl.unmap(c) };
+            self.seen.lock().unwrap().pm_claims.push(r);
+        }
+    }
+}
+
+impl DeviceModel for Chip {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
+        ctl.map_all(&self.claims)
+    }
+    fn handle(&mut self, _: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError> {
+        self.seen.lock().unwrap().requests.push(*req);
+        if req.ty != IoreqType::PciConfig {
+            return Ok(0x5a);
+        }
+        let (sbdf, reg) = abi::split_pci_config_addr(req.addr);
+        let f = Sbdf::from_xen(sbdf).to_string();
+        let pm = f == format!("0000:{PIIX4_PM}");
+        match (req.dir, f.as_str(), reg) {
+            (Dir::Read, _, 0) if self.unknown_ids => Ok(0x1234_1af4),
+            (Dir::Read, "0000:00:00.0", 0) => Ok(0x1237_8086),
+            (Dir::Read, "0000:00:01.0", 0) => Ok(0x7000_8086),
+            (Dir::Read, _, 0) if pm => Ok(0x7113_8086),
+            (Dir::Read, _, 0x40) if pm => Ok(self.pmba),
+            (Dir::Write, _, 0x40) if pm => {
+                if self.pm_enabled {
+                    self.pm_regions(false, ctl);
+                }
+                self.pmba = req.data;
+                if self.pm_enabled {
+                    self.pm_regions(true, ctl);
+                }
+                Ok(0)
+            }
+            (Dir::Write, _, 0x80) if pm => {
+                let on = req.data & 1 != 0;
+                if on != self.pm_enabled {
+                    self.pm_enabled = on;
+                    self.pm_regions(on, ctl);
+                }
+                Ok(0)
+            }
+            _ => Ok(0),
+        }
+    }
+}
+
+fn engine(pm: Phase) -> (SimHypervisor, Engine<SimBackend>) {
+    let hv = SimHypervisor::new(2, Duration::from_secs(5));
+    let backend = hv.create_server(BufioreqMode::Off).unwrap();
+    let cfg = EngineConfig {
+        intercepts: InterceptConfig {
+            pm: Some(pm),
+            ..InterceptConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    let e = Engine::new(backend, vec![], &cfg).unwrap();
+    hv.set_server_enabled(e.backend().id(), true).unwrap();
+    (hv, e)
+}
+
+/// One guest access through the simulated hypervisor and the engine.
+fn access(hv: &SimHypervisor, e: &mut Engine<SimBackend>, req: Ioreq) -> u64 {
+    match hv.issue(0, &req, false).unwrap() {
+        Issued::Done(v) => v,
+        Issued::Pending => {
+            e.poll(Some(Duration::ZERO)).unwrap();
+            hv.collect(0)
+                .unwrap()
+                .expect("the engine completed the access")
+        }
+    }
+}
+
+fn cfg_write(hv: &SimHypervisor, e: &mut Engine<SimBackend>, f: &str, reg: u8, size: u32, v: u64) {
+    let s: Sbdf = f.parse().unwrap();
+    let cf8 = 0x8000_0000 | s.to_xen() << 8 | u32::from(reg & 0xfc);
+    access(
+        hv,
+        e,
+        Ioreq::new(IoreqType::Pio, Dir::Write, 0xcf8, 4, cf8.into()),
+    );
+    let port = 0xcfc + u64::from(reg & 3);
+    access(hv, e, Ioreq::new(IoreqType::Pio, Dir::Write, port, size, v));
+}
+
+/// A read of the CF8 latch: an access that reaches the engine and no model.
+fn cf8_read() -> Ioreq {
+    Ioreq::new(IoreqType::Pio, Dir::Read, 0xcf8, 4, 0)
+}
+
+fn segment0() -> Claim {
+    Claim::Range(IoRange::new(RangeKind::Pci, 0, 0xffff))
+}
+
+/// QEMU joins after the engine started (through the device-model socket): nothing knew the
+/// chipset then. It is detected at the first guest access after QEMU claimed functions,
+/// not while QEMU is still setting up (it serves nothing until its main loop runs).
+#[test]
+fn a_chipset_that_joins_later_is_detected_at_the_next_guest_access() {
+    let (hv, mut e) = engine(Phase::Before);
+    assert_eq!(e.chipset(), Chipset::Unknown);
+    let (qemu, seen) = chip("qemu", vec![segment0()]);
+    e.add_model_granted(Box::new(qemu), None).unwrap();
+    assert_eq!(e.chipset(), Chipset::Unknown);
+    assert!(
+        seen.lock().unwrap().requests.is_empty(),
+        "probed during attach"
+    );
+    access(&hv, &mut e, cf8_read());
+    assert_eq!(e.chipset(), Chipset::I440fx);
+    assert!(
+        !e.intercepts().snapshot().is_empty(),
+        "PIIX4 PM intercept installed"
+    );
+    // Once known, nothing probes again.
+    let n = seen.lock().unwrap().requests.len();
+    access(&hv, &mut e, cf8_read());
+    assert_eq!(seen.lock().unwrap().requests.len(), n);
+    assert!(hv.check().is_ok());
+}
+
+/// Nobody owns a known chipset: detection runs once per change of PCI claims, not at every
+/// access.
+#[test]
+fn detection_waits_for_new_claims() {
+    let (hv, mut e) = engine(Phase::Before);
+    let (mut other, seen) = chip("other", vec![segment0()]);
+    other.unknown_ids = true;
+    e.add_model_granted(Box::new(other), None).unwrap();
+    access(&hv, &mut e, cf8_read());
+    let probes = seen.lock().unwrap().requests.len();
+    assert!(probes > 0);
+    assert_eq!(e.chipset(), Chipset::Unknown);
+    for _ in 0..3 {
+        access(&hv, &mut e, cf8_read());
+    }
+    assert_eq!(
+        seen.lock().unwrap().requests.len(),
+        probes,
+        "probed again without new claims"
+    );
+    let (late, _) = chip("late", vec![Claim::Range(IoRange::pci(0x1_0000))]);
+    e.add_model_granted(Box::new(late), None).unwrap();
+    access(&hv, &mut e, cf8_read());
+    assert_eq!(
+        seen.lock().unwrap().requests.len(),
+        2 * probes,
+        "a new claim: probed again"
+    );
+}
+
+/// hvmloader's PM base (PMBA 0xb001, then PMREGMISC enable) with a `before` intercept: the
+/// block is claimed for QEMU before QEMU sees the enabling write, and QEMU's own maps of
+/// its registers inside it during that write find them in place instead of failing.
+#[test]
+fn pm_block_before_the_model_then_the_model_maps_it_too() {
+    let (hv, mut e) = engine(Phase::Before);
+    let (qemu, seen) = chip("qemu", vec![segment0()]);
+    let q = e.add_model_granted(Box::new(qemu), None).unwrap();
+    cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xb001);
+    cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 1);
+    assert_eq!(e.chipset(), Chipset::I440fx);
+    let block = IoRange::ports(0xb000, 0xb03f);
+    assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(()); 3]);
+    assert!(e.router().holds_exactly(q, &block));
+    let claimed = hv.server_ranges(e.backend().id(), RangeKind::Port);
+    assert!(claimed.contains(&(0xb000, 0xb03f)), "{claimed:x?}");
+    assert!(
+        e.layout_history()
+            .iter()
+            .any(|ev| matches!(ev, LayoutEvent::PmBlock { new: Some(r), .. } if *r == block))
+    );
+    // A port access there reaches QEMU.
+    assert_eq!(
+        access(
+            &hv,
+            &mut e,
+            Ioreq::new(IoreqType::Pio, Dir::Read, 0xb004, 2, 0)
+        ),
+        0x5a
+    );
+    // The guest moves the block: the engine's claim moves with it (before QEMU moves its
+    // registers: its unmaps of the old ones are refused, its maps of the new ones are in
+    // place).
+    cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xc001);
+    assert!(e.router().holds_exactly(q, &IoRange::ports(0xc000, 0xc03f)));
+    assert!(e.router().port_owner(0xb000, 0xb000).is_none());
+    assert_eq!(
+        hv.server_ranges(e.backend().id(), RangeKind::Port)
+            .iter()
+            .filter(|r| r.0 >= 0xb000)
+            .count(),
+        1
+    );
+    let claims = seen.lock().unwrap().pm_claims.clone();
+    assert_eq!(
+        claims[6..].iter().filter(|r| r.is_ok()).count(),
+        3,
+        "{claims:?}"
+    );
+    assert!(hv.check().is_ok());
+}
+
+/// With an `after` intercept the model maps the block first; the intercept finds it in
+/// place and neither claims nor later releases it.
+#[test]
+fn pm_block_after_a_model_that_mapped_it_itself() {
+    let (hv, mut e) = engine(Phase::After);
+    let (qemu, seen) = chip("qemu", vec![segment0()]);
+    let q = e.add_model_granted(Box::new(qemu), None).unwrap();
+    cfg_write(&hv, &mut e, PIIX4_PM, 0x40, 4, 0xb001);
+    cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 1);
+    assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(()); 3]);
+    assert!(e.router().holds_exactly(q, &IoRange::ports(0xb004, 0xb005)));
+    assert!(!e.router().holds_exactly(q, &IoRange::ports(0xb000, 0xb03f)));
+    assert!(
+        !e.layout_history()
+            .iter()
+            .any(|ev| ev.to_string().starts_with("refused"))
+    );
+    // Disabling: the model's own claims stay the model's business (it unmaps them).
+    cfg_write(&hv, &mut e, PIIX4_PM, 0x80, 1, 0);
+    assert_eq!(seen.lock().unwrap().pm_claims, vec![Ok(()); 6]);
+    assert!(e.router().port_owner(0xb004, 0xb005).is_none());
+    assert!(hv.check().is_ok());
+}
+
+/// A rep string access through a guest buffer reaches a model that maps guest memory,
+/// unchanged (the pointer in `data`); any other model never sees it.
+#[test]
+fn guest_buffers_reach_only_models_that_map_guest_memory() {
+    let (_hv, mut e) = engine(Phase::After);
+    let (qemu, qseen) = chip("qemu", vec![Claim::Range(IoRange::ports(0x1f0, 0x1f7))]);
+    let grant = Grant {
+        ranges: vec![IoRange::ports(0, 0xffff)],
+        guest_memory: true,
+        ..Grant::default()
+    };
+    e.add_model_granted(Box::new(qemu), Some(grant)).unwrap();
+    let (other, oseen) = chip("other", vec![Claim::Range(IoRange::ports(0x170, 0x177))]);
+    e.add_model_granted(Box::new(other), None).unwrap();
+    let mut insw = Ioreq::new(IoreqType::Pio, Dir::Read, 0x1f0, 2, 0x0012_3000);
+    insw.count = 256;
+    insw.data_is_ptr = true;
+    e.handle(0, &insw);
+    let got = qseen.lock().unwrap().requests.clone();
+    assert_eq!(got, vec![insw], "QEMU gets the request as Xen sent it");
+    let mut other_insw = insw;
+    other_insw.addr = 0x170;
+    e.handle(0, &other_insw);
+    assert!(oseen.lock().unwrap().requests.is_empty());
+    assert_eq!(e.stats().data_ptr_unsupported, 1);
+}
+
+/// A model with conventional PCI's 256 bytes (QEMU) is never asked past them: extended
+/// registers read all ones and writes are dropped, counted apart from master aborts.
+#[test]
+fn extended_registers_of_a_256_byte_model_never_reach_it() {
+    let (_hv, mut e) = engine(Phase::After);
+    let (qemu, seen) = chip("qemu", vec![Claim::Range(IoRange::pci(0x08))]);
+    let grant = Grant {
+        ranges: vec![IoRange::new(RangeKind::Pci, 0, 0xffff)],
+        config_space: Some(0x100),
+        ..Grant::default()
+    };
+    e.add_model_granted(Box::new(qemu), Some(grant)).unwrap();
+    let (pcie, pseen) = chip("pcie", vec![Claim::Range(IoRange::pci(0x10))]);
+    e.add_model_granted(Box::new(pcie), None).unwrap();
+    let read = |sbdf: u32, reg: u32| Ioreq::pci_config(sbdf, reg, Dir::Read, 4, 0);
+    assert_eq!(e.handle(0, &read(0x08, 0x100)), 0xffff_ffff);
+    e.handle(0, &Ioreq::pci_config(0x08, 0x148, Dir::Write, 4, 0x1234));
+    assert!(seen.lock().unwrap().requests.is_empty());
+    assert_eq!(e.stats().beyond_config_space, 2);
+    assert_eq!(e.stats().master_aborts, 0);
+    e.handle(0, &read(0x08, 0xfc));
+    assert_eq!(seen.lock().unwrap().requests.len(), 1, "0xfc is inside");
+    // A model with 4 KiB (the default) gets its extended registers.
+    e.handle(0, &read(0x10, 0x100));
+    assert_eq!(pseen.lock().unwrap().requests.len(), 1);
+}
+
+/// A control message rings the engine's wake fd; applying it clears the fd.
+#[test]
+fn control_messages_wake_a_sleeping_backend() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let (_hv, mut e) = engine(Phase::After);
+    let readable = |e: &Engine<SimBackend>| {
+        let mut fds = [PollFd::new(e.control_wake_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+    };
+    let tx = e.control();
+    assert!(!readable(&e));
+    tx.send(Control::Remove { model: 7 }).unwrap();
+    assert!(readable(&e));
+    e.poll(Some(Duration::ZERO)).unwrap();
+    assert!(!readable(&e));
+}
