@@ -26,8 +26,8 @@ use crate::{Bytes, merge_ranges, size_from};
 use bdf_router::{EcamWindow, Sbdf};
 use chipset_intercept::registers::{PCIEXBAR_DEFAULT, PCIEXBAR_WMASK};
 use chipset_intercept::{Chipset, InterceptConfig, LayoutEvent, Phase};
-use ioreq_mux::engine::{Engine, EngineConfig, MUX, PciClaims};
-use ioreq_mux::models::{
+use ioreq_mux_engine::{Engine, EngineConfig, MUX, PciClaims};
+use ioreq_mux_models::{
     BarKind, DeliveryLog, EmulatedModel, FunctionKind, FunctionSpec, Placement,
 };
 use ioreq_server::abi::{self, IOREQ_SIZE};

@@ -7,8 +7,8 @@
 //! every access in it is well formed (size, value masked to the size, config annotations
 //! only where they belong).
 
-use ioreq_mux::qemu_import::{ImportError, ImportOptions, import_reader};
-use ioreq_mux::trace::{Record, Space, TraceReader};
+use ioreq_mux_qemu_import::{ImportError, ImportOptions, import_reader};
+use ioreq_mux_trace::{Record, Space, TraceReader};
 
 pub fn run(data: &[u8]) {
     let opts = |lenient| ImportOptions {

@@ -12,7 +12,7 @@
 //! exactly, folded as the writer folds them.
 
 use crate::Bytes;
-use ioreq_mux::trace::{
+use ioreq_mux_trace::{
     Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, FORMAT_VERSION,
     HEADER_FRAME_MAGIC, MAGIC, Record, Space, StrId, TraceMeta, TraceReader, TraceWriter,
 };

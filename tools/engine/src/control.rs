@@ -95,8 +95,9 @@ impl<B: Backend> Engine<B> {
             stats: &mut self.stats,
         };
         if let Err(source) = model.attach(&mut ctl) {
-            self.router.release_all(idx);
+            // What it claimed before the refused claim goes, from the hypervisor too.
             self.models.push(None);
+            self.release_claims(idx);
             return Err(EngineError::Attach {
                 model: name.clone(),
                 source,
@@ -208,6 +209,14 @@ impl<B: Backend> Engine<B> {
         let Some(slot) = self.models.get_mut(usize::from(idx)).and_then(Option::take) else {
             return vec![];
         };
+        let gone = self.release_claims(idx);
+        info!(model = %slot.name, released = gone.len(), "device model removed");
+        gone
+    }
+
+    /// Releases every claim of model `idx` with the router, and with the hypervisor what
+    /// the engine had mapped there on its behalf.
+    fn release_claims(&mut self, idx: ServerIdx) -> Vec<Claim> {
         let positions: Vec<Sbdf> = self
             .router
             .positions()
@@ -233,7 +242,6 @@ impl<B: Backend> Engine<B> {
             }
         }
         self.mapped.pm.retain(|p| p.owner != idx);
-        info!(model = %slot.name, released = gone.len(), "device model removed");
         gone
     }
 }

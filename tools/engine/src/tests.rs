@@ -6,7 +6,9 @@ use super::*;
 use chipset_intercept::Phase;
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::sim::{Issued, SimBackend, SimHypervisor};
-use ioreq_server::{Dir, DmControl, DmError, Ioreq, IoreqType, RangeKind, abi};
+use ioreq_server::{
+    Dir, DmControl, DmError, Ioreq, IoreqType, Position, RangeKind, abi, size_mask,
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -355,4 +357,171 @@ fn control_messages_wake_a_sleeping_backend() {
     assert!(readable(&e));
     e.poll(Some(Duration::ZERO)).unwrap();
     assert!(!readable(&e));
+}
+
+// --- claims.rs ---------------------------------------------------------------------------
+
+/// A grant admits a range claim inside one granted range of its kind, and a position claim
+/// only as granted.
+#[test]
+fn a_grant_admits_only_what_it_lists() {
+    let at = |last: u8| Position {
+        segment: 0,
+        root_bus: 0,
+        path: vec![6 << 3, last],
+    };
+    let pos = at(1 << 3); // 00:06.0/01.0
+    let g = Grant {
+        ranges: vec![IoRange::ports(0x100, 0x1ff), IoRange::pci(0x28)],
+        positions: vec![pos.clone()],
+        ..Grant::default()
+    };
+    assert!(g.allows(&Claim::Range(IoRange::ports(0x100, 0x1ff))));
+    assert!(g.allows(&Claim::Range(IoRange::ports(0x180, 0x181))));
+    assert!(
+        !g.allows(&Claim::Range(IoRange::ports(0x1ff, 0x200))),
+        "crosses the end"
+    );
+    assert!(
+        !g.allows(&Claim::Range(IoRange::mmio(0x100, 0x1ff))),
+        "another kind"
+    );
+    assert!(g.allows(&Claim::Range(IoRange::pci(0x28))));
+    assert!(!g.allows(&Claim::Range(IoRange::pci(0x30))));
+    assert!(g.allows(&Claim::Position(pos)));
+    assert!(!g.allows(&Claim::Position(at(2 << 3))));
+}
+
+/// A model whose initial claims overlap another's is refused with the conflict, and the
+/// claims it made before the conflicting one are not left behind.
+#[test]
+fn a_conflicting_model_is_refused_whole() {
+    let (hv, mut e) = engine(Phase::After);
+    let (first, _) = chip("first", vec![Claim::Range(IoRange::ports(0x500, 0x50f))]);
+    let a = e.add_model(Box::new(first)).unwrap();
+    let (second, _) = chip(
+        "second",
+        vec![
+            Claim::Range(IoRange::ports(0x600, 0x60f)),
+            Claim::Range(IoRange::ports(0x508, 0x508)),
+        ],
+    );
+    let err = e.add_model(Box::new(second)).unwrap_err();
+    let EngineError::Attach { model, source } = err else {
+        panic!("not an attach error: {err}")
+    };
+    assert_eq!(model, "second");
+    assert!(matches!(source, ClaimError::Conflict { .. }), "{source}");
+    assert_eq!(e.router().port_owner(0x500, 0x50f), Some(a));
+    assert_eq!(
+        e.router().port_owner(0x600, 0x60f),
+        None,
+        "first claim rolled back"
+    );
+    let ports = hv.server_ranges(e.backend().id(), RangeKind::Port);
+    assert!(!ports.contains(&(0x600, 0x60f)), "{ports:x?}");
+}
+
+/// A model that leaves releases its claims with the router and the hypervisor; its ports
+/// then master-abort.
+#[test]
+fn a_removed_model_releases_its_claims() {
+    let (hv, mut e) = engine(Phase::After);
+    let (m, seen) = chip("m", vec![Claim::Range(IoRange::ports(0x700, 0x703))]);
+    let idx = e.add_model(Box::new(m)).unwrap();
+    let read = Ioreq::new(IoreqType::Pio, Dir::Read, 0x700, 1, 0);
+    assert_eq!(access(&hv, &mut e, read), 0x5a);
+    let gone = e.remove_model(idx);
+    assert_eq!(gone, vec![Claim::Range(IoRange::ports(0x700, 0x703))]);
+    assert_eq!(e.router().port_owner(0x700, 0x703), None);
+    let ports = hv.server_ranges(e.backend().id(), RangeKind::Port);
+    assert!(!ports.contains(&(0x700, 0x703)), "{ports:x?}");
+    assert_eq!(seen.lock().unwrap().requests.len(), 1);
+    assert!(
+        e.remove_model(idx).is_empty(),
+        "removing twice does nothing"
+    );
+}
+
+// --- dispatch.rs -------------------------------------------------------------------------
+
+/// Configuration space nobody owns master-aborts: reads all ones at the access size,
+/// writes dropped, each counted; CF8 and ECAM both.
+#[test]
+fn unowned_functions_master_abort() {
+    let (hv, mut e) = engine(Phase::After);
+    let (qemu, seen) = chip("qemu", vec![Claim::Range(IoRange::pci(0x00))]);
+    e.add_model(Box::new(qemu)).unwrap();
+    let missing = 0x0000_0100; // 00:01.0
+    for size in [1, 2, 4] {
+        let r = Ioreq::pci_config(missing, 0, Dir::Read, size, 0);
+        assert_eq!(e.handle(0, &r), size_mask(size), "size {size}");
+    }
+    e.handle(0, &Ioreq::pci_config(missing, 4, Dir::Write, 2, 6));
+    assert_eq!(e.stats().master_aborts, 4);
+    // Through the CF8 latch as a guest does it.
+    cfg_write(&hv, &mut e, "00:01.0", 0x04, 2, 6);
+    assert_eq!(e.stats().master_aborts, 5);
+    // QEMU was asked about its own function only (chipset detection reads 00:00.0's IDs).
+    let asked: Vec<u32> = seen
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .map(|r| abi::split_pci_config_addr(r.addr).0)
+        .collect();
+    assert!(asked.iter().all(|&s| s == 0), "{asked:x?}");
+}
+
+/// An ioreq that does not validate (a size Xen never sends) is answered once, as a master
+/// abort, and counted as malformed; the vCPU is not left waiting.
+#[test]
+fn a_malformed_request_is_answered_once() {
+    let (hv, mut e) = engine(Phase::After);
+    let (m, seen) = chip("m", vec![Claim::Range(IoRange::ports(0x700, 0x703))]);
+    e.add_model(Box::new(m)).unwrap();
+    let bad = Ioreq::new(IoreqType::Pio, Dir::Read, 0x700, 3, 0);
+    let v = e.handle(0, &bad);
+    assert_eq!(v & 0xff_ffff, 0xff_ffff);
+    assert_eq!(e.stats().malformed, 1);
+    assert!(seen.lock().unwrap().requests.is_empty());
+    assert!(hv.check().is_ok());
+}
+
+// --- layout.rs ---------------------------------------------------------------------------
+
+/// A window from the configuration is routed by the engine and claimed from the hypervisor
+/// as MMIO; a second window over the same addresses stops the engine from starting.
+#[test]
+fn configured_ecam_windows_are_claimed_and_checked() {
+    let hv = SimHypervisor::new(1, Duration::from_secs(5));
+    let w = EcamWindow::new(1, 0xe000_0000, 0, 0x3f).unwrap();
+    let cfg = EngineConfig {
+        ecam: vec![w],
+        chipset: Some(Chipset::Unknown),
+        ..EngineConfig::default()
+    };
+    let e = Engine::new(hv.create_server(BufioreqMode::Off).unwrap(), vec![], &cfg).unwrap();
+    assert_eq!(e.router().windows(), &[w]);
+    let mmio = hv.server_ranges(e.backend().id(), RangeKind::Mmio);
+    assert!(
+        mmio.contains(&(0xe000_0000, 0xe000_0000 + 0x40 * (1 << 20) - 1)),
+        "{mmio:x?}"
+    );
+    let clash = EcamWindow::new(2, 0xe010_0000, 0, 0x0f).unwrap();
+    let cfg = EngineConfig {
+        ecam: vec![w, clash],
+        ..cfg
+    };
+    let err = Engine::new(hv.create_server(BufioreqMode::Off).unwrap(), vec![], &cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Window {
+                hypervisor: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
