@@ -12,6 +12,7 @@
 //! The text form is `SSSS:BB:DD.F` (segment optional: `BB:DD.F` means segment 0), in hex, as
 //! `lspci -D` prints it.
 
+use ioreq_server::abi;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
@@ -97,22 +98,20 @@ impl Sbdf {
         }
     }
 
-    /// From Xen's packed form. Every u32 is a valid SBDF.
+    /// From Xen's packed form ([`abi::unpack_sbdf`]). Every u32 is a valid SBDF.
     pub const fn from_xen(v: u32) -> Self {
+        let (segment, bus, device, function) = abi::unpack_sbdf(v);
         Sbdf {
-            segment: (v >> 16) as u16,
-            bus: (v >> 8) as u8,
-            device: ((v >> 3) & 0x1f) as u8,
-            function: (v & 7) as u8,
+            segment,
+            bus,
+            device,
+            function,
         }
     }
 
-    /// Xen's packed form (`XEN_DMOP_PCI_SBDF`).
+    /// Xen's packed form (`XEN_DMOP_PCI_SBDF`, [`abi::pack_sbdf`]).
     pub const fn to_xen(self) -> u32 {
-        ((self.segment as u32) << 16)
-            | ((self.bus as u32) << 8)
-            | ((self.device as u32) << 3)
-            | self.function as u32
+        abi::pack_sbdf(self.segment, self.bus, self.device, self.function)
     }
 
     /// device << 3 | function.

@@ -165,8 +165,19 @@ pub const fn split_pci_config_addr(addr: u64) -> (u32, u32) {
 }
 
 /// `XEN_DMOP_PCI_SBDF(s, b, d, f)`: segment 31:16, bus 15:8, device 7:3, function 2:0.
+/// The one place this packing is written: `bdf_router::Sbdf` converts through it.
 pub const fn pack_sbdf(seg: u16, bus: u8, dev: u8, func: u8) -> u32 {
     ((seg as u32) << 16) | ((bus as u32) << 8) | (((dev & 0x1f) as u32) << 3) | (func & 7) as u32
+}
+
+/// The inverse of [`pack_sbdf`]: (segment, bus, device, function). Every u32 is an SBDF.
+pub const fn unpack_sbdf(v: u32) -> (u16, u8, u8, u8) {
+    (
+        (v >> 16) as u16,
+        (v >> 8) as u8,
+        ((v >> 3) & 0x1f) as u8,
+        (v & 7) as u8,
+    )
 }
 
 /// Port of the PCI configuration address register (PCI Local Bus spec 3.0, 3.2.2.3.2).

@@ -83,14 +83,8 @@ impl fmt::Display for IoRange {
             RangeKind::Mmio => write!(f, "mmio {:#x}-{:#x}", self.start, self.end),
             RangeKind::Pci => {
                 let s = |v: u64| {
-                    let v = v as u32;
-                    format!(
-                        "{:04x}:{:02x}:{:02x}.{}",
-                        v >> 16,
-                        (v >> 8) & 0xff,
-                        (v >> 3) & 0x1f,
-                        v & 7
-                    )
+                    let (seg, bus, dev, func) = crate::abi::unpack_sbdf(v as u32);
+                    format!("{seg:04x}:{bus:02x}:{dev:02x}.{func}")
                 };
                 if self.start == self.end {
                     write!(f, "pci {}", s(self.start))

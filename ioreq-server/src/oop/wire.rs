@@ -523,10 +523,9 @@ fn encode_request(r: &Request) -> Result<Vec<u8>, WireError> {
         }
         Request::MapPcidev { id, sbdf } | Request::UnmapPcidev { id, sbdf } => {
             b.extend_from_slice(&id.to_le_bytes());
-            b.extend_from_slice(&((sbdf >> 16) as u16).to_le_bytes());
-            b.push((sbdf >> 8) as u8);
-            b.push(((sbdf >> 3) & 0x1f) as u8);
-            b.push((sbdf & 7) as u8);
+            let (seg, bus, dev, func) = crate::abi::unpack_sbdf(*sbdf);
+            b.extend_from_slice(&seg.to_le_bytes());
+            b.extend_from_slice(&[bus, dev, func]);
             b.push(0);
         }
         Request::MapPosition { id, position } | Request::UnmapPosition { id, position } => {
