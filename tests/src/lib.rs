@@ -2,8 +2,8 @@
 //! whole multiplexer, one access at a time, on one thread.
 
 use bdf_router::{EcamWindow, Sbdf};
-use ioreq_mux::engine::{Engine, EngineConfig};
-use ioreq_mux::models::{
+use ioreq_mux_engine::{Engine, EngineConfig};
+use ioreq_mux_models::{
     BarKind, DeliveryLog, EmulatedModel, FunctionKind, FunctionSpec, Placement,
 };
 use ioreq_server::Position;
@@ -207,7 +207,7 @@ pub fn topology(log: &DeliveryLog) -> Vec<Box<dyn ioreq_server::DeviceModel>> {
 pub struct Recorder {
     pub guest: Guest,
     log: DeliveryLog,
-    writer: ioreq_mux::trace::TraceWriter<std::fs::File>,
+    writer: ioreq_mux_trace::TraceWriter<std::fs::File>,
     cf8: u32,
     ranges: Vec<(String, ioreq_server::IoRange)>,
 }
@@ -220,13 +220,13 @@ impl std::fmt::Debug for Recorder {
 
 impl Recorder {
     pub fn new(guest: Guest, log: DeliveryLog, path: &std::path::Path) -> Self {
-        let meta = ioreq_mux::trace::TraceMeta {
+        let meta = ioreq_mux_trace::TraceMeta {
             source: "scripted firmware (ioreq-mux tests)".into(),
             producer: "ioreq-mux-tests recorder".into(),
             extra: serde_json::Value::Null,
         };
         let file = std::fs::File::create(path).expect("create trace");
-        let writer = ioreq_mux::trace::TraceWriter::new(file, &meta).expect("trace writer");
+        let writer = ioreq_mux_trace::TraceWriter::new(file, &meta).expect("trace writer");
         let mut r = Recorder {
             guest,
             log,
@@ -263,7 +263,7 @@ impl Recorder {
 
     /// One access through the guest, recorded.
     pub fn access(&mut self, req: Ioreq) -> u64 {
-        use ioreq_mux::trace::{Access, Bdf, ConfigAccess, ConfigPath, Space};
+        use ioreq_mux_trace::{Access, Bdf, ConfigAccess, ConfigPath, Space};
         let before = self.log.lock().map(|l| l.len()).unwrap_or(0);
         let v = self.guest.access(req);
         let delivered = self
@@ -296,7 +296,7 @@ impl Recorder {
         if req.ty == IoreqType::Pio && req.addr == 0xcf8 && req.size == 4 && req.dir == Dir::Write {
             self.cf8 = req.data as u32;
         }
-        let intern = |w: &mut ioreq_mux::trace::TraceWriter<std::fs::File>, s: &str| {
+        let intern = |w: &mut ioreq_mux_trace::TraceWriter<std::fs::File>, s: &str| {
             w.intern(s).expect("intern")
         };
         let device = delivered.as_deref().map(|d| intern(&mut self.writer, d));
@@ -304,9 +304,9 @@ impl Recorder {
             vcpu: 0,
             space,
             dir: if req.dir == Dir::Read {
-                ioreq_mux::trace::Dir::Read
+                ioreq_mux_trace::Dir::Read
             } else {
-                ioreq_mux::trace::Dir::Write
+                ioreq_mux_trace::Dir::Write
             },
             addr: req.addr,
             size: req.size as u8,
@@ -324,15 +324,15 @@ impl Recorder {
         // Claims the models made (BARs) become BAR events, as QEMU's pci_update_mappings.
         let now = self.claimed();
         for (kind, list, other) in [
-            (ioreq_mux::trace::BarEventKind::Unmap, &self.ranges, &now),
-            (ioreq_mux::trace::BarEventKind::Map, &now, &self.ranges),
+            (ioreq_mux_trace::BarEventKind::Unmap, &self.ranges, &now),
+            (ioreq_mux_trace::BarEventKind::Map, &now, &self.ranges),
         ] {
             for (owner, r) in list.iter().filter(|x| !other.contains(x)) {
                 if owner == "ioreq-mux" {
                     continue;
                 }
                 let dev = self.writer.intern(owner).expect("intern");
-                let ev = ioreq_mux::trace::BarEvent {
+                let ev = ioreq_mux_trace::BarEvent {
                     kind,
                     device: Some(dev),
                     bdf: Bdf::new(0, 0, 0),
@@ -346,7 +346,7 @@ impl Recorder {
                     size: r.end - r.start + 1,
                 };
                 self.writer
-                    .write(&ioreq_mux::trace::Record::Bar(ev))
+                    .write(&ioreq_mux_trace::Record::Bar(ev))
                     .expect("write bar");
             }
         }

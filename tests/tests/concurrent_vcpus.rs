@@ -5,8 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use ioreq_mux::engine::{Engine, EngineConfig};
-use ioreq_mux::models::DeliveryLog;
+use ioreq_mux_engine::{Engine, EngineConfig};
+use ioreq_mux_models::DeliveryLog;
 use ioreq_mux_tests::{bdf, topology};
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::sim::SimHypervisor;

@@ -4,8 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use ioreq_mux::engine::{EngineConfig, Grant};
-use ioreq_mux::models::{DeliveryLog, EmulatedModel, FunctionSpec};
+use ioreq_mux_engine::{EngineConfig, Grant};
+use ioreq_mux_models::{DeliveryLog, EmulatedModel, FunctionSpec};
 use ioreq_mux_tests::{Guest, Path, bdf, pos, topology};
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::sim::{SimError, SimHypervisor};
@@ -318,7 +318,7 @@ fn a_flood_of_claims_leaves_the_tables_consistent() {
 fn claims_outside_a_grant_are_refused() {
     let hv = SimHypervisor::new(1, Duration::from_secs(1));
     let backend = hv.create_server(BufioreqMode::Off).unwrap();
-    let mut e = ioreq_mux::engine::Engine::new(backend, vec![], &EngineConfig::default()).unwrap();
+    let mut e = ioreq_mux_engine::Engine::new(backend, vec![], &EngineConfig::default()).unwrap();
     let grant = Grant {
         ranges: vec![IoRange::ports(0x7000, 0x70ff)],
         positions: vec![],
@@ -341,8 +341,8 @@ fn claims_outside_a_grant_are_refused() {
     let p = Rogue {
         name: "sneaky".into(),
         claims: vec![Claim::Position(match pos(&[(2, 0), (0, 0)]) {
-            ioreq_mux::models::Placement::Position(p) => p,
-            ioreq_mux::models::Placement::Bdf(_) => unreachable!(),
+            ioreq_mux_models::Placement::Position(p) => p,
+            ioreq_mux_models::Placement::Bdf(_) => unreachable!(),
         })],
     };
     assert!(e.add_model_granted(Box::new(p), Some(grant)).is_err());
@@ -397,12 +397,12 @@ fn config_and_cli_errors_name_the_file_line_and_field() {
         "[[server]]\nname = \"x\"\nowns.mmio = [\"0xfee00000+0x0\"]\n",
     )
     .unwrap();
-    let e = ioreq_mux::config::Config::load(&f).unwrap_err().to_string();
+    let e = ioreq_mux_config::Config::load(&f).unwrap_err().to_string();
     assert!(
         e.contains("bad.toml:3:") && e.contains("owns.mmio[0]") && e.contains("zero length"),
         "{e}"
     );
-    let e = ioreq_mux::config::Config::load(&dir.join("missing.toml"))
+    let e = ioreq_mux_config::Config::load(&dir.join("missing.toml"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing.toml"), "{e}");

@@ -5,9 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use ioreq_mux::engine::EngineConfig;
-use ioreq_mux::models::DeliveryLog;
-use ioreq_mux::replay::replay;
+use ioreq_mux_engine::EngineConfig;
+use ioreq_mux_models::DeliveryLog;
+use ioreq_mux_replay::replay;
 use ioreq_mux_tests::{Guest, Path, Recorder, bdf, topology};
 use ioreq_server::{Dir, Ioreq, IoreqType};
 use std::path::PathBuf;
@@ -141,7 +141,7 @@ fn write_topology(name: &str, text: &str) -> PathBuf {
 fn recorded_script_replays_without_divergence() {
     let trace = record("script.trace.zst");
     let topo = write_topology("script.toml", TOPOLOGY);
-    let r = replay(&trace, &topo, 20, None, false).unwrap();
+    let r = replay(&trace, &topo, 20, None).unwrap();
     assert_eq!(r.divergences, 0, "{:#?}", r.first_divergences);
     assert!(r.per_server["vgpu"] >= 8, "{:?}", r.per_server);
     let ev = r
@@ -175,7 +175,7 @@ fn a_wrong_topology_is_caught() {
             "owns.position = []",
         );
     let topo = write_topology("wrong.toml", &wrong);
-    let r = replay(&trace, &topo, 5, None, false).unwrap();
+    let r = replay(&trace, &topo, 5, None).unwrap();
     assert!(r.divergences >= 8, "{}", r.divergences);
     let d = &r.first_divergences[0];
     assert!(
@@ -193,11 +193,11 @@ fn a_damaged_trace_is_a_clear_error() {
     let damaged = tmp("damaged.trace.zst");
     std::fs::write(&damaged, &bytes).unwrap();
     let topo = write_topology("script3.toml", TOPOLOGY);
-    let e = replay(&damaged, &topo, 5, None, false).unwrap_err();
+    let e = replay(&damaged, &topo, 5, None).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("damaged.trace.zst"), "{msg}");
     let not_a_trace = tmp("not-a-trace");
     std::fs::write(&not_a_trace, b"memory_region_ops_read cpu 0\n").unwrap();
-    let e = replay(&not_a_trace, &topo, 5, None, false).unwrap_err();
+    let e = replay(&not_a_trace, &topo, 5, None).unwrap_err();
     assert!(e.to_string().contains("not-a-trace"), "{e}");
 }

@@ -3,8 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use ioreq_mux::qemu_import::{ImportOptions, import_file};
-use ioreq_mux::replay::{ReplayReport, replay};
+use ioreq_mux_qemu_import::{ImportOptions, import_file};
+use ioreq_mux_replay::{ReplayReport, replay};
 use std::path::{Path, PathBuf};
 
 fn repo() -> PathBuf {
@@ -23,7 +23,6 @@ fn import_and_replay(name: &str) -> ReplayReport {
         &repo().join("configs/qemu-q35-trace.toml"),
         20,
         None,
-        false,
     )
     .unwrap();
     let _ = std::fs::remove_dir_all(&dir);

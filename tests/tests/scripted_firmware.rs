@@ -5,8 +5,8 @@
 //! the right (BDF, register, size, data).
 
 use bdf_router::Sbdf;
-use ioreq_mux::engine::EngineConfig;
-use ioreq_mux::models::{DeliveryLog, EmulatedModel, FunctionSpec};
+use ioreq_mux_engine::EngineConfig;
+use ioreq_mux_models::{DeliveryLog, EmulatedModel, FunctionSpec};
 use ioreq_mux_tests::{Guest, Path, bdf, pos, topology};
 use ioreq_server::{Claim, Dir, IoRange, IoreqType, abi};
 use std::sync::{Arc, Mutex};
@@ -423,8 +423,7 @@ fn a_second_claim_on_the_same_function_names_both_models() {
     let backend = hv
         .create_server(ioreq_server::bufioreq::BufioreqMode::Off)
         .unwrap();
-    let err =
-        ioreq_mux::engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
+    let err = ioreq_mux_engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("storage") && msg.contains("vgpu"), "{msg}");
 }
@@ -440,8 +439,7 @@ fn claims_of_the_mux_own_ports_and_window_are_refused() {
     let backend = hv
         .create_server(ioreq_server::bufioreq::BufioreqMode::Off)
         .unwrap();
-    let err =
-        ioreq_mux::engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
+    let err = ioreq_mux_engine::Engine::new(backend, models, &EngineConfig::default()).unwrap_err();
     assert!(err.to_string().contains("ioreq-mux"), "{err}");
     let _ = Claim::Range(IoRange::ports(0, 0));
 }
@@ -450,7 +448,7 @@ fn claims_of_the_mux_own_ports_and_window_are_refused() {
 /// claims only what its models own, and everything else keeps reaching the other server.
 #[test]
 fn beside_qemu_only_owned_functions_are_claimed() {
-    use ioreq_mux::engine::{Engine, PciClaims};
+    use ioreq_mux_engine::{Engine, PciClaims};
     use ioreq_server::bufioreq::BufioreqMode;
     use ioreq_server::sim::{Issued, SimHypervisor};
     use ioreq_server::{Backend, BackendEvent, Ioreq, RangeKind};

@@ -5,9 +5,9 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use bdf_router::EcamWindow;
-use ioreq_mux::config::{Config, ConfigError};
-use ioreq_mux::engine::{Engine, EngineConfig, EngineError};
-use ioreq_mux::models::{DeliveryLog, EmulatedModel, FunctionSpec, Placement};
+use ioreq_mux_config::{Config, ConfigError};
+use ioreq_mux_engine::{Engine, EngineConfig, EngineError};
+use ioreq_mux_models::{DeliveryLog, EmulatedModel, FunctionSpec, Placement};
 use ioreq_mux_tests::{Guest, Path, bdf, topology};
 use ioreq_server::abi::pack_sbdf;
 use ioreq_server::bufioreq::BufioreqMode;

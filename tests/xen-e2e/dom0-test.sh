@@ -99,7 +99,7 @@ dump MUXA /tmp/mux-a.log
 # ---- phase C: claim everything on the idle phase A domain --------------------------------
 say "phase C: serve --claim all --duration 3s on domid $DOMA"
 ioreq-mux serve --domid "$DOMA" --config $CFG --claim all --duration 3s \
-  --log-level info,ioreq_mux::xen_backend=debug > /tmp/mux-c.log 2>&1
+  --log-level info,xen_backend=debug > /tmp/mux-c.log 2>&1
 say "phase C: ioreq-mux exit code $?"
 dump MUXC /tmp/mux-c.log
 xl destroy e2e-seabios
@@ -135,7 +135,7 @@ fi
 # ---- phases E and F: QEMU behind the multiplexer ------------------------------------------
 # The wrapper starts `ioreq-mux serve` for the domain with /etc/ioreq-mux/qemu.toml
 # (configs/xen-e2e-front.toml) and logs it to /var/log/xen/ioreq-mux-DOMID.log.
-export IOREQ_MUX_LOG_LEVEL="info,ioreq_mux::engine=debug,ioreq_mux::xen_backend=debug"
+export IOREQ_MUX_LOG_LEVEL="info,ioreq_mux_engine=debug,xen_backend=debug"
 export IOREQ_MUX_PRELOAD_LOG=info
 
 # mux_of DOMID: pid of the multiplexer the wrapper started for the domain.

@@ -70,7 +70,7 @@ pub enum InspectError {
 /// Runs `inspect`: the text or the JSON to print.
 pub fn run(a: &InspectArgs) -> Result<String, InspectError> {
     let mut engine = match &a.trace {
-        Some(t) => replay_engine(t, &a.topology, 0, None, false)?.1,
+        Some(t) => replay_engine(t, &a.topology, 0, None)?.1,
         None => topology_engine(&a.topology)?,
     };
     let view = inspect(

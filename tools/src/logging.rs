@@ -4,7 +4,7 @@
 //!
 //! | source | filter |
 //! |---|---|
-//! | `--log-level FILTER` | FILTER (`tracing` EnvFilter syntax: `debug`, `info,ioreq_mux::engine=debug`) |
+//! | `--log-level FILTER` | FILTER (`tracing` EnvFilter syntax: `debug`, `info,ioreq_mux_engine=debug`) |
 //! | `-q` | `error` |
 //! | `-v`, `-vv`, `-vvv` | `info`, `debug`, `trace` |
 //! | `$IOREQ_MUX_LOG` | its value |
@@ -34,7 +34,7 @@ pub enum LogFormat {
 #[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
 #[command(next_help_heading = "Logging (every command)")]
 pub struct LogArgs {
-    /// Log filter in `tracing` EnvFilter syntax (`debug`, `info,ioreq_mux::engine=debug`).
+    /// Log filter in `tracing` EnvFilter syntax (`debug`, `info,ioreq_mux_engine=debug`).
     /// Default: $IOREQ_MUX_LOG, else `info` for serve and dm, `warn` for the other commands.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -134,10 +134,10 @@ mod tests {
         assert_eq!(filter(&["-q"], Some("debug")), "error");
         assert_eq!(
             filter(
-                &["--log-level", "info,ioreq_mux::engine=debug", "-v"],
+                &["--log-level", "info,ioreq_mux_engine=debug", "-v"],
                 Some("error")
             ),
-            "info,ioreq_mux::engine=debug"
+            "info,ioreq_mux_engine=debug"
         );
     }
 

@@ -4,7 +4,6 @@
 
 use clap::{CommandFactory, Parser, Subcommand};
 use ioreq_mux::{inspect, qemu_import, replay};
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -186,14 +185,7 @@ fn man(a: &ioreq_mux::manual::ManArgs) -> ExitCode {
 
 /// `ioreq-mux replay`: exit 0 with no divergence, 1 with some, 2 when it could not replay.
 fn replay(a: &replay::ReplayArgs) -> ExitCode {
-    let opts = replay::ReplayOptions {
-        show: a.show,
-        limit: a.limit,
-        progress: !a.json && std::io::stderr().is_terminal(),
-        dm_mode: a.dm_mode,
-        kill: None,
-        dm_exe: None,
-    };
+    let opts = a.options();
     match replay::replay_with(&a.trace, &a.topology, &opts) {
         Ok((r, _)) => {
             let code = if r.divergences == 0 {

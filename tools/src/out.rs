@@ -29,21 +29,6 @@ macro_rules! outln {
 pub use ioreq_mux_trace::Thousands;
 use ioreq_mux_trace::{Progress, ProgressHandle};
 
-/// A progress display on stderr, ticking on its own: a bar with `with_total` as its template
-/// when the total is known, else a spinner with `without_total` (indicatif template syntax).
-/// Callers show one only when stderr is a terminal.
-pub fn progress(
-    total: Option<u64>,
-    with_total: &str,
-    without_total: &str,
-) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::hidden();
-    style(&bar, total, with_total, without_total);
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
-}
-
 fn style(bar: &indicatif::ProgressBar, total: Option<u64>, with_total: &str, without_total: &str) {
     let template = match total {
         Some(n) => {

@@ -116,8 +116,7 @@ fn decode_only(trace: &Path) -> Result<(u64, f64), String> {
 /// number of accesses decoding found (0: not known yet).
 fn replay_once(trace: &Path, topology: &Path, expect: u64) -> Result<f64, String> {
     let t = Instant::now();
-    let r = crate::replay::replay(trace, topology, 0, None, false)
-        .map_err(|e| format!("replay: {e}"))?;
+    let r = crate::replay::replay(trace, topology, 0, None).map_err(|e| format!("replay: {e}"))?;
     let s = t.elapsed().as_secs_f64();
     if r.divergences != 0 {
         return Err(format!("replay diverged {} times", r.divergences));

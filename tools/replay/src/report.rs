@@ -2,10 +2,10 @@
 //! [`SCHEMA`], docs/trace-format.md). Divergences carry their cause, so the text groups them
 //! ("402 divergences, 1 cause: ...") and the JSON lists each cause with its count.
 
-use crate::engine::EngineStats;
-use crate::out::Thousands;
-use crate::trace::{Bdf, ConfigPath, Space};
 use chipset_intercept::LayoutEvent;
+use ioreq_mux_engine::EngineStats;
+use ioreq_mux_trace::Thousands;
+use ioreq_mux_trace::{Bdf, ConfigPath, Space};
 use ioreq_server::Dir;
 use ioreq_server::sim::SimStats;
 use serde::{Deserialize, Serialize};
