@@ -641,10 +641,14 @@ impl PciePort {
         &self.function
     }
 
-    /// A configuration read; sizes other than 1 to 8 bytes, or past the space, read all ones.
+    /// A configuration read; past the space it reads all ones (of its size; of 8 bytes for a
+    /// size other than 1 to 8).
     pub fn read(&self, reg: usize, size: usize) -> u64 {
+        if !(1..=8).contains(&size) {
+            return u64::MAX;
+        }
         if !self.fits(reg, size) {
-            return ioreq_server::size_mask(8);
+            return ioreq_server::size_mask(size as u32);
         }
         self.function.read(reg, size)
     }

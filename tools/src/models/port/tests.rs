@@ -776,6 +776,28 @@ fn received_master_abort_is_set_and_rw1c() {
     assert_eq!(r16(&p, idx::PCI_SEC_STATUS), 0);
 }
 
+/// 7.2.2.2 (as PciFunction::read): an access past the 4 KiB space is not claimed and reads
+/// all ones of its size, a write there changes nothing (the fuzz target's first find: a
+/// 2-byte read at 0xfff read 8 bytes of ones); a size no access has reads all ones.
+#[test]
+fn accesses_past_the_space_read_all_ones_of_their_size() {
+    let mut p = root_port();
+    assert_eq!(p.read(0xfff, 2), 0xffff);
+    assert_eq!(p.read(0x1000, 4), 0xffff_ffff);
+    assert_eq!(p.read(usize::MAX, 4), 0xffff_ffff);
+    assert_eq!(p.read(0, 0), u64::MAX);
+    assert_eq!(p.read(0, 9), u64::MAX);
+    assert_eq!(p.write(usize::MAX, 4, 0), Interrupt::None);
+    assert_eq!(
+        p.write(exp(idx::PCI_EXP_SLTCTL), 16, u64::MAX),
+        Interrupt::None
+    );
+    assert_eq!(
+        r16(&p, exp(idx::PCI_EXP_SLTCTL)),
+        SlotConfig::hotplug(7).control_reset()
+    );
+}
+
 // ---- configuration ----
 
 /// What PortConfig::check refuses, and the serde names of the topology file.
