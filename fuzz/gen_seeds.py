@@ -279,6 +279,61 @@ def wire():
     write("wire", "built-error", b"\x01" + u32(9) + u16(1) + u8(13) + u16(3) + u32(22) + u16(5) + b"nope!")
 
 
+# ---- pcie_port ----
+
+# Indices into HOT in fuzz/src/pcie_port.rs.
+HOT_COMMAND, HOT_SEC_STATUS, HOT_BRIDGE_CONTROL, HOT_DEVCTL, HOT_LNKCTL = 0, 1, 2, 3, 4
+HOT_SLTCTL, HOT_SLTSTA, HOT_LNKCTL2, HOT_MSI_FLAGS, HOT_MSI_LO = 5, 6, 7, 8, 9
+HOT_MSI_HI, HOT_MSI_DATA, HOT_MSI_MASK, HOT_ROOT_CMD, HOT_ROOT_STATUS = 10, 11, 12, 13, 14
+
+
+def p_config(kind, speed, width, flags, number):
+    """kind 0 root / 1 downstream / 2 upstream; speed 0-3 (2.5-16 GT/s); width 0-6 (x1-x32);
+    flags: bit 7 no slot, bit 5 power controller, bit 6 no command completed..."""
+    return u8(kind) + u8(speed) + u8(width) + u8(flags) + u16(number)
+
+
+def p_hot(reg, size_sel, data):
+    return u8(2) + u8(reg) + u8(size_sel) + u32(data)
+
+
+def p_msi_on():
+    """What Linux's port driver does: bus master, MSI address/data, MSI enable."""
+    return (p_hot(HOT_COMMAND, 1, 0x4) + p_hot(HOT_MSI_LO, 2, 0xFEE0100C)
+            + p_hot(HOT_MSI_HI, 2, 0) + p_hot(HOT_MSI_DATA, 1, 0x4071)
+            + p_hot(HOT_MSI_FLAGS, 1, 0x1))
+
+
+def pcie_port():
+    plug, unplug, button, abort = u8(3), u8(4), u8(5), u8(8)
+    enables = 0x1000 | 0x20 | 0x10 | 0x8 | 0x1   # DLLSCE HPIE CCIE PDCE ABPE
+    pic_off = 0x300
+    clear = p_hot(HOT_SLTSTA, 1, 0x11F)
+    write("pcie_port", "pciehp-add-remove",
+          p_config(0, 2, 3, 0, 7) + p_msi_on() + p_hot(HOT_SLTCTL, 1, enables) + clear
+          + plug + clear + button + p_hot(HOT_SLTCTL, 1, enables | pic_off) + clear + unplug
+          + clear + u8(0) + u16(0x5A) + u8(2))
+    write("pcie_port", "power-controller",
+          p_config(1, 3, 5, 0x20, 12) + p_msi_on() + p_hot(HOT_SLTCTL, 1, enables | 0x400)
+          + plug + clear + p_hot(HOT_SLTCTL, 1, enables) + p_hot(HOT_LNKCTL, 1, 0x10)
+          + p_hot(HOT_LNKCTL, 1, 0) + unplug)
+    write("pcie_port", "masked-msi",
+          p_config(0, 0, 0, 0x40, 1) + p_msi_on() + p_hot(HOT_MSI_MASK, 2, 1)
+          + p_hot(HOT_SLTCTL, 1, enables) + plug + p_hot(HOT_MSI_MASK, 2, 0) + clear + unplug)
+    errors = b"".join(u8(6) + u8(k) + u16(0x0200 + k) for k in (0, 0, 1, 2, 2))
+    write("pcie_port", "root-errors",
+          p_config(0, 1, 2, 0, 3) + p_msi_on() + p_hot(HOT_ROOT_CMD, 2, 0x7) + errors
+          + p_hot(HOT_ROOT_STATUS, 2, 0x7F) + p_hot(HOT_DEVCTL, 1, 0x7)
+          + u8(7) + u8(12) + u32(0x4A000001) + u16(0x10) + abort
+          + p_hot(HOT_SEC_STATUS, 1, 0x2000))
+    write("pcie_port", "switch-forwarding",
+          p_config(1, 2, 3, 0x80, 0) + errors + p_hot(HOT_BRIDGE_CONTROL, 1, 0x2) + errors
+          + u8(7) + u8(7) + u32(0) + u16(0x18))
+    write("pcie_port", "upstream-port",
+          p_config(2, 3, 4, 0x80, 0) + plug + u8(1) + u16(0x4C) + u8(2) + u64(0)
+          + u8(1) + u16(0xFFE) + u8(8) + u64(~0) + errors)
+
+
 # ---- qemu_import / trace_reader ----
 
 SNIPPET = """\
@@ -361,6 +416,7 @@ def main():
     chipset_intercept()
     engine()
     wire()
+    pcie_port()
     qemu_import(lines)
     trace_reader(lines)
     for t in sorted(os.listdir(OUT)):

@@ -13,6 +13,7 @@ pub mod chipset_intercept;
 pub mod ecam_router;
 pub mod engine;
 pub mod ioreq_abi;
+pub mod pcie_port;
 pub mod qemu_import;
 pub mod trace_reader;
 pub mod wire;

@@ -27,6 +27,9 @@ pub enum BackendError {
     },
     #[error("the hypervisor is gone")]
     Disconnected,
+    /// The backend cannot do this operation (yet): `op` names it.
+    #[error("{op} is not supported by this backend")]
+    Unsupported { op: &'static str },
     #[error("{0}")]
     Other(String),
 }
@@ -59,6 +62,18 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
     /// Writes `data` (for reads) into the vCPU's slot, marks it IORESP_READY and notifies.
     fn complete(&mut self, vcpu: u32, data: u64) -> Result<(), BackendError>;
+    /// Sends the guest a message-signalled interrupt: a memory write of `data` (the MSI
+    /// capability's Message Data, PCIe base spec 4.0, 7.7.1.5) to `addr` (Message Address and
+    /// Upper Address, 7.7.1.3-4), as an emulated function does when it interrupts. On Xen,
+    /// `XEN_DMOP_inject_msi` (`xendevicemodel_inject_msi(dmod, domid, addr, data)`,
+    /// xen/include/public/hvm/dm_op.h), an operation on the domain, not on one ioreq server.
+    ///
+    /// The default refuses with [`BackendError::Unsupported`], for backends that cannot
+    /// interrupt the guest (yet).
+    fn inject_msi(&mut self, addr: u64, data: u32) -> Result<(), BackendError> {
+        let _ = (addr, data);
+        Err(BackendError::Unsupported { op: "inject_msi" })
+    }
 }
 
 /// A device model refused or failed a request.

@@ -96,6 +96,8 @@ registers! {
     PCI_IO_LIMIT_UPPER16 = 0x32;
     /// Expansion ROM base address of a type-1 header (3.2.5.16).
     PCI_ROM_ADDRESS1 = 0x38;
+    /// Secondary status (16 bits, 3.2.5.7; PCIe base spec 4.0, 7.5.1.3.7).
+    PCI_SEC_STATUS = 0x1e;
     /// Bridge control (16 bits, 3.2.5.18).
     PCI_BRIDGE_CONTROL = 0x3e;
 
@@ -105,10 +107,41 @@ registers! {
     /// PCI Express Capabilities register, at +2 in the PCIe capability (PCIe base spec 4.0,
     /// 7.5.3.2): device/port type in bits 7:4, Slot Implemented in bit 8.
     PCI_EXP_FLAGS = 0x02;
+    /// Device Capabilities, at +4 (7.5.3.3).
+    PCI_EXP_DEVCAP = 0x04;
     /// Device Control, at +8 (7.5.3.4).
     PCI_EXP_DEVCTL = 0x08;
+    /// Link Capabilities, at +0x0c (7.5.3.6).
+    PCI_EXP_LNKCAP = 0x0c;
+    /// Link Control (16 bits), at +0x10 (7.5.3.7).
+    PCI_EXP_LNKCTL = 0x10;
+    /// Link Status (16 bits), at +0x12 (7.5.3.8).
+    PCI_EXP_LNKSTA = 0x12;
     /// Slot Capabilities, at +0x14 (7.5.3.9).
     PCI_EXP_SLTCAP = 0x14;
+    /// Slot Control (16 bits), at +0x18 (7.5.3.10).
+    PCI_EXP_SLTCTL = 0x18;
+    /// Slot Status (16 bits), at +0x1a (7.5.3.11).
+    PCI_EXP_SLTSTA = 0x1a;
+    /// Root Control (16 bits), at +0x1c (7.5.3.12), Root Ports only.
+    PCI_EXP_RTCTL = 0x1c;
+    /// Link Capabilities 2, at +0x2c (7.5.3.18).
+    PCI_EXP_LNKCAP2 = 0x2c;
+    /// Link Control 2 (16 bits), at +0x30 (7.5.3.19).
+    PCI_EXP_LNKCTL2 = 0x30;
+    /// MSI Message Control (16 bits), at +2 in the MSI capability (PCIe base spec 4.0,
+    /// 7.7.1.2).
+    PCI_MSI_FLAGS = 0x02;
+    /// MSI Message Address, low 32 bits, at +4 (7.7.1.3).
+    PCI_MSI_ADDRESS_LO = 0x04;
+    /// MSI Message Upper Address, at +8 in a 64-bit capability (7.7.1.4).
+    PCI_MSI_ADDRESS_HI = 0x08;
+    /// MSI Message Data (16 bits), at +0x0c in a 64-bit capability (7.7.1.5).
+    PCI_MSI_DATA_64 = 0x0c;
+    /// MSI Mask Bits, at +0x10 in a 64-bit capability with per-vector masking (7.7.1.7).
+    PCI_MSI_MASK_64 = 0x10;
+    /// MSI Pending Bits, at +0x14 in a 64-bit capability with per-vector masking (7.7.1.8).
+    PCI_MSI_PENDING_64 = 0x14;
 }
 
 /// Header type bits 6:0: the layout of a PCI-to-PCI bridge (type 1).
@@ -129,8 +162,28 @@ pub const PCI_COMMAND_MEMORY: u16 = 0x2;
 /// Writable command bits of the built-in functions: I/O, memory, bus master, parity error
 /// response, SERR#, INTx disable.
 pub const PCI_COMMAND_WMASK: u16 = 0x1 | 0x2 | 0x4 | 0x40 | 0x100 | 0x400;
+/// Command bit 8: SERR# Enable (6.2.2; PCIe base spec 4.0, 7.5.1.1.3: with it a function
+/// reports ERR_NONFATAL and ERR_FATAL even when Device Control's enables are clear, 6.2.5).
+pub const PCI_COMMAND_SERR: u16 = 0x100;
+/// Command bit 2: Bus Master Enable (6.2.2). Clear, a PCIe function sends no MSI (PCIe base
+/// spec 4.0, 7.5.1.1.3: MSIs are memory writes).
+pub const PCI_COMMAND_MASTER: u16 = 0x4;
 /// Status bit 4: capabilities list present (6.2.3).
 pub const PCI_STATUS_CAP_LIST: u16 = 0x10;
+/// Status bit 14, Signaled System Error (PCIe base spec 4.0, 7.5.1.1.4): set by a function
+/// that sends ERR_FATAL or ERR_NONFATAL (a Switch Port forwarding one from its secondary side
+/// counts) while SERR# Enable is set.
+pub const PCI_STATUS_SIG_SYSTEM_ERROR: u16 = 0x4000;
+/// Secondary status bit 13, Received Master Abort (PCI-to-PCI Bridge spec 1.2, 3.2.5.7; PCIe
+/// base spec 4.0, 7.5.1.3.7: a request the bridge made on its secondary side found no
+/// target / completed with Unsupported Request), RW1C.
+pub const PCI_SEC_STATUS_REC_MASTER_ABORT: u16 = 0x2000;
+/// Secondary status bit 14, Received System Error (PCIe base spec 4.0, 7.5.1.3.7): an
+/// ERR_FATAL or ERR_NONFATAL arrived on the secondary side, RW1C.
+pub const PCI_SEC_STATUS_REC_SYSTEM_ERROR: u16 = 0x4000;
+/// Bridge control bit 1, SERR# Enable (3.2.5.18; PCIe base spec 4.0, 7.5.1.3.13): forward
+/// ERR_COR, ERR_NONFATAL and ERR_FATAL from the secondary side to the primary.
+pub const PCI_BRIDGE_CTL_SERR: u16 = 0x2;
 
 /// BAR bit 0: I/O space; bits 2:1 = 10b: 64-bit memory; bit 3: prefetchable (6.2.5.1).
 pub const PCI_BASE_ADDRESS_SPACE_IO: u32 = 0x1;
@@ -189,10 +242,128 @@ pub const PCI_EXP_TYPE_PCI_BRIDGE: u16 = 0x7;
 pub const PCI_EXP_TYPE_PCIE_BRIDGE: u16 = 0x8;
 pub const PCI_EXP_TYPE_RC_END: u16 = 0x9;
 pub const PCI_EXP_TYPE_RC_EC: u16 = 0xa;
+/// Device Capabilities bit 15, Role-Based Error Reporting: set by every function conforming
+/// to PCIe 1.1 or later (7.5.3.3).
+pub const PCI_EXP_DEVCAP_RBER: u32 = 0x8000;
+/// Device Control bits 2:0 (7.5.3.4): Correctable, Non-Fatal and Fatal Error Reporting
+/// Enable, whether the function sends ERR_COR / ERR_NONFATAL / ERR_FATAL for its own errors.
+pub const PCI_EXP_DEVCTL_CERE: u16 = 0x1;
+pub const PCI_EXP_DEVCTL_NFERE: u16 = 0x2;
+pub const PCI_EXP_DEVCTL_FERE: u16 = 0x4;
 /// Device Control's writable bits 14:0 (7.5.3.4).
 pub const PCI_EXP_DEVCTL_WMASK: u16 = 0x7fff;
+/// PCI Express Capabilities register bits 13:9: Interrupt Message Number (7.5.3.2), the MSI
+/// vector of the slot's, link's and root's events.
+pub const PCI_EXP_FLAGS_IRQ_SHIFT: u32 = 9;
+
+/// Link Capabilities (7.5.3.6): Max Link Speed bits 3:0 (an index into Link Capabilities 2's
+/// Supported Link Speeds Vector: 1 = its bit 0, 2.5 GT/s ... 4 = 16 GT/s), Maximum Link
+/// Width bits 9:4 (the lane count), Data Link Layer Link Active Reporting Capable bit 20,
+/// Port Number bits 31:24.
+pub const PCI_EXP_LNKCAP_SLS: u32 = 0xf;
+pub const PCI_EXP_LNKCAP_MLW_SHIFT: u32 = 4;
+pub const PCI_EXP_LNKCAP_MLW: u32 = 0x3f0;
+pub const PCI_EXP_LNKCAP_DLLLARC: u32 = 1 << 20;
+pub const PCI_EXP_LNKCAP_PN_SHIFT: u32 = 24;
+/// Link Control (7.5.3.7): ASPM Control bits 1:0, Link Disable bit 4 (Downstream Ports),
+/// Retrain Link bit 5 (reads 0), Common Clock Configuration bit 6, Extended Synch bit 7.
+pub const PCI_EXP_LNKCTL_ASPMC: u16 = 0x3;
+pub const PCI_EXP_LNKCTL_LD: u16 = 0x10;
+pub const PCI_EXP_LNKCTL_CCC: u16 = 0x40;
+pub const PCI_EXP_LNKCTL_ES: u16 = 0x80;
+/// Link Status (7.5.3.8): Current Link Speed bits 3:0 (encoded as Max Link Speed),
+/// Negotiated Link Width bits 9:4, Data Link Layer Link Active bit 13.
+pub const PCI_EXP_LNKSTA_CLS: u16 = 0xf;
+pub const PCI_EXP_LNKSTA_NLW_SHIFT: u32 = 4;
+pub const PCI_EXP_LNKSTA_NLW: u16 = 0x3f0;
+pub const PCI_EXP_LNKSTA_DLLLA: u16 = 0x2000;
+/// Link Capabilities 2 bits 7:1: Supported Link Speeds Vector (7.5.3.18), bit 1 = 2.5 GT/s,
+/// bit 2 = 5, bit 3 = 8, bit 4 = 16.
+pub const PCI_EXP_LNKCAP2_SLS_SHIFT: u32 = 1;
+/// Link Control 2 (7.5.3.19): Target Link Speed bits 3:0, Hardware Autonomous Speed Disable
+/// bit 5.
+pub const PCI_EXP_LNKCTL2_TLS: u16 = 0xf;
+pub const PCI_EXP_LNKCTL2_HASD: u16 = 0x20;
+
+/// Slot Capabilities (7.5.3.9): Attention Button Present, Power Controller Present, MRL
+/// Sensor Present, Attention Indicator Present, Power Indicator Present, Hot-Plug Surprise,
+/// Hot-Plug Capable (bits 0-6); No Command Completed Support bit 18; Physical Slot Number
+/// bits 31:19.
+pub const PCI_EXP_SLTCAP_ABP: u32 = 0x1;
+pub const PCI_EXP_SLTCAP_PCP: u32 = 0x2;
+pub const PCI_EXP_SLTCAP_AIP: u32 = 0x8;
+pub const PCI_EXP_SLTCAP_PIP: u32 = 0x10;
+pub const PCI_EXP_SLTCAP_HPS: u32 = 0x20;
 /// Slot Capabilities bit 6: Hot-Plug Capable (7.5.3.9).
 pub const PCI_EXP_SLTCAP_HPC: u32 = 0x40;
+pub const PCI_EXP_SLTCAP_NCCS: u32 = 1 << 18;
+pub const PCI_EXP_SLTCAP_PSN_SHIFT: u32 = 19;
+/// The largest Physical Slot Number (13 bits).
+pub const PCI_EXP_SLTCAP_PSN_MAX: u16 = 0x1fff;
+/// Slot Control (7.5.3.10): the event enables (Attention Button Pressed, Power Fault
+/// Detected, MRL Sensor Changed, Presence Detect Changed, Command Completed Interrupt,
+/// bits 0-4), Hot-Plug Interrupt Enable bit 5, Attention Indicator Control bits 7:6, Power
+/// Indicator Control bits 9:8, Power Controller Control bit 10 (1 = off), Data Link Layer
+/// State Changed Enable bit 12.
+pub const PCI_EXP_SLTCTL_ABPE: u16 = 0x1;
+pub const PCI_EXP_SLTCTL_PFDE: u16 = 0x2;
+pub const PCI_EXP_SLTCTL_PDCE: u16 = 0x8;
+pub const PCI_EXP_SLTCTL_CCIE: u16 = 0x10;
+pub const PCI_EXP_SLTCTL_HPIE: u16 = 0x20;
+pub const PCI_EXP_SLTCTL_AIC: u16 = 0xc0;
+pub const PCI_EXP_SLTCTL_PIC: u16 = 0x300;
+pub const PCI_EXP_SLTCTL_PIC_SHIFT: u32 = 8;
+pub const PCI_EXP_SLTCTL_PCC: u16 = 0x400;
+pub const PCI_EXP_SLTCTL_DLLSCE: u16 = 0x1000;
+/// Indicator Control values (7.5.3.10): 01b on, 10b blink, 11b off (00b reserved).
+pub const PCI_EXP_SLTCTL_IND_ON: u16 = 0x1;
+pub const PCI_EXP_SLTCTL_IND_BLINK: u16 = 0x2;
+pub const PCI_EXP_SLTCTL_IND_OFF: u16 = 0x3;
+/// Slot Status (7.5.3.11): the events, RW1C (Attention Button Pressed, Power Fault Detected,
+/// MRL Sensor Changed, Presence Detect Changed, Command Completed, bits 0-4; Data Link Layer
+/// State Changed bit 8) and Presence Detect State bit 6 (RO). An event bit and its enable in
+/// Slot Control are the same bit, but for Data Link Layer State Changed (8 and 12).
+pub const PCI_EXP_SLTSTA_ABP: u16 = 0x1;
+pub const PCI_EXP_SLTSTA_PFD: u16 = 0x2;
+pub const PCI_EXP_SLTSTA_PDC: u16 = 0x8;
+pub const PCI_EXP_SLTSTA_CC: u16 = 0x10;
+pub const PCI_EXP_SLTSTA_PDS: u16 = 0x40;
+pub const PCI_EXP_SLTSTA_DLLSC: u16 = 0x100;
+/// Root Control (7.5.3.12): the System Error on Correctable / Non-Fatal / Fatal Error
+/// enables and PME Interrupt Enable, bits 3:0, are RW.
+pub const PCI_EXP_RTCTL_WMASK: u16 = 0xf;
+
+/// Capability ID of MSI (PCI Code and ID Assignment spec 1.11, 2; PCIe base spec 4.0,
+/// 7.7.1.1).
+pub const PCI_CAP_ID_MSI: u8 = 0x05;
+/// MSI Message Control (7.7.1.2): MSI Enable bit 0, Multiple Message Capable bits 3:1,
+/// Multiple Message Enable bits 6:4, 64-bit Address Capable bit 7, Per-Vector Masking
+/// Capable bit 8.
+pub const PCI_MSI_FLAGS_ENABLE: u16 = 0x1;
+pub const PCI_MSI_FLAGS_QSIZE: u16 = 0x70;
+pub const PCI_MSI_FLAGS_64BIT: u16 = 0x80;
+pub const PCI_MSI_FLAGS_MASKBIT: u16 = 0x100;
+/// Message Address bits 1:0 are reserved, read 0 (7.7.1.3).
+pub const PCI_MSI_ADDRESS_LO_MASK: u32 = !0x3;
+
+/// AER Root Error Command (7.8.4.9): Correctable, Non-Fatal and Fatal Error Reporting Enable.
+pub const PCI_ERR_ROOT_CMD_COR_EN: u32 = 0x1;
+pub const PCI_ERR_ROOT_CMD_NONFATAL_EN: u32 = 0x2;
+pub const PCI_ERR_ROOT_CMD_FATAL_EN: u32 = 0x4;
+/// AER Root Error Status (7.8.4.10): ERR_COR Received, Multiple ERR_COR Received,
+/// ERR_FATAL/NONFATAL Received, Multiple ERR_FATAL/NONFATAL Received, First Uncorrectable
+/// Fatal, Non-Fatal Error Messages Received, Fatal Error Messages Received (bits 0-6);
+/// Advanced Error Interrupt Message Number bits 31:27.
+pub const PCI_ERR_ROOT_COR_RCV: u32 = 0x1;
+pub const PCI_ERR_ROOT_MULTI_COR_RCV: u32 = 0x2;
+pub const PCI_ERR_ROOT_UNCOR_RCV: u32 = 0x4;
+pub const PCI_ERR_ROOT_MULTI_UNCOR_RCV: u32 = 0x8;
+pub const PCI_ERR_ROOT_FIRST_FATAL: u32 = 0x10;
+pub const PCI_ERR_ROOT_NONFATAL_RCV: u32 = 0x20;
+pub const PCI_ERR_ROOT_FATAL_RCV: u32 = 0x40;
+/// AER Error Source Identification (7.8.4.11): the requester ID of the ERR_FATAL/NONFATAL
+/// source in bits 31:16 (ERR_COR's in 15:0).
+pub const PCI_ERR_SRC_UNCOR_SHIFT: u32 = 16;
 /// Extended capability header (7.6.3): ID bits 15:0, version 19:16, next offset 31:20.
 pub const EXT_CAP_VERSION_SHIFT: u32 = 16;
 pub const EXT_CAP_NEXT_SHIFT: u32 = 20;

@@ -190,6 +190,20 @@ pub struct SimStats {
     pub cf8_converted: u64,
 }
 
+/// A message-signalled interrupt a server sent the guest ([`Backend::inject_msi`], Xen's
+/// `XEN_DMOP_inject_msi`): recorded in order, for tests to read
+/// ([`SimHypervisor::injected_msis`]). The simulated guest has no interrupt controller, so
+/// nothing else happens to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedMsi {
+    /// The server that sent it.
+    pub server: u16,
+    /// Message Address (PCIe base spec 4.0, 7.7.1.3-4).
+    pub addr: u64,
+    /// Message Data (7.7.1.5).
+    pub data: u32,
+}
+
 /// One vCPU's slot in a server's ioreq page: the state and the request, each field its own
 /// atomic so the hypervisor and the server use it without a lock, as they share Xen's page.
 /// Who writes what follows the state ([`AtomicSlot`]): the hypervisor fills the request while
@@ -365,6 +379,8 @@ struct State {
     /// Counters except `completed` (counted per vCPU).
     stats: SimStats,
     violations: Vec<String>,
+    /// Every MSI servers injected, in order.
+    msis: Vec<InjectedMsi>,
 }
 
 /// What the hypervisor keeps. The lock covers configuration and the send side (selection,
@@ -409,6 +425,7 @@ impl SimHypervisor {
             servers: (0..MAX_NR_IOREQ_SERVERS).map(|_| None).collect(),
             stats: SimStats::default(),
             violations: vec![],
+            msis: vec![],
         };
         SimHypervisor {
             sh: Arc::new(Shared {
@@ -814,6 +831,11 @@ impl SimHypervisor {
         live != 0
     }
 
+    /// The MSIs servers injected so far, oldest first.
+    pub fn injected_msis(&self) -> Vec<InjectedMsi> {
+        lock(&self.sh.st).msis.clone()
+    }
+
     /// The invariant checker: Ok when nothing was lost or doubled, no slot moved illegally and
     /// no vCPU is still waiting; otherwise every violation seen.
     pub fn check(&self) -> Result<SimStats, Vec<String>> {
@@ -1061,6 +1083,17 @@ impl Backend for SimBackend {
             .advance(Actor::Server, IoreqState::RespReady)
             .map_err(|source| BackendError::Slot { vcpu, source })?;
         self.hv.sh.vcpus[vcpu as usize].wake();
+        Ok(())
+    }
+
+    /// Records the message ([`SimHypervisor::injected_msis`]); refused once the server is
+    /// destroyed, like every other operation of its backend.
+    fn inject_msi(&mut self, addr: u64, data: u32) -> Result<(), BackendError> {
+        let server = self.id;
+        self.with_server(|_| Ok(()))?;
+        lock(&self.hv.sh.st)
+            .msis
+            .push(InjectedMsi { server, addr, data });
         Ok(())
     }
 }
@@ -1382,6 +1415,68 @@ mod tests {
         server.join().unwrap();
         let stats = hv.check().unwrap();
         assert_eq!((stats.sent, stats.completed), (800, 800));
+    }
+
+    /// `inject_msi` is recorded in order with the server that sent it, and refused once the
+    /// server is gone (every DMOP of a destroyed server fails).
+    #[test]
+    fn injected_msis_are_recorded() {
+        let hv = SimHypervisor::new(1, Duration::from_secs(1));
+        let mut a = hv.create_server(BufioreqMode::Off).unwrap();
+        let mut b = hv.create_server(BufioreqMode::Off).unwrap();
+        a.inject_msi(0xfee0_0000, 0x4041).unwrap();
+        b.inject_msi(0x1_fee0_1000, 0x22).unwrap();
+        assert_eq!(
+            hv.injected_msis(),
+            [
+                InjectedMsi {
+                    server: a.id(),
+                    addr: 0xfee0_0000,
+                    data: 0x4041
+                },
+                InjectedMsi {
+                    server: b.id(),
+                    addr: 0x1_fee0_1000,
+                    data: 0x22
+                },
+            ]
+        );
+        hv.destroy_server(b.id()).unwrap();
+        assert_eq!(
+            b.inject_msi(0xfee0_0000, 1),
+            Err(BackendError::Disconnected)
+        );
+        assert_eq!(hv.injected_msis().len(), 2);
+    }
+
+    /// A backend that does not implement it says so (the trait's default).
+    #[test]
+    fn inject_msi_defaults_to_unsupported() {
+        struct Mute;
+        impl Backend for Mute {
+            fn nr_vcpus(&self) -> u32 {
+                1
+            }
+            fn map_range(&mut self, _: IoRange) -> Result<(), BackendError> {
+                Ok(())
+            }
+            fn unmap_range(&mut self, _: IoRange) -> Result<(), BackendError> {
+                Ok(())
+            }
+            fn wait(
+                &mut self,
+                _: Option<Duration>,
+                _: &mut Vec<BackendEvent>,
+            ) -> Result<(), BackendError> {
+                Ok(())
+            }
+            fn complete(&mut self, _: u32, _: u64) -> Result<(), BackendError> {
+                Ok(())
+            }
+        }
+        let e = Mute.inject_msi(0xfee0_0000, 0).unwrap_err();
+        assert_eq!(e, BackendError::Unsupported { op: "inject_msi" });
+        assert_eq!(e.to_string(), "inject_msi is not supported by this backend");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! decision, see `decode_ecam`).
 
 pub mod aer;
+pub mod port;
 
 use ioreq_server::{
     Claim, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, Position, RangeKind,
