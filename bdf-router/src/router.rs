@@ -160,8 +160,8 @@ impl Router {
                     let _ = self.layout.insert(o);
                 }
                 return Err(ClaimError::Invalid {
-                    claim: format!("ECAM window {n}"),
-                    why: format!("overlaps {what}"),
+                    claim: Claim::Range(IoRange::mmio(n.base, n.last())),
+                    why: format!("ECAM window {n} overlaps {what}"),
                 });
             }
             let _ = self.layout.insert(n);
@@ -176,7 +176,7 @@ impl Router {
 
     fn conflict(&self, claim: &Claim, requester: ServerIdx, owner: ServerIdx) -> ClaimError {
         ClaimError::Conflict {
-            claim: claim.to_string(),
+            claim: claim.clone(),
             requester: self.server_name(requester).to_string(),
             owner: self.server_name(owner).to_string(),
         }
@@ -194,13 +194,13 @@ impl Router {
     fn check_range(&self, claim: &Claim, r: &IoRange) -> Result<(), ClaimError> {
         if !r.is_valid() {
             return Err(ClaimError::Invalid {
-                claim: claim.to_string(),
+                claim: claim.clone(),
                 why: "start after end or beyond the space".into(),
             });
         }
         if r.kind == RangeKind::Pci && r.end - r.start >= MAX_PCI_CLAIM {
             return Err(ClaimError::Invalid {
-                claim: claim.to_string(),
+                claim: claim.clone(),
                 why: format!("more than {MAX_PCI_CLAIM} functions in one claim"),
             });
         }
@@ -224,7 +224,7 @@ impl Router {
                         .find(|w| w.overlaps(r.start, r.end))
                     {
                         return Err(ClaimError::Invalid {
-                            claim: claim.to_string(),
+                            claim: claim.clone(),
                             why: format!("overlaps ECAM window {w}, which the multiplexer decodes"),
                         });
                     }
@@ -264,7 +264,7 @@ impl Router {
     ) -> Result<(), ClaimError> {
         if p.path.is_empty() {
             return Err(ClaimError::Invalid {
-                claim: claim.to_string(),
+                claim: claim.clone(),
                 why: "empty path".into(),
             });
         }
@@ -290,7 +290,7 @@ impl Router {
     pub fn release(&mut self, owner: ServerIdx, claim: &Claim) -> Result<(), ClaimError> {
         let requester = self.server_name(owner).to_string();
         let not_owned = || ClaimError::NotOwned {
-            claim: claim.to_string(),
+            claim: claim.clone(),
             requester: requester.clone(),
         };
         match claim {

@@ -1,4 +1,4 @@
-//! Target `pcie_port`: an emulated PCI Express port (`ioreq_mux::models::port::PciePort`) of
+//! Target `pcie_port`: an emulated PCI Express port (`ioreq_mux_models::port::PciePort`) of
 //! any kind, link and slot, driven by arbitrary configuration reads and writes, plugs,
 //! unplugs, attention button presses, error messages from below, its own errors and master
 //! aborts. After every operation:
@@ -19,14 +19,14 @@
 //! Input: kind, speed, width, slot flags, slot number; then operations, an opcode byte each.
 
 use crate::Bytes;
-use ioreq_mux::models::aer::{
+use ioreq_mux_models::aer::{
     AER_ERROR_SOURCE_ID, AER_HEADER_LOG_DWORDS, AER_ROOT_COMMAND, AER_ROOT_STATUS,
 };
-use ioreq_mux::models::port::{
+use ioreq_mux_models::port::{
     ErrorRoute, Interrupt, LinkConfig, LinkSpeed, LinkWidth, MSI_CAP_OFFSET, MsiMessage, PciePort,
     PortConfig, PortKind, SlotConfig,
 };
-use ioreq_mux::models::{AER_OFFSET, AerError, DSN_OFFSET, ErrorMessage, PCIE_CAP_OFFSET};
+use ioreq_mux_models::{AER_OFFSET, AerError, DSN_OFFSET, ErrorMessage, PCIE_CAP_OFFSET};
 use ioreq_server::pci::{self, idx};
 use ioreq_server::size_mask;
 

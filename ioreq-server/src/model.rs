@@ -87,27 +87,45 @@ pub enum DmError {
     Failed { name: String, msg: String },
 }
 
-/// A claim was refused.
+/// A claim was refused. Each refusal carries the claim itself, so a caller can say where it
+/// came from (the topology line that made it, say), not only print it.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ClaimError {
     #[error("{claim} requested by {requester} is already owned by {owner}")]
     Conflict {
-        claim: String,
+        claim: Claim,
         requester: String,
         owner: String,
     },
     #[error("{claim} is not owned by {requester}")]
-    NotOwned { claim: String, requester: String },
+    NotOwned { claim: Claim, requester: String },
     #[error("{claim} requested by {requester} is outside its grant")]
-    NotGranted { claim: String, requester: String },
+    NotGranted { claim: Claim, requester: String },
     #[error("invalid claim {claim}: {why}")]
-    Invalid { claim: String, why: String },
+    Invalid { claim: Claim, why: String },
     #[error("hypervisor refused {claim}: {source}")]
     Backend {
-        claim: String,
+        claim: Claim,
         #[source]
         source: BackendError,
     },
+    /// A DMOP for a model the multiplexer does not have (it left).
+    #[error("no device model {index}")]
+    NoModel { index: u16 },
+}
+
+impl ClaimError {
+    /// The claim that was refused (`None`: the model itself is gone).
+    pub fn claim(&self) -> Option<&Claim> {
+        match self {
+            ClaimError::Conflict { claim, .. }
+            | ClaimError::NotOwned { claim, .. }
+            | ClaimError::NotGranted { claim, .. }
+            | ClaimError::Invalid { claim, .. }
+            | ClaimError::Backend { claim, .. } => Some(claim),
+            ClaimError::NoModel { .. } => None,
+        }
+    }
 }
 
 /// The DMOPs a device model issues, addressed to whoever stands in for Xen (the multiplexer).

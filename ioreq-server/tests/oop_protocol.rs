@@ -293,7 +293,7 @@ fn claim_outside_the_grant_is_refused() {
         .unwrap();
     match r {
         Err(ClientError::Attach(ClaimError::NotGranted { claim, requester })) => {
-            assert_eq!(claim, "pci 0000:00:06.0");
+            assert_eq!(claim.to_string(), "pci 0000:00:06.0");
             assert_eq!(requester, "probe");
         }
         other => panic!("{other:?}"),

@@ -382,7 +382,7 @@ fn conflict_owner(message: String) -> String {
 }
 
 fn claim_error(e: ClientError, claim: &Claim, requester: &str) -> ClaimError {
-    let claim = claim.to_string();
+    let claim = claim.clone();
     let requester = requester.to_string();
     match e {
         ClientError::Refused { code, message, .. } => match code {
@@ -758,7 +758,7 @@ mod tests {
     fn a_refused_claim_says_its_conflict_once() {
         let claim = Claim::Range(IoRange::new(RangeKind::Mmio, 0xffff_c000, 0xffff_ffff));
         let sent = ClaimError::Conflict {
-            claim: claim.to_string(),
+            claim: claim.clone(),
             requester: "virtio-net".into(),
             owner: "qemu".into(),
         };

@@ -365,7 +365,7 @@ impl RemoteModel {
                     }
                 }
                 None => Err(ClaimError::Invalid {
-                    claim: op.claim.to_string(),
+                    claim: op.claim.clone(),
                     why: "claims cannot change while the multiplexer waits for a broadcast".into(),
                 }),
             };

@@ -56,7 +56,7 @@ pub fn claim_code(e: &ClaimError) -> Code {
     match e {
         ClaimError::NotGranted { .. } => Code::EPERM,
         ClaimError::Conflict { .. } => Code::EBUSY,
-        ClaimError::NotOwned { .. } => Code::ENOENT,
+        ClaimError::NotOwned { .. } | ClaimError::NoModel { .. } => Code::ENOENT,
         ClaimError::Invalid { .. } => Code::EINVAL,
         ClaimError::Backend { source, .. } => match source {
             BackendError::Overlap(_) => Code::EEXIST,
@@ -680,7 +680,7 @@ impl Conn {
             let left: Vec<PendingOp> = srv.shared.inbox().ops.drain(..).collect();
             for op in left {
                 let _ = op.reply.send(Err(ClaimError::Invalid {
-                    claim: op.claim.to_string(),
+                    claim: op.claim.clone(),
                     why: "the server is gone".into(),
                 }));
             }

@@ -64,14 +64,14 @@ impl FakeHost {
         let grant = &self.policy[&name].1;
         if !allows(grant, &claim) {
             return Err(ClaimError::NotGranted {
-                claim: claim.to_string(),
+                claim: claim.clone(),
                 requester: name,
             });
         }
         let mut c = self.claims.lock().unwrap();
         if let Some((o, _)) = c.iter().find(|(_, k)| *k == claim) {
             return Err(ClaimError::Conflict {
-                claim: claim.to_string(),
+                claim: claim.clone(),
                 requester: name,
                 owner: format!("model {o}"),
             });
@@ -84,7 +84,7 @@ impl FakeHost {
         let mut c = self.claims.lock().unwrap();
         let Some(i) = c.iter().position(|(o, k)| *o == id && *k == claim) else {
             return Err(ClaimError::NotOwned {
-                claim: claim.to_string(),
+                claim: claim.clone(),
                 requester: format!("model {id}"),
             });
         };

@@ -70,7 +70,7 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
         if let Some(g) = self.grant {
             if !g.allows(&claim) {
                 return Err(ClaimError::NotGranted {
-                    claim: claim.to_string(),
+                    claim: claim.clone(),
                     requester: self.router.server_name(self.owner).to_string(),
                 });
             }
@@ -105,7 +105,7 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
             self.stats.backend_claim_errors += 1;
             let _ = self.router.release(self.owner, &claim);
             return Err(ClaimError::Backend {
-                claim: claim.to_string(),
+                claim: claim.clone(),
                 source,
             });
         }

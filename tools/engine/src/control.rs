@@ -188,10 +188,7 @@ impl<B: Backend> Engine<B> {
         f: impl FnOnce(&mut dyn DmControl) -> Result<(), ClaimError>,
     ) -> Result<(), ClaimError> {
         let Some(slot) = self.models.get(usize::from(idx)).and_then(Option::as_ref) else {
-            return Err(ClaimError::Invalid {
-                claim: String::new(),
-                why: format!("no model {idx}"),
-            });
+            return Err(ClaimError::NoModel { index: idx });
         };
         let mut ctl = Ctl {
             owner: idx,

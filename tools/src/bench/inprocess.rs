@@ -442,11 +442,11 @@ impl DmControl for DirectCtl<'_> {
                 .backend
                 .map_range(r)
                 .map_err(|source| ClaimError::Backend {
-                    claim: r.to_string(),
+                    claim: Claim::Range(r),
                     source,
                 }),
             Claim::Position(p) => Err(ClaimError::Invalid {
-                claim: p.to_string(),
+                claim: Claim::Position(p),
                 why: "plain Xen has no position claims".into(),
             }),
         }
@@ -458,11 +458,11 @@ impl DmControl for DirectCtl<'_> {
                 .backend
                 .unmap_range(r)
                 .map_err(|source| ClaimError::Backend {
-                    claim: r.to_string(),
+                    claim: Claim::Range(r),
                     source,
                 }),
             Claim::Position(p) => Err(ClaimError::NotOwned {
-                claim: p.to_string(),
+                claim: Claim::Position(p),
                 requester: "direct".into(),
             }),
         }

@@ -2,8 +2,8 @@
 //! unless named otherwise), and a property test over arbitrary configuration writes.
 
 use super::*;
-use crate::models::aer::{AER_ROOT_STATUS_W1C, AER_UNCOR_MASK};
-use crate::models::{AER_OFFSET, DSN_OFFSET};
+use crate::aer::{AER_ROOT_STATUS_W1C, AER_UNCOR_MASK};
+use crate::{AER_OFFSET, DSN_OFFSET};
 use proptest::prelude::*;
 
 const MSI_ADDR: u64 = 0x0000_0001_fee0_100c;
