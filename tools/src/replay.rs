@@ -135,6 +135,9 @@ struct Cursor {
     /// A trace model received a request for this access; `first_addr` is its address.
     delivered: AtomicBool,
     first_addr: AtomicU64,
+    /// Configuration reads outside the trace that a trace model answered without knowing
+    /// the bytes (never accessed by the recorded guest: they read 0), see [`Unrecorded`].
+    unrecorded: AtomicU64,
 }
 
 /// `Cursor::reg` of an access that is not a configuration access.
@@ -196,9 +199,28 @@ impl Cursor {
             .load(Relaxed)
             .then(|| self.first_addr.load(Relaxed))
     }
+
+    /// A trace model answered a read with bytes the trace never showed.
+    fn unrecorded_read(&self) {
+        self.unrecorded.fetch_add(1, Relaxed);
+    }
 }
 
 type Shared = Arc<Cursor>;
+
+/// Tells apart a trace server's answers the trace did not give: how many configuration
+/// reads outside the recorded accesses (detection, `inspect` after the replay) a trace
+/// server answered with bytes the recorded guest never accessed (read as 0: the trace says
+/// nothing of them). A reader compares the count before and after a read.
+#[derive(Debug, Clone)]
+pub struct Unrecorded(Shared);
+
+impl Unrecorded {
+    /// Reads answered so far without the trace showing what they read.
+    pub fn count(&self) -> u64 {
+        self.0.unrecorded.load(Relaxed)
+    }
+}
 
 /// A simulated device model answering with the recorded values.
 struct TraceModel {
@@ -227,8 +249,11 @@ impl DeviceModel for TraceModel {
         _ctl: &mut dyn DmControl,
     ) -> Result<u64, DmError> {
         if self.cursor.replayed() {
-            if let Some(v) = self.recorded.after_replay(req) {
-                return Ok(v);
+            if let Some(a) = self.recorded.after_replay(req) {
+                if !a.recorded {
+                    self.cursor.unrecorded_read();
+                }
+                return Ok(a.value);
             }
         }
         let rec = self.cursor.recorded();
@@ -242,7 +267,10 @@ impl DeviceModel for TraceModel {
                 return Ok(match v {
                     Some(v) if reg < 4 => u64::from(v) >> (8 * reg),
                     // Unknown registers read as their reset value, taken to be 0.
-                    _ => 0,
+                    _ => {
+                        self.cursor.unrecorded_read();
+                        0
+                    }
                 });
             }
             return Ok(0);
@@ -709,24 +737,25 @@ pub fn replay(
     limit: Option<u64>,
     progress: bool,
 ) -> Result<ReplayReport, ReplayError> {
-    replay_engine(trace_path, topology, show, limit, progress).map(|(r, _)| r)
+    replay_engine(trace_path, topology, show, limit, progress).map(|(r, ..)| r)
 }
 
-/// Replays a trace and also returns the engine as the trace left it (for `inspect`).
+/// Replays a trace and also returns the engine as the trace left it, and what tells apart
+/// the trace servers' answers the trace did not give (for `inspect`).
 pub fn replay_engine(
     trace_path: &Path,
     topology: &Path,
     show: usize,
     limit: Option<u64>,
     progress: bool,
-) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
+) -> Result<(ReplayReport, Engine<SimBackend>, Unrecorded), ReplayError> {
     let opts = ReplayOptions {
         show,
         limit,
         progress,
         ..Default::default()
     };
-    replay_with(trace_path, topology, &opts)
+    replay_full(trace_path, topology, &opts)
 }
 
 /// Replays a trace with every option.
@@ -735,6 +764,14 @@ pub fn replay_with(
     topology: &Path,
     opts: &ReplayOptions,
 ) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
+    replay_full(trace_path, topology, opts).map(|(r, e, _)| (r, e))
+}
+
+fn replay_full(
+    trace_path: &Path,
+    topology: &Path,
+    opts: &ReplayOptions,
+) -> Result<(ReplayReport, Engine<SimBackend>, Unrecorded), ReplayError> {
     let cfg = Config::load(topology)?;
     let total = check_trace(&cfg, trace_path)?;
     let mut reader = TraceReader::open(trace_path).map_err(|source| ReplayError::Trace {
@@ -768,7 +805,7 @@ pub fn replay_with(
     }
     h.finish_report();
     h.report.elapsed_s = start.elapsed().as_secs_f64();
-    Ok((h.report, h.engine))
+    Ok((h.report, h.engine, Unrecorded(h.cursor)))
 }
 
 /// The models the replay runs in this process (all but the trace servers that run in their
@@ -1068,8 +1105,9 @@ fn refuse_empty(trace_path: &Path, accesses: u64) -> Result<(), ReplayError> {
     Ok(())
 }
 
-/// The engine for a topology alone (no trace), as `inspect` shows it before any access.
-pub fn topology_engine(topology: &Path) -> Result<Engine<SimBackend>, ReplayError> {
+/// The engine for a topology alone (no trace), as `inspect` shows it before any access, and
+/// what tells apart the trace servers' answers they cannot know.
+pub fn topology_engine(topology: &Path) -> Result<(Engine<SimBackend>, Unrecorded), ReplayError> {
     let cfg = Config::load(topology)?;
     let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
     let backend = hv.create_server(BufioreqMode::Atomic)?;
@@ -1079,7 +1117,8 @@ pub fn topology_engine(topology: &Path) -> Result<Engine<SimBackend>, ReplayErro
         .iter()
         .map(|s| build_model(s, &cursor))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Engine::new(backend, models, &cfg.engine)?)
+    let engine = Engine::new(backend, models, &cfg.engine)?;
+    Ok((engine, Unrecorded(cursor)))
 }
 
 fn build_model(s: &Server, cursor: &Shared) -> Result<Box<dyn DeviceModel>, ReplayError> {
