@@ -328,6 +328,8 @@ struct Harness {
     kinds: [u64; 4],
     /// Per model id: the topology line of each of `devices`.
     device_lines: Vec<Vec<usize>>,
+    /// Per model id: each claim its `owns` lists, with its topology line.
+    owns_lines: Vec<Vec<(Claim, usize)>>,
     strings: StringTable,
 }
 
@@ -365,12 +367,22 @@ impl Harness {
         want: Option<(Option<u16>, Option<StrId>)>,
         what: String,
     ) {
+        // The claim that routed the access where it went is the line to look at; the
+        // `qemu_devices` line that made another server expected is the other half of the
+        // disagreement, and the cause when no claim routed it (nobody answered, say).
+        let expected_by = want.and_then(|(w, d)| self.place(w?, d?));
+        let routed_by = want.and(handler).and_then(|h| self.routed_by(h, a));
+        let (config, expected_by) = match routed_by {
+            Some(r) => (Some(r), expected_by),
+            None => (expected_by, None),
+        };
         let cause = Cause {
             kind,
             target: self.target(a),
             answered_by: Some(self.name_of(handler)),
             expected: want.map(|(w, _)| self.name_of(w)),
-            config: want.and_then(|(w, d)| self.place(w?, d?)),
+            config,
+            expected_by,
         };
         let recorded = Some(self.describe(a));
         self.report.diverge(Divergence {
@@ -389,6 +401,46 @@ impl Harness {
             (None, Some(r)) => format!("{} region '{}'", a.space, self.string(r)),
             (None, None) => format!("{} {:#x}", a.space, a.addr),
         }
+    }
+
+    /// The `owns` entry of server `m` that routed access `a` to it: for a configuration
+    /// access the BDF range, or the position as it resolves now, that holds the function;
+    /// else the port or MMIO range that holds the address.
+    fn routed_by(&self, m: u16, a: &Access) -> Option<ConfigPlace> {
+        let idx = self.engine_idx[usize::from(m)];
+        let router = self.engine.router();
+        let bdf = a
+            .config
+            .map(|c| Sbdf::from_devfn(0, c.bdf.bus, c.bdf.devfn()));
+        let space = match a.space {
+            Space::Port => RangeKind::Port,
+            Space::Mmio => RangeKind::Mmio,
+        };
+        let last = a.addr.saturating_add(u64::from(a.size.max(1)) - 1);
+        let covers = |claim: &Claim| match (claim, bdf) {
+            (Claim::Range(r), Some(f)) => {
+                let f = u64::from(f.to_xen());
+                r.kind == RangeKind::Pci && r.contains(f, f)
+            }
+            (Claim::Position(p), Some(f)) => router
+                .positions()
+                .iter()
+                .any(|c| c.owner == idx && c.position == *p && c.resolved == Some(f)),
+            (Claim::Range(r), None) => r.kind == space && r.contains(a.addr, last),
+            (Claim::Position(_), None) => false,
+        };
+        let (claim, line) = self.owns_lines[usize::from(m)]
+            .iter()
+            .find(|(c, _)| covers(c))?;
+        let key = match claim {
+            Claim::Position(_) => "owns.position",
+            Claim::Range(r) => match r.kind {
+                RangeKind::Pci => "owns.bdf",
+                RangeKind::Port => "owns.ports",
+                RangeKind::Mmio => "owns.mmio",
+            },
+        };
+        Some(ConfigPlace { key, line: *line })
     }
 
     /// The topology line where server `m` lists QEMU's `device` (or `*`).
@@ -911,6 +963,11 @@ impl Harness {
                 .iter()
                 .map(|s| cfg.qemu_device_lines(s))
                 .collect(),
+            owns_lines: cfg
+                .servers
+                .iter()
+                .map(|s| s.claims.iter().cloned().zip(cfg.claim_lines(s)).collect())
+                .collect(),
             strings: reader.strings().clone(),
         };
         Ok((h, children))
@@ -1005,6 +1062,7 @@ impl Harness {
                     answered_by: None,
                     expected: None,
                     config: None,
+                    expected_by: None,
                 };
                 self.report.add_divergences(&cause, 0, v.len() as u64);
                 self.report.invariant_violations = v;
@@ -1047,6 +1105,7 @@ fn merge_summary(r: &mut ReplayReport, name: &str, m: crate::replay_dm::DmSummar
         answered_by: Some(name.to_string()),
         expected: None,
         config: None,
+        expected_by: None,
     };
     if m.mismatches > 0 {
         r.add_divergences(&cause, 0, m.mismatches);

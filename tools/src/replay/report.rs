@@ -35,10 +35,11 @@ pub enum CauseKind {
     Invariant,
 }
 
-/// Where in the topology file the expected server was made to stand for the device.
+/// A place in the topology file: an `owns` entry that routed an access, or the
+/// `qemu_devices` entry that made a server stand for QEMU's device.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct ConfigPlace {
-    /// The key (`qemu_devices`).
+    /// The key: `owns.bdf`, `owns.position`, `owns.ports`, `owns.mmio` or `qemu_devices`.
     pub key: &'static str,
     /// 1-based line in the topology file.
     pub line: usize,
@@ -54,8 +55,13 @@ pub struct Cause {
     pub answered_by: Option<String>,
     /// The server that stands for the device QEMU routed the access to.
     pub expected: Option<String>,
-    /// The topology line that made `expected` stand for that device.
+    /// The topology line responsible: the `owns` entry of `answered_by` that routed the
+    /// access there; when none did (nobody answered, or a BAR the server claimed), the
+    /// `qemu_devices` entry that made `expected` stand for QEMU's device.
     pub config: Option<ConfigPlace>,
+    /// When `config` is an `owns` entry: the `qemu_devices` entry that made `expected` stand
+    /// for QEMU's device (the other side of the disagreement).
+    pub expected_by: Option<ConfigPlace>,
 }
 
 impl fmt::Display for Cause {
@@ -81,6 +87,9 @@ impl fmt::Display for Cause {
         }
         if let Some(p) = &self.config {
             write!(f, " ({}, line {})", p.key, p.line)?;
+        }
+        if let Some(p) = &self.expected_by {
+            write!(f, "; {want} expected by {}, line {}", p.key, p.line)?;
         }
         Ok(())
     }
