@@ -43,8 +43,8 @@ mod recorded;
 mod report;
 
 pub use report::{
-    Cause, CauseCount, CauseKind, ClaimFailure, ConfigPlace, Divergence, LayoutChange,
-    RecordedAccess, ReplayReport, SCHEMA,
+    Cause, CauseCount, CauseKind, ClaimFailure, ConfigPlace, Divergence, InvariantViolation,
+    LayoutChange, RecordedAccess, ReplayReport, SCHEMA,
 };
 
 /// vCPUs the simulated guest has (the traces use 2).
@@ -1052,7 +1052,7 @@ impl Harness {
             .map(LayoutChange::from)
             .collect();
         self.report.engine = self.engine.stats().clone();
-        match self.hv.check() {
+        match self.hv.check_violations() {
             Ok(s) => self.report.sim = s,
             Err(v) => {
                 self.report.sim = self.hv.stats();
@@ -1065,7 +1065,7 @@ impl Harness {
                     expected_by: None,
                 };
                 self.report.add_divergences(&cause, 0, v.len() as u64);
-                self.report.invariant_violations = v;
+                self.report.invariant_violations = v.into_iter().map(Into::into).collect();
             }
         }
         self.report.finish_causes();

@@ -82,7 +82,8 @@ fn replay_counts_with_separators_and_explains_bar_sizing() {
     let (out, j, e) = replay(&seabios().0, &topo, &["--json"]);
     assert!(out.status.success(), "{e}");
     let j: Value = serde_json::from_str(&j).unwrap();
-    assert_eq!(j["schema"], "ioreq-mux.replay/1");
+    assert_eq!(j["schema"], "ioreq-mux.replay/2");
+    assert_eq!(j["invariant_violations"], Value::Array(vec![]));
     assert_eq!(j["accesses"], 13_768_544);
     let claims = j["claim_failures"].as_array().unwrap();
     assert_eq!(claims.len(), 5);

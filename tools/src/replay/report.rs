@@ -7,13 +7,14 @@ use crate::out::Thousands;
 use crate::trace::{Bdf, ConfigPath, Space};
 use chipset_intercept::LayoutEvent;
 use ioreq_server::Dir;
-use ioreq_server::sim::SimStats;
+use ioreq_server::sim::{SimStats, Violation};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
 /// The `schema` value of `replay --json`. Bumped when a key changes meaning or goes away.
-pub const SCHEMA: &str = "ioreq-mux.replay/1";
+/// /2: `invariant_violations` are objects (kind, fields, message), no longer strings.
+pub const SCHEMA: &str = "ioreq-mux.replay/2";
 
 /// What kind of difference from the recording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -165,6 +166,24 @@ pub struct Divergence {
     pub recorded: Option<RecordedAccess>,
 }
 
+/// A broken rule of the ioreq protocol the simulated hypervisor saw: in the JSON its `kind`
+/// and facts (as [`Violation`] names them) and `message`, the sentence the text report prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvariantViolation {
+    #[serde(flatten)]
+    pub violation: Violation,
+    pub message: String,
+}
+
+impl From<Violation> for InvariantViolation {
+    fn from(violation: Violation) -> Self {
+        InvariantViolation {
+            message: violation.to_string(),
+            violation,
+        }
+    }
+}
+
 /// A BAR claim the multiplexer refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimFailure {
@@ -241,7 +260,7 @@ pub struct ReplayReport {
     pub chipset: String,
     pub engine: EngineStats,
     pub sim: SimStats,
-    pub invariant_violations: Vec<String>,
+    pub invariant_violations: Vec<InvariantViolation>,
     pub elapsed_s: f64,
     /// Divergences per cause while replaying (then [`Self::divergence_causes`]).
     #[serde(skip)]
@@ -396,7 +415,7 @@ impl ReplayReport {
 
     fn fmt_divergences(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for v in &self.invariant_violations {
-            writeln!(f, "invariant violated: {v}")?;
+            writeln!(f, "invariant violated: {}", v.message)?;
         }
         for d in &self.first_divergences {
             write!(
@@ -437,5 +456,85 @@ impl fmt::Display for ReplayReport {
         self.fmt_counts(f)?;
         self.fmt_claim_failures(f)?;
         self.fmt_divergences(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ioreq_server::IoreqState;
+    use serde_json::json;
+
+    /// Before: `invariant_violations` were plain strings in the JSON.
+    #[test]
+    fn invariant_violations_are_structured_in_json_and_sentences_in_text() {
+        let mut r = ReplayReport::new("t".into(), "topo".into(), "chip".into(), 0);
+        r.invariant_violations = vec![
+            Violation::StillWaiting {
+                vcpu: 1,
+                servers: vec![2],
+            }
+            .into(),
+            Violation::BadIoState {
+                server: 0,
+                vcpu: 3,
+                state: IoreqState::InProcess,
+            }
+            .into(),
+        ];
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["schema"], "ioreq-mux.replay/2");
+        assert_eq!(
+            j["invariant_violations"][0],
+            json!({
+                "kind": "still_waiting",
+                "vcpu": 1,
+                "servers": [2],
+                "message": "vCPU 1 still waits on servers [2]",
+            })
+        );
+        let bad = &j["invariant_violations"][1];
+        assert_eq!(bad["kind"], "bad_io_state");
+        assert_eq!(
+            (bad["server"].as_u64(), bad["vcpu"].as_u64()),
+            (Some(0), Some(3))
+        );
+        assert_eq!(
+            bad["message"],
+            "server 0 left vCPU 3's slot in InProcess (bad IO state)"
+        );
+        let text = r.to_string();
+        assert!(
+            text.contains("invariant violated: vCPU 1 still waits on servers [2]\n"),
+            "{text}"
+        );
+    }
+
+    /// The claim that routed an access is the place named; the `qemu_devices` line of the
+    /// server expected comes after it.
+    #[test]
+    fn a_cause_names_the_claim_that_routed_the_access() {
+        let cause = Cause {
+            kind: CauseKind::Misrouted,
+            target: "config of 05:00.0".into(),
+            answered_by: Some("e1000".into()),
+            expected: Some("virtio-net".into()),
+            config: Some(ConfigPlace {
+                key: "owns.position",
+                line: 67,
+            }),
+            expected_by: Some(ConfigPlace {
+                key: "qemu_devices",
+                line: 60,
+            }),
+        };
+        assert_eq!(
+            cause.to_string(),
+            "config of 05:00.0 answered by e1000, expected virtio-net (owns.position, line 67); \
+             virtio-net expected by qemu_devices, line 60"
+        );
+        let j = serde_json::to_value(&cause).unwrap();
+        assert_eq!(j["config"], json!({"key": "owns.position", "line": 67}));
+        assert_eq!(j["expected_by"], json!({"key": "qemu_devices", "line": 60}));
     }
 }
