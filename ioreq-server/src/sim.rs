@@ -175,6 +175,66 @@ pub enum SimError {
     Malformed(String),
 }
 
+/// A rule of the ioreq protocol broken, as the simulated hypervisor saw it
+/// ([`SimHypervisor::check_violations`]). `Display` gives the message; serialized with its
+/// `kind` (snake_case) and its fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Violation {
+    /// A new request found the vCPU's slot not free: server `server` left it in `state`
+    /// (Xen's "bad IO state").
+    BadIoState {
+        server: u16,
+        vcpu: u32,
+        state: IoreqState,
+    },
+    /// Server `server` changed the vCPU's event channel port in the shared page.
+    EventChannelChanged { server: u16, vcpu: u32 },
+    /// The vCPU waited for its answer past the deadline.
+    Deadline { vcpu: u32, deadline_ms: u64 },
+    /// At the end, the vCPU still waits on these servers.
+    StillWaiting { vcpu: u32, servers: Vec<u16> },
+    /// More completions collected than requests sent.
+    ExtraCompletions { completed: u64, sent: u64 },
+    /// A server's buffered ring could not be read.
+    BufferedRing { error: String },
+    /// A server completed a vCPU whose slot did not hold a request in process.
+    BadCompletion { vcpu: u32, error: String },
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::BadIoState {
+                server,
+                vcpu,
+                state,
+            } => write!(
+                f,
+                "server {server} left vCPU {vcpu}'s slot in {state:?} (bad IO state)"
+            ),
+            Violation::EventChannelChanged { server, vcpu } => {
+                write!(f, "server {server} changed vp_eport of vCPU {vcpu}")
+            }
+            Violation::Deadline { vcpu, deadline_ms } => write!(
+                f,
+                "vCPU {vcpu} waited more than {:?}",
+                Duration::from_millis(*deadline_ms)
+            ),
+            Violation::StillWaiting { vcpu, servers } => {
+                write!(f, "vCPU {vcpu} still waits on servers {servers:?}")
+            }
+            Violation::ExtraCompletions { completed, sent } => {
+                write!(f, "{completed} completions for {sent} requests")
+            }
+            Violation::BufferedRing { error } => write!(f, "buffered ring: {error}"),
+            Violation::BadCompletion { vcpu, error } => {
+                write!(f, "server completed vCPU {vcpu}: {error}")
+            }
+        }
+    }
+}
+
 /// Counters the simulation keeps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SimStats {
@@ -378,7 +438,7 @@ struct State {
     servers: Vec<Option<SimServer>>,
     /// Counters except `completed` (counted per vCPU).
     stats: SimStats,
-    violations: Vec<String>,
+    violations: Vec<Violation>,
     /// Every MSI servers injected, in order.
     msis: Vec<InjectedMsi>,
 }
@@ -608,10 +668,11 @@ impl SimHypervisor {
         let eport = srv.eports[vcpu as usize];
         // Xen checks the state first ("bad IO state"), then the event channel.
         if let Err(e) = cell.slot.check(Actor::Hypervisor, IoreqState::Ready) {
-            st.violations.push(format!(
-                "server {id} left vCPU {vcpu}'s slot in {:?} (bad IO state)",
-                e.from
-            ));
+            st.violations.push(Violation::BadIoState {
+                server: id,
+                vcpu,
+                state: e.from,
+            });
             return Err(SimError::BadIoState {
                 server: id,
                 vcpu,
@@ -620,7 +681,7 @@ impl SimHypervisor {
         }
         if cell.vp_eport.load(Relaxed) != eport {
             st.violations
-                .push(format!("server {id} changed vp_eport of vCPU {vcpu}"));
+                .push(Violation::EventChannelChanged { server: id, vcpu });
             return Err(SimError::BadEventChannel { server: id, vcpu });
         }
         req.vp_eport = eport;
@@ -764,10 +825,10 @@ impl SimHypervisor {
                 Ok(()) => {}
                 Err(RecvTimeoutError::Timeout) => {
                     vs.sleeping.store(false, Relaxed);
-                    lock(&self.sh.st).violations.push(format!(
-                        "vCPU {vcpu} waited more than {:?}",
-                        self.sh.deadline
-                    ));
+                    lock(&self.sh.st).violations.push(Violation::Deadline {
+                        vcpu,
+                        deadline_ms: self.sh.deadline.as_millis() as u64,
+                    });
                     return Err(SimError::Deadline {
                         vcpu,
                         after: self.sh.deadline,
@@ -837,24 +898,33 @@ impl SimHypervisor {
     }
 
     /// The invariant checker: Ok when nothing was lost or doubled, no slot moved illegally and
-    /// no vCPU is still waiting; otherwise every violation seen.
+    /// no vCPU is still waiting; otherwise every violation seen, as messages.
     pub fn check(&self) -> Result<SimStats, Vec<String>> {
+        self.check_violations()
+            .map_err(|v| v.iter().map(ToString::to_string).collect())
+    }
+
+    /// [`Self::check`] with each violation as what it is and its facts.
+    pub fn check_violations(&self) -> Result<SimStats, Vec<Violation>> {
         let stats = self.stats();
         let mut v = lock(&self.sh.st).violations.clone();
         for (i, vs) in self.sh.vcpus.iter().enumerate() {
             let live = self.live_waits(vs);
-            let w: Vec<usize> = (0..MAX_NR_IOREQ_SERVERS)
+            let servers: Vec<u16> = (0..MAX_NR_IOREQ_SERVERS as u16)
                 .filter(|id| live & (1 << id) != 0)
                 .collect();
-            if !w.is_empty() {
-                v.push(format!("vCPU {i} still waits on servers {w:?}"));
+            if !servers.is_empty() {
+                v.push(Violation::StillWaiting {
+                    vcpu: i as u32,
+                    servers,
+                });
             }
         }
         if stats.completed > stats.sent {
-            v.push(format!(
-                "{} completions for {} requests",
-                stats.completed, stats.sent
-            ));
+            v.push(Violation::ExtraCompletions {
+                completed: stats.completed,
+                sent: stats.sent,
+            });
         }
         if v.is_empty() { Ok(stats) } else { Err(v) }
     }
@@ -943,7 +1013,9 @@ impl SimBackend {
         if let Err(e) = self.ring.drain(|r| out.push(BackendEvent::Buffered(r))) {
             lock(&self.hv.sh.st)
                 .violations
-                .push(format!("buffered ring: {e}"));
+                .push(Violation::BufferedRing {
+                    error: e.to_string(),
+                });
         }
     }
 
@@ -1073,7 +1145,10 @@ impl Backend for SimBackend {
         if let Err(source) = cell.slot.check(Actor::Server, IoreqState::RespReady) {
             lock(&self.hv.sh.st)
                 .violations
-                .push(format!("server completed vCPU {vcpu}: {source}"));
+                .push(Violation::BadCompletion {
+                    vcpu,
+                    error: source.to_string(),
+                });
             return Err(BackendError::Slot { vcpu, source });
         }
         if cell.takes_data() {
@@ -1286,6 +1361,11 @@ mod tests {
         assert_eq!(hv.collect(0).unwrap(), Some(1));
         let v = hv.check().unwrap_err();
         assert!(v[0].contains("completed vCPU 0"), "{v:?}");
+        let v = hv.check_violations().unwrap_err();
+        assert!(
+            matches!(&v[0], Violation::BadCompletion { vcpu: 0, .. }),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ mod slots;
 mod text;
 
 use crate::engine::Engine;
-use crate::replay::{ReplayError, replay_engine, topology_engine};
+use crate::replay::{ReplayError, Unrecorded, replay_engine, topology_engine};
 use ioreq_server::Backend;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -43,8 +43,8 @@ pub use layout::owner_runs;
 pub use slots::{BusRange, SlotCaps, free_buses, free_devices, hotplug, position_of};
 
 /// The `schema` value of `inspect --json`. Bumped when a key changes meaning or goes away;
-/// new keys may appear within a version.
-pub const SCHEMA: &str = "ioreq-mux.inspect/1";
+/// new keys may appear within a version. /2: `hotplug.capable` may be null (not known).
+pub const SCHEMA: &str = "ioreq-mux.inspect/2";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct InspectArgs {
@@ -54,7 +54,7 @@ pub struct InspectArgs {
     /// Replay this trace first and show the layout it left.
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    /// Print one JSON object (schema `ioreq-mux.inspect/1`, docs/inspect.md) instead of text.
+    /// Print one JSON object (schema `ioreq-mux.inspect/2`, docs/inspect.md) instead of text.
     #[arg(long)]
     pub json: bool,
 }
@@ -69,15 +69,27 @@ pub enum InspectError {
 
 /// Runs `inspect`: the text or the JSON to print.
 pub fn run(a: &InspectArgs) -> Result<String, InspectError> {
-    let mut engine = match &a.trace {
-        Some(t) => replay_engine(t, &a.topology, 0, None)?.1,
-        None => topology_engine(&a.topology)?,
+    let (mut engine, unrecorded, replay) = match &a.trace {
+        Some(t) => {
+            let (report, engine, unrecorded) = replay_engine(t, &a.topology, 0, None)?;
+            let replay = ReplaySummary {
+                accesses: report.accesses,
+                divergences: report.divergences,
+            };
+            (engine, unrecorded, Some(replay))
+        }
+        None => {
+            let (engine, unrecorded) = topology_engine(&a.topology)?;
+            (engine, unrecorded, None)
+        }
     };
-    let view = inspect(
+    let mut view = inspect(
         &mut engine,
+        Some(&unrecorded),
         a.topology.display().to_string(),
         a.trace.as_ref().map(|t| t.display().to_string()),
     );
+    view.replay = replay;
     if a.json {
         let mut j = serde_json::to_string_pretty(&view)?;
         j.push('\n');
@@ -88,13 +100,16 @@ pub fn run(a: &InspectArgs) -> Result<String, InspectError> {
 }
 
 /// Reads the layout out of `engine` (configuration reads through the owners, see the module
-/// documentation).
+/// documentation). `unrecorded` tells apart the answers of trace servers that the trace did
+/// not give (a register the recorded guest never read); without it every answer is taken as
+/// known.
 pub fn inspect<B: Backend>(
     engine: &mut Engine<B>,
+    unrecorded: Option<&Unrecorded>,
     topology: String,
     trace: Option<String>,
 ) -> Inspection {
-    let tree = scan::walk(engine);
+    let tree = scan::walk(engine, unrecorded);
     let router = engine.router();
     let claimed_by = |s| {
         router
@@ -106,6 +121,7 @@ pub fn inspect<B: Backend>(
         schema: SCHEMA,
         topology,
         trace,
+        replay: None,
         chipset: engine.chipset().to_string(),
         ecam_windows: layout::windows(engine),
         buses: tree.buses,
@@ -123,6 +139,8 @@ pub struct Inspection {
     pub schema: &'static str,
     pub topology: String,
     pub trace: Option<String>,
+    /// The replay of `trace` the layout comes from.
+    pub replay: Option<ReplaySummary>,
     pub chipset: String,
     pub ecam_windows: Vec<EcamWindowView>,
     /// Every bus reached, depth first (a bus, then the buses below its first bridge, ...).
@@ -134,6 +152,15 @@ pub struct Inspection {
     pub claims: ClaimsView,
     pub intercepts: Vec<InterceptView>,
     pub mmio_hole: MmioHoleView,
+}
+
+/// How the replay of the trace went: a layout after divergences may not be the recorded one.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReplaySummary {
+    /// Guest accesses replayed.
+    pub accesses: u64,
+    /// Accesses that did not do what the recorded machine did (`ioreq-mux replay` says which).
+    pub divergences: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -202,9 +229,12 @@ pub struct BusView {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct HotplugView {
-    pub capable: bool,
+    /// `None` (JSON null): not known, the port's Slot Capabilities were never read by the
+    /// recorded guest.
+    pub capable: Option<bool>,
     /// Why: what was read (`pcie_slot`), what the bus is (`conventional_bus`, `root_bus`,
-    /// `switch_internal`), or that the port has no slot (`no_slot`).
+    /// `switch_internal`), that the port has no slot (`no_slot`), or that the trace did not
+    /// show it (`pcie_slot_not_recorded`).
     pub reason: HotplugReason,
 }
 
@@ -215,6 +245,9 @@ pub enum HotplugReason {
     PcieSlot,
     /// The port's Slot Capabilities do not say Hot-Plug Capable.
     PcieSlotNotCapable,
+    /// The port implements a slot, but the trace never showed its Slot Capabilities (the
+    /// recorded guest did not read them): not known.
+    PcieSlotNotRecorded,
     /// The port's PCI Express Capabilities say no slot is implemented (7.5.3.2).
     NoSlot,
     /// A conventional bus behind a bridge, with a free device number (capable) or none.

@@ -280,7 +280,7 @@ fn check_bars(at: (u8, u8, u8), q: &QemuFunction, f: &Value) {
 /// --json` after the replay, and nothing is listed that QEMU does not have.
 fn compare_with_info_pci(name: &str) {
     let j: Value = serde_json::from_str(&inspect_cli(name, true)).unwrap();
-    assert_eq!(j["schema"], "ioreq-mux.inspect/1");
+    assert_eq!(j["schema"], "ioreq-mux.inspect/2");
     let text = std::fs::read_to_string(repo(&format!("traces/q35/{name}.info.txt"))).unwrap();
     let qemu = parse_info_pci(&text);
     let mine = ours(&j);
@@ -316,6 +316,7 @@ fn seabios_connect_points() {
     assert_eq!(behind_bridge["position"], "0000:00:02.3/00.0/00.0");
     assert_eq!(behind_bridge["port_type"], "pcie_to_pci_bridge");
     assert_eq!(behind_bridge["hotplug"]["capable"], true);
+    assert_eq!(behind_bridge["hotplug"]["reason"], "conventional_bus");
     assert!(behind_bridge["claimed_by"].is_null());
     let root = points.iter().find(|p| p["port"].is_null()).unwrap();
     assert_eq!(root["bdf"], "0000:00:01.0");
@@ -326,6 +327,171 @@ fn seabios_connect_points() {
     let root_bus = &buses[0];
     assert_eq!(root_bus["free_buses"][0]["first"], 0x0a);
     assert_eq!(root_bus["free_buses"][0]["last"], 0xff);
+}
+
+/// (bus, port, hot-plug capable) of every bus below a root or downstream port.
+fn pcie_slots(j: &Value) -> Vec<(u64, String, Value, String)> {
+    j["buses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["link"] == "pcie_link")
+        .map(|b| {
+            let h = &b["hotplug"];
+            let port = b["port"].as_str().unwrap().to_string();
+            let reason = h["reason"].as_str().unwrap().to_string();
+            (u(&b["bus"]), port, h["capable"].clone(), reason)
+        })
+        .collect()
+}
+
+/// Before: after SeaBIOS, every slot said "hot-plug no (PCIe slot not Hot-Plug Capable)":
+/// SeaBIOS never reads Slot Capabilities, so the trace server answered 0 for bytes nobody
+/// saw. Now: unknown (JSON null, `pcie_slot_not_recorded`). OVMF reads them: yes, as QEMU's
+/// ports are.
+#[test]
+fn hotplug_of_a_slot_the_trace_never_showed_is_unknown() {
+    let seabios: Value = serde_json::from_str(&inspect_cli("seabios", true)).unwrap();
+    let slots = pcie_slots(&seabios);
+    let ports: Vec<&str> = slots.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(
+        ports,
+        [
+            "0000:00:02.0",
+            "0000:00:02.1",
+            "0000:00:02.2",
+            "0000:04:00.0",
+            "0000:04:01.0",
+            "0000:00:02.3",
+            "0000:00:02.4"
+        ]
+    );
+    for (bus, port, capable, reason) in &slots {
+        assert!(capable.is_null(), "bus {bus:#x} below {port}: {capable}");
+        assert_eq!(reason, "pcie_slot_not_recorded", "bus {bus:#x}");
+    }
+    let ovmf: Value = serde_json::from_str(&inspect_cli("ovmf", true)).unwrap();
+    let slots = pcie_slots(&ovmf);
+    assert_eq!(slots.len(), 7);
+    for (bus, port, capable, reason) in &slots {
+        assert_eq!(*capable, Value::Bool(true), "bus {bus:#x} below {port}");
+        assert_eq!(reason, "pcie_slot", "bus {bus:#x}");
+    }
+    let text = inspect_cli("seabios", false);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("bus 0000:01 "))
+        .unwrap();
+    assert!(
+        line.ends_with("hot-plug unknown (PCIe slot, Slot Capabilities not recorded by the trace)"),
+        "{line}"
+    );
+}
+
+/// Before: no count at all, and nothing said how the replay behind the layout went. Counts
+/// are written as every command writes them (`13,768,544`).
+#[test]
+fn text_counts_have_thousands_separators() {
+    let text = inspect_cli("seabios", false);
+    let mut lines = text.lines();
+    let first = lines.next().unwrap();
+    assert!(first.starts_with("after replaying "), "{first}");
+    assert!(
+        first.ends_with("seabios.trace.zst: 13,768,544 accesses, 0 divergences"),
+        "{first}"
+    );
+    assert!(
+        text.contains("\nPCI tree: 21 functions on 10 buses (each function read through"),
+        "{text}"
+    );
+    assert!(text.contains("\nconnect: 2 points (where"), "{text}");
+    let j: Value = serde_json::from_str(&inspect_cli("ovmf", true)).unwrap();
+    assert_eq!(j["replay"]["accesses"], 3_568_127);
+    assert_eq!(j["replay"]["divergences"], 0);
+}
+
+/// What a bridge of the recorded machine is, from its IDs (QEMU's models): does its
+/// secondary bus take one device (a PCIe link), none (a switch's internal bus) or 32?
+fn devices_below(ids: (u16, u16)) -> u8 {
+    match ids {
+        // pcie-root-port, ioh3420 (root ports), xio3130-downstream: a PCIe link.
+        (0x1b36, 0x000c) | (0x8086, 0x3420) | (0x104c, 0x8233) => 1,
+        // x3130-upstream: the switch's internal bus, its downstream ports only.
+        (0x104c, 0x8232) => 0,
+        // pcie-pci-bridge: a conventional bus.
+        (0x1b36, 0x000e) => 32,
+        other => panic!("a bridge the test does not know: {other:x?}"),
+    }
+}
+
+/// Every bus of QEMU's `info pci` where a function could still be connected: the root bus
+/// and each bridge's secondary bus, with the first device number free there.
+fn free_slots_in_info_pci(name: &str) -> Vec<(u8, u8)> {
+    let text = std::fs::read_to_string(repo(&format!("traces/q35/{name}.info.txt"))).unwrap();
+    let qemu = parse_info_pci(&text);
+    let mut buses: Vec<(u8, u8)> = vec![(0, 32)];
+    for q in qemu.values() {
+        if let Some(sec) = q.secondary {
+            buses.push((sec, devices_below(q.ids)));
+        }
+    }
+    buses.sort_unstable();
+    buses
+        .into_iter()
+        .filter_map(|(bus, possible)| {
+            let used = |d: &u8| qemu.keys().any(|&(b, dev, _)| b == bus && dev == *d);
+            let free = (0..possible).find(|d| !used(d))?;
+            Some((bus, free))
+        })
+        .collect()
+}
+
+/// Before: only checked in part. The connect list names every bus where a function can
+/// still go (the root bus and each bridge's secondary bus with a free device number, as
+/// QEMU's own `info pci` shows the machine), with the BDF and position it gets.
+#[test]
+fn connect_lists_every_bus_with_a_free_device_number() {
+    for name in ["seabios", "ovmf"] {
+        let j: Value = serde_json::from_str(&inspect_cli(name, true)).unwrap();
+        let points = j["connect"].as_array().unwrap();
+        let ours: Vec<(u8, u8)> = points
+            .iter()
+            .map(|p| {
+                let bdf = p["bdf"].as_str().unwrap();
+                (u(&p["bus"]) as u8, hex(&bdf[8..10]) as u8)
+            })
+            .collect();
+        assert_eq!(ours, free_slots_in_info_pci(name), "{name}");
+        let rows: Vec<(&str, &str, &Value, &Value)> = points
+            .iter()
+            .map(|p| {
+                (
+                    p["bdf"].as_str().unwrap(),
+                    p["position"].as_str().unwrap(),
+                    &p["hotplug"]["capable"],
+                    &p["claimed_by"],
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "0000:00:01.0",
+                    "0000:00:01.0",
+                    &Value::Bool(false),
+                    &Value::from("qemu")
+                ),
+                (
+                    "0000:08:00.0",
+                    "0000:00:02.3/00.0/00.0",
+                    &Value::Bool(true),
+                    &Value::Null
+                ),
+            ],
+            "{name}"
+        );
+    }
 }
 
 fn keys_are_snake_case(v: &Value, at: &str) {
@@ -441,7 +607,7 @@ type BarRow<'a> = (u8, BarKind, u64, u64, bool, Option<&'a str>);
 fn an_emulated_models_bars_are_sized_without_disturbing_its_claims() {
     let mut e = emulated();
     let before = (e.router().mmio_ranges(), e.router().port_ranges());
-    let v: Inspection = inspect(&mut e, "test".into(), None);
+    let v: Inspection = inspect(&mut e, None, "test".into(), None);
     assert_eq!(
         (e.router().mmio_ranges(), e.router().port_ranges()),
         before,
@@ -496,5 +662,5 @@ fn an_emulated_models_bars_are_sized_without_disturbing_its_claims() {
         "bus 02 is free below the root port"
     );
     // The built-in root port implements no slot: not hot-plug capable.
-    assert!(!bus1.hotplug.capable);
+    assert_eq!(bus1.hotplug.capable, Some(false));
 }

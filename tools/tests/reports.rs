@@ -82,7 +82,8 @@ fn replay_counts_with_separators_and_explains_bar_sizing() {
     let (out, j, e) = replay(&seabios().0, &topo, &["--json"]);
     assert!(out.status.success(), "{e}");
     let j: Value = serde_json::from_str(&j).unwrap();
-    assert_eq!(j["schema"], "ioreq-mux.replay/1");
+    assert_eq!(j["schema"], "ioreq-mux.replay/2");
+    assert_eq!(j["invariant_violations"], Value::Array(vec![]));
     assert_eq!(j["accesses"], 13_768_544);
     let claims = j["claim_failures"].as_array().unwrap();
     assert_eq!(claims.len(), 5);
@@ -97,7 +98,8 @@ fn replay_counts_with_separators_and_explains_bar_sizing() {
 }
 
 /// Before: each divergence a line of its own, the JSON strings. Now grouped by cause, with
-/// the topology line that made the expected server stand for the device.
+/// the `owns` entry that routed the access and the topology line that made the expected
+/// server stand for the device.
 #[test]
 fn divergences_are_grouped_by_cause() {
     let text = std::fs::read_to_string(repo("configs/qemu-q35-trace.toml")).unwrap();
@@ -119,7 +121,8 @@ fn divergences_are_grouped_by_cause() {
     assert_eq!(out.status.code(), Some(1), "{text}{e}");
     assert!(
         text.contains(
-            "config of 05:00.0 answered by virtio-net, expected e1000 (qemu_devices, line 66)"
+            "config of 05:00.0 answered by virtio-net, expected e1000 (owns.position, line 61); \
+             e1000 expected by qemu_devices, line 66"
         ),
         "{text}"
     );
@@ -137,6 +140,76 @@ fn divergences_are_grouped_by_cause() {
     let d = &j["first_divergences"][0];
     assert!(d["cause"]["kind"].is_string(), "{d}");
     assert!(d["recorded"]["addr"].is_u64(), "{d}");
+}
+
+/// `text` with `from` replaced by `to` once per pair, in order (each must be there).
+fn edited(text: &str, edits: &[(&str, &str)]) -> String {
+    let mut t = text.to_string();
+    for (from, to) in edits {
+        assert_eq!(t.matches(from).count(), 1, "{from}");
+        t = t.replacen(from, to, 1);
+    }
+    t
+}
+
+/// The issue's example: a topology that gives e1000 the function of virtio-net (and the
+/// other way round). Before, the cause named only the `qemu_devices` line of the server
+/// expected (line 60), where nothing is wrong; now it names the `owns.position` entry that
+/// routed the access (line 67), then the other side. A function nobody claims points at `qemu_devices`: no
+/// claim routed it.
+#[test]
+fn a_cause_points_at_the_claim_that_routed_the_access() {
+    let text = std::fs::read_to_string(repo("configs/qemu-q35-trace.toml")).unwrap();
+    let net = "owns.position = [\"00:02.2/00.0/00.0/00.0\"]";
+    let e1000 = "owns.position = [\"00:02.3/00.0/01.0\"]";
+    let misassigned = edited(&text, &[(net, "@NET"), (e1000, net), ("@NET", e1000)]);
+    let topo = temp("misassigned.toml");
+    std::fs::write(&topo, misassigned).unwrap();
+    let (out, text, e) = replay(&seabios().0, &topo, &["--limit", "200000"]);
+    assert_eq!(out.status.code(), Some(1), "{text}{e}");
+    assert!(
+        text.contains(
+            "config of 05:00.0 answered by e1000, expected virtio-net (owns.position, line 67); \
+             virtio-net expected by qemu_devices, line 60"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "config of 08:01.0 answered by virtio-net, expected e1000 (owns.position, line 61)"
+        ),
+        "{text}"
+    );
+    let (_, j, _) = replay(&seabios().0, &topo, &["--limit", "200000", "--json"]);
+    let j: Value = serde_json::from_str(&j).unwrap();
+    let cause = j["divergence_causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["cause"])
+        .find(|c| c["target"] == "config of 05:00.0")
+        .unwrap();
+    assert_eq!(cause["config"]["key"], "owns.position", "{cause}");
+    assert_eq!(cause["config"]["line"], 67, "{cause}");
+    assert_eq!(cause["expected_by"]["key"], "qemu_devices", "{cause}");
+    assert_eq!(cause["expected_by"]["line"], 60, "{cause}");
+
+    let nvme = "owns.position = [\"00:02.1/00.0\"]";
+    let unclaimed = edited(
+        &std::fs::read_to_string(repo("configs/qemu-q35-trace.toml")).unwrap(),
+        &[(nvme, "# owns nothing")],
+    );
+    let topo = temp("unclaimed.toml");
+    std::fs::write(&topo, unclaimed).unwrap();
+    let (out, text, e) = replay(&seabios().0, &topo, &["--limit", "200000"]);
+    assert_eq!(out.status.code(), Some(1), "{text}{e}");
+    assert!(
+        text.contains(
+            "config of 02:00.0 answered by ioreq-mux, expected nvme (qemu_devices, line 54) \
+             (first at"
+        ),
+        "{text}"
+    );
 }
 
 /// Before: `claim_failures: 0` out of process where in process reports 5, and the refusal

@@ -466,6 +466,16 @@ impl Config {
             .collect()
     }
 
+    /// The 1-based line in the file of each of a server's `owns` claims, in the order of
+    /// [`Server::claims`] (empty for a configuration not read from a file).
+    pub fn claim_lines(&self, s: &Server) -> Vec<usize> {
+        s.places
+            .claims
+            .iter()
+            .map(|r| line_of(&self.text, r.start))
+            .collect()
+    }
+
     /// Checks each server's `qemu_devices` against the device types a trace names (`known`):
     /// a type the trace does not have is an error, with the nearest one it has.
     pub fn check_qemu_devices(

@@ -45,8 +45,8 @@ mod recorded;
 mod report;
 
 pub use report::{
-    Cause, CauseCount, CauseKind, ClaimFailure, ConfigPlace, Divergence, LayoutChange,
-    RecordedAccess, ReplayReport, SCHEMA,
+    Cause, CauseCount, CauseKind, ClaimFailure, ConfigPlace, Divergence, InvariantViolation,
+    LayoutChange, RecordedAccess, ReplayReport, SCHEMA,
 };
 
 /// vCPUs the simulated guest has (the traces use 2).
@@ -116,6 +116,9 @@ struct Cursor {
     /// A trace model received a request for this access; `first_addr` is its address.
     delivered: AtomicBool,
     first_addr: AtomicU64,
+    /// Configuration reads outside the trace that a trace model answered without knowing
+    /// the bytes (never accessed by the recorded guest: they read 0), see [`Unrecorded`].
+    unrecorded: AtomicU64,
 }
 
 /// `Cursor::reg` of an access that is not a configuration access.
@@ -177,9 +180,28 @@ impl Cursor {
             .load(Relaxed)
             .then(|| self.first_addr.load(Relaxed))
     }
+
+    /// A trace model answered a read with bytes the trace never showed.
+    fn unrecorded_read(&self) {
+        self.unrecorded.fetch_add(1, Relaxed);
+    }
 }
 
 type Shared = Arc<Cursor>;
+
+/// Tells apart a trace server's answers the trace did not give: how many configuration
+/// reads outside the recorded accesses (detection, `inspect` after the replay) a trace
+/// server answered with bytes the recorded guest never accessed (read as 0: the trace says
+/// nothing of them). A reader compares the count before and after a read.
+#[derive(Debug, Clone)]
+pub struct Unrecorded(Shared);
+
+impl Unrecorded {
+    /// Reads answered so far without the trace showing what they read.
+    pub fn count(&self) -> u64 {
+        self.0.unrecorded.load(Relaxed)
+    }
+}
 
 /// A simulated device model answering with the recorded values.
 struct TraceModel {
@@ -208,8 +230,11 @@ impl DeviceModel for TraceModel {
         _ctl: &mut dyn DmControl,
     ) -> Result<u64, DmError> {
         if self.cursor.replayed() {
-            if let Some(v) = self.recorded.after_replay(req) {
-                return Ok(v);
+            if let Some(a) = self.recorded.after_replay(req) {
+                if !a.recorded {
+                    self.cursor.unrecorded_read();
+                }
+                return Ok(a.value);
             }
         }
         let rec = self.cursor.recorded();
@@ -223,7 +248,10 @@ impl DeviceModel for TraceModel {
                 return Ok(match v {
                     Some(v) if reg < 4 => u64::from(v) >> (8 * reg),
                     // Unknown registers read as their reset value, taken to be 0.
-                    _ => 0,
+                    _ => {
+                        self.cursor.unrecorded_read();
+                        0
+                    }
                 });
             }
             return Ok(0);
@@ -281,6 +309,8 @@ struct Harness {
     kinds: [u64; 4],
     /// Per model id: the topology line of each of `devices`.
     device_lines: Vec<Vec<usize>>,
+    /// Per model id: each claim its `owns` lists, with its topology line.
+    owns_lines: Vec<Vec<(Claim, usize)>>,
     strings: StringTable,
 }
 
@@ -318,12 +348,22 @@ impl Harness {
         want: Option<(Option<u16>, Option<StrId>)>,
         what: String,
     ) {
+        // The claim that routed the access where it went is the line to look at; the
+        // `qemu_devices` line that made another server expected is the other half of the
+        // disagreement, and the cause when no claim routed it (nobody answered, say).
+        let expected_by = want.and_then(|(w, d)| self.place(w?, d?));
+        let routed_by = want.and(handler).and_then(|h| self.routed_by(h, a));
+        let (config, expected_by) = match routed_by {
+            Some(r) => (Some(r), expected_by),
+            None => (expected_by, None),
+        };
         let cause = Cause {
             kind,
             target: self.target(a),
             answered_by: Some(self.name_of(handler)),
             expected: want.map(|(w, _)| self.name_of(w)),
-            config: want.and_then(|(w, d)| self.place(w?, d?)),
+            config,
+            expected_by,
         };
         let recorded = Some(self.describe(a));
         self.report.diverge(Divergence {
@@ -342,6 +382,46 @@ impl Harness {
             (None, Some(r)) => format!("{} region '{}'", a.space, self.string(r)),
             (None, None) => format!("{} {:#x}", a.space, a.addr),
         }
+    }
+
+    /// The `owns` entry of server `m` that routed access `a` to it: for a configuration
+    /// access the BDF range, or the position as it resolves now, that holds the function;
+    /// else the port or MMIO range that holds the address.
+    fn routed_by(&self, m: u16, a: &Access) -> Option<ConfigPlace> {
+        let idx = self.engine_idx[usize::from(m)];
+        let router = self.engine.router();
+        let bdf = a
+            .config
+            .map(|c| Sbdf::from_devfn(0, c.bdf.bus, c.bdf.devfn()));
+        let space = match a.space {
+            Space::Port => RangeKind::Port,
+            Space::Mmio => RangeKind::Mmio,
+        };
+        let last = a.addr.saturating_add(u64::from(a.size.max(1)) - 1);
+        let covers = |claim: &Claim| match (claim, bdf) {
+            (Claim::Range(r), Some(f)) => {
+                let f = u64::from(f.to_xen());
+                r.kind == RangeKind::Pci && r.contains(f, f)
+            }
+            (Claim::Position(p), Some(f)) => router
+                .positions()
+                .iter()
+                .any(|c| c.owner == idx && c.position == *p && c.resolved == Some(f)),
+            (Claim::Range(r), None) => r.kind == space && r.contains(a.addr, last),
+            (Claim::Position(_), None) => false,
+        };
+        let (claim, line) = self.owns_lines[usize::from(m)]
+            .iter()
+            .find(|(c, _)| covers(c))?;
+        let key = match claim {
+            Claim::Position(_) => "owns.position",
+            Claim::Range(r) => match r.kind {
+                RangeKind::Pci => "owns.bdf",
+                RangeKind::Port => "owns.ports",
+                RangeKind::Mmio => "owns.mmio",
+            },
+        };
+        Some(ConfigPlace { key, line: *line })
     }
 
     /// The topology line where server `m` lists QEMU's `device` (or `*`).
@@ -689,22 +769,23 @@ pub fn replay(
     show: usize,
     limit: Option<u64>,
 ) -> Result<ReplayReport, ReplayError> {
-    replay_engine(trace_path, topology, show, limit).map(|(r, _)| r)
+    replay_engine(trace_path, topology, show, limit).map(|(r, ..)| r)
 }
 
-/// Replays a trace and also returns the engine as the trace left it (for `inspect`).
+/// Replays a trace and also returns the engine as the trace left it, and what tells apart
+/// the trace servers' answers the trace did not give (for `inspect`).
 pub fn replay_engine(
     trace_path: &Path,
     topology: &Path,
     show: usize,
     limit: Option<u64>,
-) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
+) -> Result<(ReplayReport, Engine<SimBackend>, Unrecorded), ReplayError> {
     let opts = ReplayOptions {
         show,
         limit,
         ..Default::default()
     };
-    replay_with(trace_path, topology, &opts)
+    replay_full(trace_path, topology, &opts)
 }
 
 /// Replays a trace with every option.
@@ -713,6 +794,14 @@ pub fn replay_with(
     topology: &Path,
     opts: &ReplayOptions,
 ) -> Result<(ReplayReport, Engine<SimBackend>), ReplayError> {
+    replay_full(trace_path, topology, opts).map(|(r, e, _)| (r, e))
+}
+
+fn replay_full(
+    trace_path: &Path,
+    topology: &Path,
+    opts: &ReplayOptions,
+) -> Result<(ReplayReport, Engine<SimBackend>, Unrecorded), ReplayError> {
     let cfg = Config::load(topology)?;
     let total = check_trace(&cfg, trace_path)?;
     let mut reader = TraceReader::open(trace_path).map_err(|source| ReplayError::Trace {
@@ -747,7 +836,7 @@ pub fn replay_with(
     }
     h.finish_report();
     h.report.elapsed_s = start.elapsed().as_secs_f64();
-    Ok((h.report, h.engine))
+    Ok((h.report, h.engine, Unrecorded(h.cursor)))
 }
 
 /// The models the replay runs in this process (all but the trace servers that run in their
@@ -853,6 +942,11 @@ impl Harness {
                 .iter()
                 .map(|s| cfg.qemu_device_lines(s))
                 .collect(),
+            owns_lines: cfg
+                .servers
+                .iter()
+                .map(|s| s.claims.iter().cloned().zip(cfg.claim_lines(s)).collect())
+                .collect(),
             strings: reader.strings().clone(),
         };
         Ok((h, children))
@@ -937,7 +1031,7 @@ impl Harness {
             .map(LayoutChange::from)
             .collect();
         self.report.engine = self.engine.stats().clone();
-        match self.hv.check() {
+        match self.hv.check_violations() {
             Ok(s) => self.report.sim = s,
             Err(v) => {
                 self.report.sim = self.hv.stats();
@@ -947,9 +1041,10 @@ impl Harness {
                     answered_by: None,
                     expected: None,
                     config: None,
+                    expected_by: None,
                 };
                 self.report.add_divergences(&cause, 0, v.len() as u64);
-                self.report.invariant_violations = v;
+                self.report.invariant_violations = v.into_iter().map(Into::into).collect();
             }
         }
         self.report.finish_causes();
@@ -989,6 +1084,7 @@ fn merge_summary(r: &mut ReplayReport, name: &str, m: crate::dm::DmSummary) {
         answered_by: Some(name.to_string()),
         expected: None,
         config: None,
+        expected_by: None,
     };
     if m.mismatches > 0 {
         r.add_divergences(&cause, 0, m.mismatches);
@@ -1036,8 +1132,9 @@ fn refuse_empty(trace_path: &Path, accesses: u64) -> Result<(), ReplayError> {
     Ok(())
 }
 
-/// The engine for a topology alone (no trace), as `inspect` shows it before any access.
-pub fn topology_engine(topology: &Path) -> Result<Engine<SimBackend>, ReplayError> {
+/// The engine for a topology alone (no trace), as `inspect` shows it before any access, and
+/// what tells apart the trace servers' answers they cannot know.
+pub fn topology_engine(topology: &Path) -> Result<(Engine<SimBackend>, Unrecorded), ReplayError> {
     let cfg = Config::load(topology)?;
     let hv = SimHypervisor::new(REPLAY_VCPUS, Duration::from_secs(10));
     let backend = hv.create_server(BufioreqMode::Atomic)?;
@@ -1047,7 +1144,8 @@ pub fn topology_engine(topology: &Path) -> Result<Engine<SimBackend>, ReplayErro
         .iter()
         .map(|s| build_model(s, &cursor))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Engine::new(backend, models, &cfg.engine)?)
+    let engine = Engine::new(backend, models, &cfg.engine)?;
+    Ok((engine, Unrecorded(cursor)))
 }
 
 fn build_model(s: &Server, cursor: &Shared) -> Result<Box<dyn DeviceModel>, ReplayError> {

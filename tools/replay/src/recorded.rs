@@ -51,16 +51,35 @@ impl RecordedFunction {
         }
     }
 
-    fn load(&self, reg: u16, size: u8) -> u64 {
-        (0..usize::from(size)).fold(0u64, |v, i| {
-            let b = self
-                .bytes
-                .get(usize::from(reg) + i)
-                .copied()
-                .flatten()
-                .unwrap_or(0);
-            v | u64::from(b) << (8 * i)
+    /// The register's bytes as last seen (0 for a byte never accessed), and whether every
+    /// one of them was seen.
+    fn load(&self, reg: u16, size: u8) -> Answer {
+        (0..usize::from(size)).fold(Answer::recorded(0), |a, i| {
+            let b = self.bytes.get(usize::from(reg) + i).copied().flatten();
+            Answer {
+                value: a.value | u64::from(b.unwrap_or(0)) << (8 * i),
+                recorded: a.recorded && b.is_some(),
+            }
         })
+    }
+}
+
+/// A configuration access answered after the replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// The data read (0 for a write).
+    pub value: u64,
+    /// Every byte read was seen in the trace (or the answer is a recorded probe's); `false`:
+    /// the guest never accessed some of them, which read 0 and say nothing of the device.
+    pub recorded: bool,
+}
+
+impl Answer {
+    fn recorded(value: u64) -> Self {
+        Answer {
+            value,
+            recorded: true,
+        }
     }
 }
 
@@ -114,13 +133,13 @@ impl RecordedConfig {
 
     /// A request after the replay: a configuration access to a function the trace showed is
     /// answered from the recording (`Some`, 0 for a write); anything else is not (`None`).
-    pub fn after_replay(&mut self, req: &Ioreq) -> Option<u64> {
+    pub fn after_replay(&mut self, req: &Ioreq) -> Option<Answer> {
         let (f, reg, size) = config_target(req)?;
         match req.dir {
             Dir::Read => self.read(f, reg, size),
             Dir::Write => self.knows(f).then(|| {
                 self.write(f, reg, size, req.data);
-                0
+                Answer::recorded(0)
             }),
         }
     }
@@ -131,12 +150,13 @@ impl RecordedConfig {
     }
 
     /// A read after the replay: the recorded answer to a probe that just happened, else the
-    /// last value seen (bytes never accessed read 0). `None` for a function never accessed.
-    pub fn read(&mut self, sbdf: Sbdf, reg: u16, size: u8) -> Option<u64> {
+    /// last value seen (bytes never accessed read 0, and the answer says it is not
+    /// recorded). `None` for a function never accessed.
+    pub fn read(&mut self, sbdf: Sbdf, reg: u16, size: u8) -> Option<Answer> {
         let f = self.functions.get_mut(&sbdf)?;
         let probed = f.probing.take() == Some((reg, size));
         match f.probes.get(&(reg, size)) {
-            Some(&answer) if probed => Some(answer),
+            Some(&answer) if probed => Some(Answer::recorded(answer)),
             _ => Some(f.load(reg, size)),
         }
     }
@@ -157,6 +177,14 @@ mod tests {
         t.parse().unwrap_or_else(|e| panic!("{t}: {e}"))
     }
 
+    /// The value of a read the recording answers in full.
+    fn value(r: &mut RecordedConfig, f: Sbdf, reg: u16, size: u8) -> Option<u64> {
+        r.read(f, reg, size).map(|a| {
+            assert!(a.recorded, "{f} @{reg:#x}: {a:?}");
+            a.value
+        })
+    }
+
     #[test]
     fn bytes_follow_reads_and_writes() {
         let mut r = RecordedConfig::default();
@@ -165,9 +193,20 @@ mod tests {
         r.learn(f, 0, 4, Dir::Read, 0x000c_1b36);
         r.learn(f, 0x1c, 2, Dir::Read, 0xd0d0);
         r.learn(f, 0x1d, 1, Dir::Write, 0xdf);
-        assert_eq!(r.read(f, 0, 2), Some(0x1b36));
-        assert_eq!(r.read(f, 0x1c, 2), Some(0xdfd0));
-        assert_eq!(r.read(f, 0x1e, 2), Some(0), "bytes never accessed read 0");
+        assert_eq!(value(&mut r, f, 0, 2), Some(0x1b36));
+        assert_eq!(value(&mut r, f, 0x1c, 2), Some(0xdfd0));
+        let unseen = Answer {
+            value: 0,
+            recorded: false,
+        };
+        assert_eq!(
+            r.read(f, 0x1e, 2),
+            Some(unseen),
+            "bytes never accessed read 0"
+        );
+        // Two bytes of four seen (0x1c-0x1d): the answer says it is not all recorded.
+        let partly = r.read(f, 0x1c, 4);
+        assert_eq!(partly.map(|a| (a.value, a.recorded)), Some((0xdfd0, false)));
     }
 
     #[test]
@@ -183,18 +222,18 @@ mod tests {
         r.learn(f, 0x30, 4, Dir::Read, 0xfffc_0000);
         r.learn(f, 0x30, 4, Dir::Write, 0);
         r.learn(f, 0x10, 4, Dir::Write, 0xfda4_0000);
-        assert_eq!(r.read(f, 0x10, 4), Some(0xfda4_0000));
+        assert_eq!(value(&mut r, f, 0x10, 4), Some(0xfda4_0000));
         // A probe after the replay (another pattern) gets the recorded answer ...
         r.write(f, 0x10, 4, 0xffff_ffff);
-        assert_eq!(r.read(f, 0x10, 4), Some(0xfffe_0000));
+        assert_eq!(value(&mut r, f, 0x10, 4), Some(0xfffe_0000));
         r.write(f, 0x10, 4, 0xfda4_0000);
-        assert_eq!(r.read(f, 0x10, 4), Some(0xfda4_0000));
+        assert_eq!(value(&mut r, f, 0x10, 4), Some(0xfda4_0000));
         r.write(f, 0x30, 4, 0xffff_fffe);
-        assert_eq!(r.read(f, 0x30, 4), Some(0xfffc_0000));
+        assert_eq!(value(&mut r, f, 0x30, 4), Some(0xfffc_0000));
         // ... once: the next read is the register again.
-        assert_eq!(r.read(f, 0x30, 4), Some(0xffff_fffe));
+        assert_eq!(value(&mut r, f, 0x30, 4), Some(0xffff_fffe));
         // A register never probed reads what was written.
         r.write(f, 0x14, 4, 0xffff_ffff);
-        assert_eq!(r.read(f, 0x14, 4), Some(0xffff_ffff));
+        assert_eq!(value(&mut r, f, 0x14, 4), Some(0xffff_ffff));
     }
 }

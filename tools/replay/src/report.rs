@@ -7,13 +7,14 @@ use ioreq_mux_engine::EngineStats;
 use ioreq_mux_trace::Thousands;
 use ioreq_mux_trace::{Bdf, ConfigPath, Space};
 use ioreq_server::Dir;
-use ioreq_server::sim::SimStats;
+use ioreq_server::sim::{SimStats, Violation};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
 /// The `schema` value of `replay --json`. Bumped when a key changes meaning or goes away.
-pub const SCHEMA: &str = "ioreq-mux.replay/1";
+/// /2: `invariant_violations` are objects (kind, fields, message), no longer strings.
+pub const SCHEMA: &str = "ioreq-mux.replay/2";
 
 /// What kind of difference from the recording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -35,10 +36,11 @@ pub enum CauseKind {
     Invariant,
 }
 
-/// Where in the topology file the expected server was made to stand for the device.
+/// A place in the topology file: an `owns` entry that routed an access, or the
+/// `qemu_devices` entry that made a server stand for QEMU's device.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct ConfigPlace {
-    /// The key (`qemu_devices`).
+    /// The key: `owns.bdf`, `owns.position`, `owns.ports`, `owns.mmio` or `qemu_devices`.
     pub key: &'static str,
     /// 1-based line in the topology file.
     pub line: usize,
@@ -54,8 +56,13 @@ pub struct Cause {
     pub answered_by: Option<String>,
     /// The server that stands for the device QEMU routed the access to.
     pub expected: Option<String>,
-    /// The topology line that made `expected` stand for that device.
+    /// The topology line responsible: the `owns` entry of `answered_by` that routed the
+    /// access there; when none did (nobody answered, or a BAR the server claimed), the
+    /// `qemu_devices` entry that made `expected` stand for QEMU's device.
     pub config: Option<ConfigPlace>,
+    /// When `config` is an `owns` entry: the `qemu_devices` entry that made `expected` stand
+    /// for QEMU's device (the other side of the disagreement).
+    pub expected_by: Option<ConfigPlace>,
 }
 
 impl fmt::Display for Cause {
@@ -81,6 +88,9 @@ impl fmt::Display for Cause {
         }
         if let Some(p) = &self.config {
             write!(f, " ({}, line {})", p.key, p.line)?;
+        }
+        if let Some(p) = &self.expected_by {
+            write!(f, "; {want} expected by {}, line {}", p.key, p.line)?;
         }
         Ok(())
     }
@@ -154,6 +164,24 @@ pub struct Divergence {
     /// What happened, in full.
     pub what: String,
     pub recorded: Option<RecordedAccess>,
+}
+
+/// A broken rule of the ioreq protocol the simulated hypervisor saw: in the JSON its `kind`
+/// and facts (as [`Violation`] names them) and `message`, the sentence the text report prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvariantViolation {
+    #[serde(flatten)]
+    pub violation: Violation,
+    pub message: String,
+}
+
+impl From<Violation> for InvariantViolation {
+    fn from(violation: Violation) -> Self {
+        InvariantViolation {
+            message: violation.to_string(),
+            violation,
+        }
+    }
 }
 
 /// A BAR claim the multiplexer refused.
@@ -232,7 +260,7 @@ pub struct ReplayReport {
     pub chipset: String,
     pub engine: EngineStats,
     pub sim: SimStats,
-    pub invariant_violations: Vec<String>,
+    pub invariant_violations: Vec<InvariantViolation>,
     pub elapsed_s: f64,
     /// Divergences per cause while replaying (then [`Self::divergence_causes`]).
     #[serde(skip)]
@@ -387,7 +415,7 @@ impl ReplayReport {
 
     fn fmt_divergences(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for v in &self.invariant_violations {
-            writeln!(f, "invariant violated: {v}")?;
+            writeln!(f, "invariant violated: {}", v.message)?;
         }
         for d in &self.first_divergences {
             write!(
@@ -428,5 +456,85 @@ impl fmt::Display for ReplayReport {
         self.fmt_counts(f)?;
         self.fmt_claim_failures(f)?;
         self.fmt_divergences(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ioreq_server::IoreqState;
+    use serde_json::json;
+
+    /// Before: `invariant_violations` were plain strings in the JSON.
+    #[test]
+    fn invariant_violations_are_structured_in_json_and_sentences_in_text() {
+        let mut r = ReplayReport::new("t".into(), "topo".into(), "chip".into(), 0);
+        r.invariant_violations = vec![
+            Violation::StillWaiting {
+                vcpu: 1,
+                servers: vec![2],
+            }
+            .into(),
+            Violation::BadIoState {
+                server: 0,
+                vcpu: 3,
+                state: IoreqState::InProcess,
+            }
+            .into(),
+        ];
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["schema"], "ioreq-mux.replay/2");
+        assert_eq!(
+            j["invariant_violations"][0],
+            json!({
+                "kind": "still_waiting",
+                "vcpu": 1,
+                "servers": [2],
+                "message": "vCPU 1 still waits on servers [2]",
+            })
+        );
+        let bad = &j["invariant_violations"][1];
+        assert_eq!(bad["kind"], "bad_io_state");
+        assert_eq!(
+            (bad["server"].as_u64(), bad["vcpu"].as_u64()),
+            (Some(0), Some(3))
+        );
+        assert_eq!(
+            bad["message"],
+            "server 0 left vCPU 3's slot in InProcess (bad IO state)"
+        );
+        let text = r.to_string();
+        assert!(
+            text.contains("invariant violated: vCPU 1 still waits on servers [2]\n"),
+            "{text}"
+        );
+    }
+
+    /// The claim that routed an access is the place named; the `qemu_devices` line of the
+    /// server expected comes after it.
+    #[test]
+    fn a_cause_names_the_claim_that_routed_the_access() {
+        let cause = Cause {
+            kind: CauseKind::Misrouted,
+            target: "config of 05:00.0".into(),
+            answered_by: Some("e1000".into()),
+            expected: Some("virtio-net".into()),
+            config: Some(ConfigPlace {
+                key: "owns.position",
+                line: 67,
+            }),
+            expected_by: Some(ConfigPlace {
+                key: "qemu_devices",
+                line: 60,
+            }),
+        };
+        assert_eq!(
+            cause.to_string(),
+            "config of 05:00.0 answered by e1000, expected virtio-net (owns.position, line 67); \
+             virtio-net expected by qemu_devices, line 60"
+        );
+        let j = serde_json::to_value(&cause).unwrap();
+        assert_eq!(j["config"], json!({"key": "owns.position", "line": 67}));
+        assert_eq!(j["expected_by"], json!({"key": "qemu_devices", "line": 60}));
     }
 }

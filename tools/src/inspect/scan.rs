@@ -24,6 +24,7 @@ use crate::models::{
     PCI_ROM_ADDRESS_MASK, PCI_ROM_ADDRESS1, PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_SUBSYSTEM_ID,
     PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID,
 };
+use crate::replay::Unrecorded;
 use bdf_router::address::{DEVICES_PER_BUS, FUNCTIONS_PER_DEVICE};
 use bdf_router::bridges::{
     PCI_HEADER_TYPE_BRIDGE, PCI_HEADER_TYPE_MASK, PCI_PRIMARY_BUS, PCI_SECONDARY_BUS,
@@ -48,6 +49,8 @@ pub(super) struct Tree {
 /// Configuration reads and writes through the engine, as the guest makes them.
 struct Config<'a, B: Backend> {
     e: &'a mut Engine<B>,
+    /// Counts the trace servers' answers the trace did not give (after a replay).
+    unrecorded: Option<&'a Unrecorded>,
 }
 
 impl<B: Backend> Config<'_, B> {
@@ -66,6 +69,14 @@ impl<B: Backend> Config<'_, B> {
 
     fn r32(&mut self, s: Sbdf, reg: usize) -> u32 {
         self.access(s, reg, 4, Dir::Read, 0)
+    }
+
+    /// A read whose answer is known: `None` when a trace server answered it with bytes the
+    /// recorded guest never accessed (they read 0 and say nothing of the device).
+    fn r32_known(&mut self, s: Sbdf, reg: usize) -> Option<u32> {
+        let before = self.unrecorded.map(Unrecorded::count);
+        let v = self.r32(s, reg);
+        (self.unrecorded.map(Unrecorded::count) == before).then_some(v)
     }
 
     fn w16(&mut self, s: Sbdf, reg: usize, v: u16) {
@@ -117,10 +128,11 @@ struct Walker<'a, B: Backend> {
 }
 
 /// Walks every root bus (segment 0 bus 0, and the first bus of every ECAM window) down.
-pub(super) fn walk<B: Backend>(e: &mut Engine<B>) -> Tree {
+/// `unrecorded` tells apart what trace servers answer without knowing it.
+pub(super) fn walk<B: Backend>(e: &mut Engine<B>, unrecorded: Option<&Unrecorded>) -> Tree {
     let roots = root_buses(e);
     let mut w = Walker {
-        cfg: Config { e },
+        cfg: Config { e, unrecorded },
         tree: Tree::default(),
         visited: HashSet::new(),
     };
@@ -321,7 +333,12 @@ fn pcie<B: Backend>(c: &mut Config<'_, B>, s: Sbdf) -> (Option<PcieType>, Option
     let ty = pcie_type(ty);
     let slot = matches!(ty, PcieType::RootPort | PcieType::DownstreamPort).then(|| {
         let implemented = flags & PCI_EXP_FLAGS_SLOT != 0;
-        let hotplug = implemented && c.r32(s, cap + PCI_EXP_SLTCAP) & PCI_EXP_SLTCAP_HPC != 0;
+        let hotplug = if implemented {
+            c.r32_known(s, cap + PCI_EXP_SLTCAP)
+                .map(|caps| caps & PCI_EXP_SLTCAP_HPC != 0)
+        } else {
+            Some(false)
+        };
         SlotCaps {
             implemented,
             hotplug,

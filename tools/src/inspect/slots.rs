@@ -23,8 +23,9 @@ use serde::Serialize;
 pub struct SlotCaps {
     /// Slot Implemented (PCI Express Capabilities bit 8).
     pub implemented: bool,
-    /// Hot-Plug Capable (Slot Capabilities bit 6).
-    pub hotplug: bool,
+    /// Hot-Plug Capable (Slot Capabilities bit 6); `None`: not known (a trace server after
+    /// a trace whose guest never read Slot Capabilities).
+    pub hotplug: Option<bool>,
 }
 
 /// Bus numbers `first..=last`.
@@ -86,14 +87,19 @@ pub fn free_buses(bus: u8, subordinate: u8, below: &[(u8, u8)]) -> Vec<BusRange>
 }
 
 /// Whether a device can be hot-plugged on a bus below a port of type `port`, and why.
+/// `capable` is `None` when the port's Slot Capabilities are not known.
 pub fn hotplug(port: PortType, slot: Option<SlotCaps>, free: &[u8]) -> HotplugView {
     let (capable, reason) = match (link_kind(port), slot) {
-        (LinkKind::RootComplex, _) => (false, HotplugReason::RootBus),
-        (LinkKind::SwitchInternal, _) => (false, HotplugReason::SwitchInternal),
-        (LinkKind::Conventional, _) => (!free.is_empty(), HotplugReason::ConventionalBus),
-        (LinkKind::PcieLink, Some(s)) if !s.implemented => (false, HotplugReason::NoSlot),
-        (LinkKind::PcieLink, Some(s)) if s.hotplug => (true, HotplugReason::PcieSlot),
-        (LinkKind::PcieLink, _) => (false, HotplugReason::PcieSlotNotCapable),
+        (LinkKind::RootComplex, _) => (Some(false), HotplugReason::RootBus),
+        (LinkKind::SwitchInternal, _) => (Some(false), HotplugReason::SwitchInternal),
+        (LinkKind::Conventional, _) => (Some(!free.is_empty()), HotplugReason::ConventionalBus),
+        (LinkKind::PcieLink, Some(s)) if !s.implemented => (Some(false), HotplugReason::NoSlot),
+        (LinkKind::PcieLink, Some(s)) => match s.hotplug {
+            Some(true) => (Some(true), HotplugReason::PcieSlot),
+            Some(false) => (Some(false), HotplugReason::PcieSlotNotCapable),
+            None => (None, HotplugReason::PcieSlotNotRecorded),
+        },
+        (LinkKind::PcieLink, None) => (Some(false), HotplugReason::PcieSlotNotCapable),
     };
     HotplugView { capable, reason }
 }
@@ -228,20 +234,35 @@ mod tests {
                 hotplug,
             })
         };
-        let h = hotplug(PortType::RootPort, slot(true, true), &[0]);
-        assert_eq!((h.capable, h.reason), (true, HotplugReason::PcieSlot));
-        let h = hotplug(PortType::DownstreamPort, slot(false, true), &[0]);
-        assert_eq!((h.capable, h.reason), (false, HotplugReason::NoSlot));
-        let h = hotplug(PortType::DownstreamPort, slot(true, false), &[0]);
+        let h = hotplug(PortType::RootPort, slot(true, Some(true)), &[0]);
+        assert_eq!((h.capable, h.reason), (Some(true), HotplugReason::PcieSlot));
+        let h = hotplug(PortType::DownstreamPort, slot(false, Some(true)), &[0]);
+        assert_eq!((h.capable, h.reason), (Some(false), HotplugReason::NoSlot));
+        let h = hotplug(PortType::DownstreamPort, slot(true, Some(false)), &[0]);
         assert_eq!(h.reason, HotplugReason::PcieSlotNotCapable);
+        // A slot whose capabilities the trace never showed: not known, not "no".
+        let h = hotplug(PortType::RootPort, slot(true, None), &[0]);
+        assert_eq!(
+            (h.capable, h.reason),
+            (None, HotplugReason::PcieSlotNotRecorded)
+        );
+        // No slot implemented: Slot Capabilities do not matter.
+        let h = hotplug(PortType::RootPort, slot(false, None), &[0]);
+        assert_eq!((h.capable, h.reason), (Some(false), HotplugReason::NoSlot));
         let h = hotplug(PortType::PcieToPciBridge, None, &[2]);
         assert_eq!(
             (h.capable, h.reason),
-            (true, HotplugReason::ConventionalBus)
+            (Some(true), HotplugReason::ConventionalBus)
         );
-        assert!(!hotplug(PortType::PcieToPciBridge, None, &[]).capable);
-        assert!(!hotplug(PortType::RootBus, None, &[4]).capable);
-        assert!(!hotplug(PortType::UpstreamPort, None, &[]).capable);
+        assert_eq!(
+            hotplug(PortType::PcieToPciBridge, None, &[]).capable,
+            Some(false)
+        );
+        assert_eq!(hotplug(PortType::RootBus, None, &[4]).capable, Some(false));
+        assert_eq!(
+            hotplug(PortType::UpstreamPort, None, &[]).capable,
+            Some(false)
+        );
     }
 
     #[test]

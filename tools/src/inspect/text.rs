@@ -4,12 +4,14 @@
 //! One format per kind of number, all hexadecimal: addresses, sizes and register values as
 //! `0x` and lowercase digits without padding (`0xfdc00000`); PCI notation without `0x` and
 //! zero-padded: functions `ssss:bb:dd.f`, buses `ssss:bb` or `bb`, device numbers `dd`, IDs
-//! `vvvv:dddd`, class codes `cccccc`.
+//! `vvvv:dddd`, class codes `cccccc`. Counts (accesses, divergences, functions, buses) are
+//! decimal with thousands separators, as every command prints counts ([`Thousands`]).
 
 use super::{
     BarKind, BarView, BridgeView, BusRange, BusView, ConnectPoint, FunctionView, HotplugReason,
     HotplugView, Inspection, LinkKind, PcieType, PortType, WindowView,
 };
+use crate::out::Thousands;
 use std::fmt::Write as _;
 
 /// The whole view as text.
@@ -24,6 +26,20 @@ pub fn render(v: &Inspection) -> String {
 }
 
 fn header(t: &mut String, v: &Inspection) {
+    if let (Some(trace), Some(r)) = (&v.trace, &v.replay) {
+        let _ = writeln!(
+            t,
+            "after replaying {}: {}, {}{}",
+            trace,
+            counted(r.accesses, "access", "accesses"),
+            counted(r.divergences, "divergence", "divergences"),
+            if r.divergences == 0 {
+                ""
+            } else {
+                " (the layout may not be the recorded one: `ioreq-mux replay` says why)"
+            }
+        );
+    }
     let _ = writeln!(t, "chipset: {}", v.chipset);
     let _ = writeln!(t, "ECAM windows:");
     if v.ecam_windows.is_empty() {
@@ -46,11 +62,19 @@ fn header(t: &mut String, v: &Inspection) {
 fn tree(t: &mut String, v: &Inspection) {
     let _ = writeln!(
         t,
-        "PCI tree (each function read through its owner, as the guest reads it):"
+        "PCI tree: {} on {} (each function read through its owner, as the guest reads it):",
+        counted(v.functions.len(), "function", "functions"),
+        counted(v.buses.len(), "bus", "buses")
     );
     for b in v.buses.iter().filter(|b| b.port.is_none()) {
         bus(t, v, b, 1);
     }
+}
+
+/// `n` things, with thousands separators: `1 bus`, `13,768,544 accesses`.
+fn counted(n: impl TryInto<u64>, one: &str, many: &str) -> String {
+    let n = n.try_into().unwrap_or(u64::MAX);
+    format!("{} {}", Thousands(n), if n == 1 { one } else { many })
 }
 
 fn indent(depth: usize) -> String {
@@ -154,13 +178,23 @@ fn hotplug(h: &HotplugView) -> String {
     let why = match (h.reason, h.capable) {
         (HotplugReason::PcieSlot, _) => "PCIe slot, Hot-Plug Capable",
         (HotplugReason::PcieSlotNotCapable, _) => "PCIe slot not Hot-Plug Capable",
+        (HotplugReason::PcieSlotNotRecorded, _) => {
+            "PCIe slot, Slot Capabilities not recorded by the trace"
+        }
         (HotplugReason::NoSlot, _) => "PCIe port without a slot",
-        (HotplugReason::ConventionalBus, true) => "conventional bus with a free device number",
-        (HotplugReason::ConventionalBus, false) => "conventional bus, no free device number",
+        (HotplugReason::ConventionalBus, Some(true)) => {
+            "conventional bus with a free device number"
+        }
+        (HotplugReason::ConventionalBus, _) => "conventional bus, no free device number",
         (HotplugReason::RootBus, _) => "root bus",
         (HotplugReason::SwitchInternal, _) => "switch internal bus",
     };
-    format!("{} ({why})", if h.capable { "yes" } else { "no" })
+    let answer = match h.capable {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    format!("{answer} ({why})")
 }
 
 fn function(t: &mut String, f: &FunctionView, depth: usize) {
@@ -238,7 +272,8 @@ fn bridge(b: &BridgeView) -> String {
 fn connect(t: &mut String, points: &[ConnectPoint]) {
     let _ = writeln!(
         t,
-        "connect (where a new function can go: the BDF it gets, the position to claim):"
+        "connect: {} (where a new function can go: the BDF it gets, the position to claim):",
+        counted(points.len(), "point", "points")
     );
     if points.is_empty() {
         let _ = writeln!(t, "  nowhere: no bus has a free device number");
@@ -312,6 +347,20 @@ fn intercepts(t: &mut String, v: &Inspection) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_have_thousands_separators_and_agree_in_number() {
+        assert_eq!(
+            counted(13_768_544u64, "access", "accesses"),
+            "13,768,544 accesses"
+        );
+        assert_eq!(counted(1usize, "bus", "buses"), "1 bus");
+        assert_eq!(counted(0usize, "point", "points"), "0 points");
+        assert_eq!(
+            counted(1_000usize, "function", "functions"),
+            "1,000 functions"
+        );
+    }
 
     #[test]
     fn device_lists_are_runs() {
