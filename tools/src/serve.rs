@@ -323,7 +323,9 @@ fn start_engine(
             | EngineError::Window {
                 hypervisor: true, ..
             } => exit::FAILURE,
-            EngineError::Attach { .. } | EngineError::Window { .. } => exit::USAGE,
+            EngineError::Attach { .. } | EngineError::Window { .. } | EngineError::Port(_) => {
+                exit::USAGE
+            }
         }
     })?;
     // Device models' DMOPs outside a request wake the engine at once.

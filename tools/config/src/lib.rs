@@ -33,10 +33,11 @@
 
 pub mod diagnostic;
 pub mod dm_socket;
+pub mod ports;
 
 use crate::diagnostic::{Diagnostic, Mark, first_line, line_of};
 use bdf_router::Sbdf;
-use ioreq_mux_engine::EngineConfig;
+use ioreq_mux_engine::{EngineConfig, HostedPortSpec};
 use ioreq_mux_models::{EmulatedModel, FunctionSpec, Placement, SpecError};
 use ioreq_server::{Claim, IoRange, Position, RangeKind};
 use serde::de::IgnoredAny;
@@ -154,6 +155,9 @@ struct ConfigFile {
     engine: EngineConfig,
     #[serde(default, rename = "server")]
     servers: Vec<ServerConfig>,
+    /// `[[port]]`: module [`ports`].
+    #[serde(default, rename = "port")]
+    ports: Vec<Spanned<toml::Table>>,
 }
 
 /// Where the parts of the file are that types of other modules ([`EngineConfig`]'s windows,
@@ -447,10 +451,13 @@ impl Config {
             .collect();
         check_windows(&src, &windows)?;
         check_qemu_device_lists(&src, &servers)?;
-        check_claims(&src, &servers, &windows)?;
+        let ports = ports::parse_ports(&src, &raw.ports)?;
+        check_claims(&src, &servers, &windows, &ports)?;
+        let mut engine = raw.engine;
+        engine.ports = ports.into_iter().map(|(p, _)| p).collect();
         Ok(Config {
             path: path.to_path_buf(),
-            engine: raw.engine,
+            engine,
             servers,
             text: text.to_string(),
         })
@@ -621,6 +628,7 @@ fn check_claims(
     src: &Source<'_>,
     servers: &[Server],
     windows: &[(bdf_router::EcamWindow, Range<usize>)],
+    ports: &[(HostedPortSpec, Range<usize>)],
 ) -> Result<(), ConfigError> {
     let mut router = bdf_router::Router::new();
     let mux = router.add_server(ioreq_mux_engine::MUX_NAME);
@@ -628,6 +636,7 @@ fn check_claims(
     for (w, _) in windows {
         let _ = router.replace_window(None, Some(*w));
     }
+    ports::check_port_claims(src, &mut router, ports)?;
     let mut asked: Vec<Asked> = vec![];
     for (i, s) in servers.iter().enumerate() {
         let idx = router.add_server(&s.name);
@@ -695,10 +704,14 @@ fn claim_refused(
         }
         (ioreq_server::ClaimError::Conflict { owner, .. }, None, _) => {
             let msg = format!("{who}: {claim} requested by {name} is already owned by {owner}");
-            let help = format!(
-                "{} is the multiplexer's own (configuration ports)",
-                ioreq_mux_engine::config_ports()
-            );
+            let help = if owner == ioreq_mux_engine::PORTS_NAME {
+                "a PCI Express port the multiplexer hosts ([[port]]) is there".to_string()
+            } else {
+                format!(
+                    "{} is the multiplexer's own (configuration ports)",
+                    ioreq_mux_engine::config_ports()
+                )
+            };
             src.at(this.span.clone(), msg, "").with_help(help)
         }
         _ => src.at(this.span.clone(), format!("{who}: {e}"), ""),

@@ -110,6 +110,7 @@ impl<B: Backend> Engine<B> {
             served: 0,
             grant,
         }));
+        self.sync_slots();
         Ok(idx)
     }
 
@@ -208,6 +209,7 @@ impl<B: Backend> Engine<B> {
         };
         let gone = self.release_claims(idx);
         info!(model = %slot.name, released = gone.len(), "device model removed");
+        self.sync_slots();
         gone
     }
 
@@ -222,6 +224,12 @@ impl<B: Backend> Engine<B> {
             .filter_map(|p| p.resolved)
             .collect();
         let gone = self.router.release_all(idx);
+        if gone.iter().any(|c| match c {
+            Claim::Position(_) => true,
+            Claim::Range(r) => r.kind == RangeKind::Pci,
+        }) {
+            self.mapped.pci_changed();
+        }
         let functions = self.mapped.mode == PciClaims::Functions;
         let mut unmap: Vec<IoRange> = gone
             .iter()

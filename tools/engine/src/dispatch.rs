@@ -22,6 +22,8 @@ pub(crate) enum ConfigTarget {
     /// Past the end of the owner's configuration space (an extended register of a model that
     /// has 256 bytes): reads all ones, writes dropped, the model never sees it.
     Beyond,
+    /// A PCI Express port the multiplexer hosts (module `ports`).
+    Port,
 }
 
 impl<B: Backend> Engine<B> {
@@ -45,6 +47,9 @@ impl<B: Backend> Engine<B> {
                     }
                     let v = self.handle(vcpu, req);
                     self.stats.requests += 1;
+                    // A request may have changed claims (a model mapped or released a
+                    // function): the hosted ports' slots follow before the next one.
+                    self.sync_slots();
                     if let Err(e) = self.backend.complete(vcpu, v) {
                         self.stats.completion_errors += 1;
                         warn!(vcpu, error = %e, "completion refused");
@@ -221,6 +226,7 @@ impl<B: Backend> Engine<B> {
                 self.stats.beyond_config_space += 1;
                 ConfigTarget::Beyond
             }
+            Some(o) if self.ports.owns(o) => ConfigTarget::Port,
             Some(o) if o != MUX => ConfigTarget::Model(o),
             _ => ConfigTarget::Abort,
         }
@@ -285,9 +291,11 @@ impl<B: Backend> Engine<B> {
                 self.forward_write(o, vcpu, acc, data, bytes);
             }
             ConfigTarget::Model(_) | ConfigTarget::Beyond => {}
+            ConfigTarget::Port => self.port_write(acc, data),
             ConfigTarget::Abort => {
                 if bytes == all {
                     self.stats.master_aborts += 1;
+                    self.note_master_abort(acc.sbdf);
                 }
             }
         }
@@ -329,8 +337,13 @@ impl<B: Backend> Engine<B> {
             target => {
                 if matches!(target, ConfigTarget::Abort) && needs_model && hits.is_empty() {
                     self.stats.master_aborts += 1;
+                    self.note_master_abort(acc.sbdf);
                 }
-                size_mask(acc.size.into())
+                if matches!(target, ConfigTarget::Port) {
+                    self.port_read(acc.sbdf, acc.reg, acc.size)
+                } else {
+                    size_mask(acc.size.into())
+                }
             }
         };
         let v = if hits.is_empty() {

@@ -83,6 +83,7 @@ impl<B: Backend> Engine<B> {
     /// A configuration read the engine makes on its own account (detection, header types).
     pub(crate) fn probe(&mut self, sbdf: Sbdf, reg: u16, size: u8) -> u64 {
         match self.router.config_owner(sbdf) {
+            Some(o) if self.ports.owns(o) => self.port_read(sbdf, reg, size),
             Some(o) if o != MUX => {
                 let req = Ioreq::pci_config(sbdf.to_xen(), reg.into(), Dir::Read, size.into(), 0);
                 self.call(o, 0, &req)

@@ -18,12 +18,14 @@ mod claims;
 mod control;
 mod dispatch;
 mod layout;
+pub mod ports;
 #[cfg(test)]
 mod tests;
 
 pub use claims::Grant;
 use claims::ensure_segment;
 pub use control::{Control, ControlSender};
+pub use ports::{HostedPortSpec, PORTS_NAME, PortError};
 
 /// Index of the multiplexer itself in the router's server list: it owns the CF8/CFC ports
 /// and the ECAM windows.
@@ -65,6 +67,10 @@ pub struct EngineConfig {
     /// installed before any model attaches and never moved by the guest. The Q35 PCIEXBAR
     /// window comes on top of these, from the guest's own writes.
     pub ecam: Vec<EcamWindow>,
+    /// PCI Express ports the multiplexer hosts (module [`ports`]). From the topology's
+    /// `[[port]]` entries, not from `[engine]`.
+    #[serde(skip)]
+    pub ports: Vec<HostedPortSpec>,
 }
 
 /// The engine could not start.
@@ -80,6 +86,8 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error("cannot create the engine's control doorbell: {0}")]
     Doorbell(#[from] std::io::Error),
+    #[error(transparent)]
+    Port(#[from] PortError),
     /// A configured window overlaps another (`hypervisor` false: a configuration error) or
     /// the hypervisor refused it.
     #[error("ECAM window {window}: {why}")]
@@ -126,6 +134,10 @@ pub struct EngineStats {
     /// Rep string accesses through a guest buffer handed to a model that maps guest memory
     /// ([`Grant::guest_memory`]).
     pub data_ptr_forwarded: u64,
+    /// MSIs the hosted ports sent through the hypervisor.
+    pub msis_injected: u64,
+    /// MSIs the hypervisor refused.
+    pub msi_errors: u64,
 }
 
 struct Slot {
@@ -181,6 +193,8 @@ pub struct Engine<B: Backend> {
     intercept_cfg: InterceptConfig,
     /// The first model called since [`Engine::mark`].
     first_call: Option<ServerIdx>,
+    /// The PCI Express ports the multiplexer hosts.
+    ports: ports::PortHost,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -233,11 +247,13 @@ impl<B: Backend> Engine<B> {
             detected_at: 0,
             intercept_cfg: cfg.intercepts,
             first_call: None,
+            ports: ports::PortHost::default(),
         };
         ensure_segment(&mut e.backend, &mut e.mapped, 0)?;
         for w in &cfg.ecam {
             e.add_static_window(*w)?;
         }
+        e.install_ports(&cfg.ports)?;
         for m in models {
             e.add_model(m)?;
         }
