@@ -127,6 +127,7 @@ pub fn inspect<B: Backend>(
         buses: tree.buses,
         functions: tree.functions,
         connect,
+        hosted_ports: engine.hosted_ports(),
         claims: layout::claims(engine),
         intercepts: layout::intercepts(engine),
         mmio_hole: layout::mmio_hole(engine),
@@ -149,6 +150,8 @@ pub struct Inspection {
     pub functions: Vec<FunctionView>,
     /// Where a new function can be connected, one entry per bus with a free device number.
     pub connect: Vec<ConnectPoint>,
+    /// The PCI Express ports the multiplexer hosts (`[[port]]`): link, slot, occupancy.
+    pub hosted_ports: Vec<crate::engine::HostedPortView>,
     pub claims: ClaimsView,
     pub intercepts: Vec<InterceptView>,
     pub mmio_hole: MmioHoleView,

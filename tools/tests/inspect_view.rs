@@ -664,3 +664,70 @@ fn an_emulated_models_bars_are_sized_without_disturbing_its_claims() {
     // The built-in root port implements no slot: not hot-plug capable.
     assert_eq!(bus1.hotplug.capable, Some(false));
 }
+
+/// A topology with a hosted root port and a model below it: `inspect` lists the port with
+/// its link and an occupied slot (text and JSON), and the port's function is the ports'.
+#[test]
+fn hosted_ports_are_shown_with_link_and_slot() {
+    let topo = common::scratch("inspect-ports", "ports.toml");
+    std::fs::write(
+        &topo,
+        r#"
+[[port]]
+name = "slot7"
+at = "00:07.0"
+kind = "root-port"
+vendor = 0x1b36
+device = 0x000c
+link = { speed = "8GT/s", width = "x8" }
+slot = { number = 7 }
+
+[[server]]
+name = "vgpu"
+kind = "emulated"
+[server.function."00:07.0/00.0"]
+vendor = 0x1af4
+device = 0x1337
+class = 0xff0000
+"#,
+    )
+    .unwrap();
+    let out = bin()
+        .args(["inspect", "--json", "--topology"])
+        .arg(&topo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &v["hosted_ports"][0];
+    assert_eq!(p["name"], "slot7");
+    assert_eq!(p["kind"], "root-port");
+    assert_eq!(p["link"]["speed"], "8GT/s");
+    assert_eq!(p["link"]["width"], "x8");
+    assert_eq!(p["slot"]["present"], true, "vgpu's function is below it");
+    assert_eq!(p["slot_number"], 7);
+    let port_fn = v["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["bdf"] == "0000:00:07.0")
+        .unwrap();
+    assert_eq!(port_fn["owner"], "ioreq-mux ports");
+    let text = bin()
+        .args(["inspect", "--topology"])
+        .arg(&topo)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(
+            "slot7 at 0000:00:07.0 (0000:00:07.0): root-port, buses not numbered, link 8GT/s x8 up"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("slot 7: occupied"), "{text}");
+}

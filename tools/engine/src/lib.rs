@@ -25,7 +25,7 @@ mod tests;
 pub use claims::Grant;
 use claims::ensure_segment;
 pub use control::{Control, ControlSender};
-pub use ports::{HostedPortSpec, PORTS_NAME, PortError};
+pub use ports::{HostedPortSpec, HostedPortView, PORTS_NAME, PortError};
 
 /// Index of the multiplexer itself in the router's server list: it owns the CF8/CFC ports
 /// and the ECAM windows.

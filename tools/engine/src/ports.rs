@@ -22,9 +22,12 @@
 
 use crate::{Engine, Mapped};
 use bdf_router::{ConfigAccess, Router, Sbdf, ServerIdx};
-use ioreq_mux_models::port::{Interrupt, PciePort, PortConfig, PortConfigError};
+use ioreq_mux_models::port::{
+    Interrupt, LinkConfig, PciePort, PortConfig, PortConfigError, PortKind, SlotState,
+};
 use ioreq_server::pci::idx;
 use ioreq_server::{Backend, Claim, ClaimError, DmControl, IoRange, Position};
+use serde::Serialize;
 use tracing::{debug, info, warn};
 
 #[cfg(test)]
@@ -41,6 +44,25 @@ pub struct HostedPortSpec {
     /// Where it is: one hop (a function on the root bus) or a path through bridges.
     pub at: Position,
     pub config: PortConfig,
+}
+
+/// A hosted port as `inspect` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostedPortView {
+    pub name: String,
+    /// Where it was configured (BDF or position).
+    pub at: String,
+    /// Where it is now (`None`: the buses above it are not numbered yet).
+    pub bdf: Option<String>,
+    pub kind: PortKind,
+    pub link: LinkConfig,
+    /// Data Link Layer Link Active.
+    pub link_active: bool,
+    /// Secondary and subordinate bus, once numbered.
+    pub buses: Option<(u8, u8)>,
+    /// The slot (ports without one: `None`).
+    pub slot: Option<SlotState>,
+    pub slot_number: Option<u16>,
 }
 
 /// Why a hosted port could not be set up.
@@ -187,6 +209,28 @@ impl<B: Backend> Engine<B> {
             mapped: &mut self.mapped,
             stats: &mut self.stats,
         }
+    }
+
+    /// The ports the multiplexer hosts, their links and slots.
+    pub fn hosted_ports(&self) -> Vec<HostedPortView> {
+        let Some(idx) = self.ports.idx else {
+            return vec![];
+        };
+        self.ports
+            .ports
+            .iter()
+            .map(|h| HostedPortView {
+                name: h.name.clone(),
+                at: h.at.to_string(),
+                bdf: located(&self.router, idx, &h.at).map(|s| s.to_string()),
+                kind: h.port.kind(),
+                link: h.port.config().link,
+                link_active: h.port.link_active(),
+                buses: h.buses(),
+                slot: h.port.slot_state(),
+                slot_number: h.port.config().slot.map(|s| s.number),
+            })
+            .collect()
     }
 
     /// The hosted port at `sbdf`.

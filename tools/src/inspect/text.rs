@@ -20,6 +20,7 @@ pub fn render(v: &Inspection) -> String {
     header(&mut t, v);
     tree(&mut t, v);
     connect(&mut t, &v.connect);
+    hosted_ports(&mut t, &v.hosted_ports);
     claims(&mut t, v);
     intercepts(&mut t, v);
     t
@@ -295,6 +296,48 @@ fn connect(t: &mut String, points: &[ConnectPoint]) {
             p.position,
             hotplug(&p.hotplug)
         );
+    }
+}
+
+/// A value as its JSON name (`root-port`, `8GT/s`): one spelling for text and JSON.
+fn named<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+fn hosted_ports(t: &mut String, ports: &[crate::engine::HostedPortView]) {
+    if ports.is_empty() {
+        return;
+    }
+    let _ = writeln!(t, "hosted PCIe ports:");
+    for p in ports {
+        let bdf = p.bdf.as_deref().unwrap_or("not reachable yet");
+        let buses = p.buses.map_or("buses not numbered".to_string(), |(s, e)| {
+            format!("buses {s:02x}-{e:02x}")
+        });
+        let link = if p.link_active { "up" } else { "down" };
+        let _ = writeln!(
+            t,
+            "  {} at {} ({bdf}): {}, {buses}, link {} {} {link}",
+            p.name,
+            p.at,
+            named(&p.kind),
+            named(&p.link.speed),
+            named(&p.link.width)
+        );
+        if let (Some(s), Some(n)) = (&p.slot, p.slot_number) {
+            let card = if s.present { "occupied" } else { "empty" };
+            let _ = writeln!(
+                t,
+                "    slot {n}: {card}, power indicator {}, attention indicator {}, removal {}",
+                named(&s.power_indicator),
+                named(&s.attention_indicator),
+                named(&s.removal)
+            );
+        }
     }
 }
 
