@@ -126,6 +126,10 @@ pub struct EngineStats {
     /// Rep string accesses through a guest buffer handed to a model that maps guest memory
     /// ([`Grant::guest_memory`]).
     pub data_ptr_forwarded: u64,
+    /// MSIs models injected through the hypervisor (`DmControl::inject_msi`).
+    pub msis_injected: u64,
+    /// MSIs the hypervisor refused (or cannot send).
+    pub msi_errors: u64,
 }
 
 struct Slot {
