@@ -263,6 +263,8 @@ def wire():
         "set-state": packet(5, 5, u16(1) + u8(1) + u8(0)),
         "map-pcidev": packet(0x101, 6, u16(1) + u16(0) + u8(2) + u8(0) + u8(0) + u8(0)),
         "map-position": packet(0x103, 7, u16(1) + u16(0) + u8(0) + u8(3) + u16(0) + bytes([0x10, 0x00, 0x08])),
+        "inject-msi": packet(0x000E, 8, u16(1) + u16(0) + u32(0x4071) + u64(0xFEE0100C)),
+        "reply-inject-msi": packet(0x800E, 8, b""),
         "reply-created": packet(0x8001, 1, u16(1) + u16(0) + u32(2)),
         "reply-info": packet(0x8002, 2, u16(1) + u8(2) + u8(0) + u32(2) + u32(12288) + u32(0) + u32(4096) + u32(8192)),
         # A version-1 peer's CREATE (refused with EPROTONOSUPPORT).
@@ -274,9 +276,10 @@ def wire():
     }
     for name, p in msgs.items():
         write("wire", name, b"\x00" + p)
-    # Structured mode: a MapPosition request and an Error reply.
+    # Structured mode: a MapPosition request, an Error reply and an InjectMsi request.
     write("wire", "built-position", b"\x01" + u32(9) + u16(1) + u8(8) + u8(3) + u16(0) + u8(0) + bytes([0x10, 0, 8]))
     write("wire", "built-error", b"\x01" + u32(9) + u16(1) + u8(13) + u16(3) + u32(22) + u16(5) + b"nope!")
+    write("wire", "built-inject-msi", b"\x01" + u32(9) + u16(1) + u8(16) + u64(0xFEE0100C) + u32(0x4071))
 
 
 # ---- pcie_port ----

@@ -88,7 +88,7 @@ fn mode(v: u8) -> BufioreqMode {
 fn message(b: &mut Bytes<'_>) -> Message {
     let tag = b.u32();
     let id = b.u16();
-    match b.u8() % 17 {
+    match b.u8() % 18 {
         0 => {
             let n = usize::from(b.u8() % 80);
             Message::Request {
@@ -166,9 +166,10 @@ fn message(b: &mut Bytes<'_>) -> Message {
             }),
         },
         12 => {
-            let o = match b.u8() {
-                k @ 0..=9 => op::REQUESTS[usize::from(k)],
-                _ => b.u16(),
+            let k = usize::from(b.u8());
+            let o = match op::REQUESTS.get(k) {
+                Some(o) => *o,
+                None => b.u16(),
             };
             Message::Reply {
                 tag,
@@ -192,6 +193,14 @@ fn message(b: &mut Bytes<'_>) -> Message {
                 sbdf: resolved.then_some(sbdf),
             })
         }
+        16 => Message::Request {
+            tag,
+            req: Request::InjectMsi {
+                id,
+                addr: b.u64(),
+                data: b.u32(),
+            },
+        },
         _ => Message::Notice(Notice::Goodbye {
             code: Code(b.u32()),
             message: text(b),

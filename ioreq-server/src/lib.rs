@@ -16,5 +16,7 @@ pub mod sim;
 pub mod slot;
 
 pub use ioreq::{Dir, Ioreq, IoreqError, IoreqState, IoreqType, size_mask};
-pub use model::{Backend, BackendError, BackendEvent, ClaimError, DeviceModel, DmControl, DmError};
+pub use model::{
+    Backend, BackendError, BackendEvent, ClaimError, DeviceModel, DmControl, DmError, MsiError,
+};
 pub use range::{Claim, IoRange, Position, RangeKind};

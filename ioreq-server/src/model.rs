@@ -128,10 +128,51 @@ impl ClaimError {
     }
 }
 
+/// An MSI a device model asked for was not sent ([`DmControl::inject_msi`]).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MsiError {
+    /// Nobody here can interrupt the guest: the hypervisor backend cannot
+    /// ([`BackendError::Unsupported`]), or the multiplexer does not know the DMOP (an older
+    /// one answering `ENOSYS`). A model may fall back to INTx.
+    #[error("MSI injection is not supported: {why}")]
+    Unsupported { why: String },
+    /// The hypervisor refused or failed it (on Xen, `XEN_DMOP_inject_msi` returned an error).
+    #[error("hypervisor refused the MSI (address {addr:#x}, data {data:#x}): {source}")]
+    Backend {
+        addr: u64,
+        data: u32,
+        #[source]
+        source: BackendError,
+    },
+    /// A DMOP for a model the multiplexer does not have (it left).
+    #[error("no device model {index}")]
+    NoModel { index: u16 },
+}
+
+impl MsiError {
+    /// The error for a backend's refusal: [`MsiError::Unsupported`] when the backend cannot
+    /// inject at all, [`MsiError::Backend`] otherwise.
+    pub fn from_backend(addr: u64, data: u32, source: BackendError) -> Self {
+        match source {
+            BackendError::Unsupported { .. } => MsiError::Unsupported {
+                why: source.to_string(),
+            },
+            source => MsiError::Backend { addr, data, source },
+        }
+    }
+}
+
 /// The DMOPs a device model issues, addressed to whoever stands in for Xen (the multiplexer).
 pub trait DmControl {
     fn map(&mut self, claim: Claim) -> Result<(), ClaimError>;
     fn unmap(&mut self, claim: Claim) -> Result<(), ClaimError>;
+
+    /// Sends the guest a message-signalled interrupt: a write of `data` to `addr`, what the
+    /// function's MSI (or MSI-X) capability holds (PCIe base spec 4.0, 7.7.1.3-5). Xen's
+    /// `XEN_DMOP_inject_msi` (xen/include/public/hvm/dm_op.h), which any device model of the
+    /// domain may send: it concerns the domain, not one ioreq server, and the multiplexer
+    /// passes it to its hypervisor backend ([`Backend::inject_msi`]) on the model's behalf.
+    fn inject_msi(&mut self, addr: u64, data: u32) -> Result<(), MsiError>;
 
     /// Maps each claim in order, stopping at the first refusal (a model's initial claims).
     fn map_all(&mut self, claims: &[Claim]) -> Result<(), ClaimError> {

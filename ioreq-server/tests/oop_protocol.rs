@@ -12,8 +12,8 @@ use ioreq_server::oop::sys::{Doorbell, wait_readable};
 use ioreq_server::oop::wire::{self, Code, Message, Reply};
 use ioreq_server::oop::{ClientError, ClientOptions, Ended, Stopper, serve_with};
 use ioreq_server::{
-    Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq, IoreqType, Position,
-    RangeKind,
+    BackendError, Claim, ClaimError, DeviceModel, Dir, DmControl, DmError, IoRange, Ioreq,
+    IoreqType, MsiError, Position, RangeKind,
 };
 use oop_support::{FakeHost, my_uid, opts, start, until};
 use std::collections::HashMap;
@@ -46,16 +46,21 @@ fn grant() -> Vec<Claim> {
 /// A test model: config reads return `0x1234_0000 | reg`; port 0x98 writes claim 4 KiB of
 /// MMIO at the written address (a DMOP in the middle of a request); port 0x97 reads say
 /// where the claimed position is; port 0x99 reads sleep while `slow` is set; port 0x9a
-/// reads busy-wait as many µs as the request's `data` says and answer `data + 1`; MMIO is a
-/// word store.
+/// reads busy-wait as many µs as the request's `data` says and answer `data + 1`; port 0x9b
+/// writes inject an MSI whose data is the written value (the answers are kept in `msis`);
+/// MMIO is a word store.
 struct Probe {
     name: String,
     claims: Vec<Claim>,
     slow: Arc<AtomicBool>,
     seen: Arc<AtomicU64>,
     broadcasts: Arc<Mutex<Vec<IoreqType>>>,
+    msis: Arc<Mutex<Vec<Result<(), MsiError>>>>,
     mem: HashMap<u64, u64>,
 }
+
+/// The Message Address Probe's MSIs go to.
+const MSI_ADDR: u64 = 0xfee0_100c;
 
 impl Probe {
     fn new(name: &str, claims: Vec<Claim>) -> Self {
@@ -65,6 +70,7 @@ impl Probe {
             slow: Arc::new(AtomicBool::new(false)),
             seen: Arc::new(AtomicU64::new(0)),
             broadcasts: Arc::new(Mutex::new(vec![])),
+            msis: Arc::new(Mutex::new(vec![])),
             mem: HashMap::new(),
         }
     }
@@ -92,6 +98,11 @@ impl DeviceModel for Probe {
                 0
             }
             (IoreqType::Pio, Dir::Read, 0x97) => ctl.locate(&pos()).map_or(0xdead, u64::from),
+            (IoreqType::Pio, Dir::Write, 0x9b) => {
+                let r = ctl.inject_msi(MSI_ADDR, req.data as u32);
+                self.msis.lock().unwrap().push(r);
+                0
+            }
             (IoreqType::Pio, Dir::Read, 0x99) => {
                 while self.slow.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(5));
@@ -247,6 +258,101 @@ fn requests_claims_in_request_dmops_and_position_notices() {
     until("removal", || host.removed.lock().unwrap().contains(&id));
     assert!(host.owned(id).is_empty(), "claims released");
     assert!(!host.live(id));
+    l.stop();
+}
+
+/// MSIs through a real socket: one a model sends while it serves a request is applied with
+/// that request's ctl; one sent outside a request goes to the host; a refusal comes back as
+/// the errno of an error reply, typed again on the model's side; a malformed or misaddressed
+/// INJECT_MSI is refused and the connection lives on. No grant is needed.
+#[test]
+fn a_remote_model_injects_msis() {
+    use wire::op::INJECT_MSI;
+    let host = Arc::new(FakeHost::new(1).allow("probe", my_uid(), grant()).allow(
+        "raw",
+        my_uid(),
+        vec![],
+    ));
+    let l = start(host.clone(), "msi", opts(2000));
+    let stop = Stopper::new().unwrap();
+    let probe = Probe::new("probe", vec![Claim::Range(IoRange::ports(0x90, 0x9f))]);
+    let msis = probe.msis.clone();
+    let dm = spawn_dm(l.path().to_path_buf(), probe, Some(stop.clone()));
+    let id = enabled_id(&l);
+
+    // During a request.
+    host.call(id, 0, &pio(Dir::Write, 0x9b, 0x4071)).unwrap();
+    assert_eq!(*host.msis.lock().unwrap(), vec![(id, MSI_ADDR, 0x4071)]);
+    assert_eq!(msis.lock().unwrap().pop(), Some(Ok(())));
+    // Refused: "not supported" stays typed across the socket (EOPNOTSUPP) ...
+    *host.msi_refusal.lock().unwrap() = Some(MsiError::Unsupported {
+        why: "no interrupts here".into(),
+    });
+    host.call(id, 0, &pio(Dir::Write, 0x9b, 0x4072)).unwrap();
+    let r = msis.lock().unwrap().pop().unwrap();
+    assert!(
+        matches!(&r, Err(MsiError::Unsupported { why }) if why.contains("EOPNOTSUPP")),
+        "{r:?}"
+    );
+    // ... and a hypervisor's refusal is the backend's error (EIO), with the host's text.
+    *host.msi_refusal.lock().unwrap() = Some(MsiError::Backend {
+        addr: MSI_ADDR,
+        data: 0x4073,
+        source: BackendError::Disconnected,
+    });
+    host.call(id, 0, &pio(Dir::Write, 0x9b, 0x4073)).unwrap();
+    let r = msis.lock().unwrap().pop().unwrap();
+    assert!(
+        matches!(&r, Err(MsiError::Backend { addr: MSI_ADDR, data: 0x4073, source: BackendError::Other(m) })
+            if m.starts_with("EIO(5)") && m.contains("the hypervisor is gone")),
+        "{r:?}"
+    );
+    *host.msi_refusal.lock().unwrap() = None;
+    assert_eq!(l.servers()[0].stats.dmops_in_request, 3);
+
+    // Outside a request, from a server that claims nothing at all.
+    let mut c = Connection::connect(l.path()).unwrap();
+    let (raw_id, _) = c.create("raw", BufioreqMode::Off).unwrap();
+    c.inject_msi(raw_id, 0x1_fee0_0000, 0x22).unwrap();
+    assert_eq!(
+        host.msis.lock().unwrap().last(),
+        Some(&(raw_id, 0x1_fee0_0000, 0x22))
+    );
+    // Malformed (short, reserved byte set) or for another server's id.
+    let body = |id: u16, pad: u8| {
+        let mut b = id.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0, pad]);
+        b.extend_from_slice(&0x4041u32.to_le_bytes());
+        b.extend_from_slice(&MSI_ADDR.to_le_bytes());
+        b
+    };
+    expect_error(
+        &mut c,
+        &packet(INJECT_MSI, 21, &body(raw_id, 0)[..12]),
+        21,
+        Code::EINVAL,
+    );
+    expect_error(
+        &mut c,
+        &packet(INJECT_MSI, 22, &body(raw_id, 1)),
+        22,
+        Code::EINVAL,
+    );
+    expect_error(
+        &mut c,
+        &packet(INJECT_MSI, 23, &body(id, 0)),
+        23,
+        Code::ENOENT,
+    );
+    assert_eq!(
+        raw(&mut c, &packet(INJECT_MSI, 24, &body(raw_id, 0))),
+        (24, Reply::Done { op: INJECT_MSI })
+    );
+    assert_eq!(host.msis.lock().unwrap().len(), 3);
+    c.destroy(raw_id).unwrap();
+
+    stop.stop();
+    assert_eq!(dm.join().unwrap().unwrap(), Ended::Stopped);
     l.stop();
 }
 

@@ -513,6 +513,8 @@ fn finish(engine: &mut XenEngine, domain_gone: bool, started: std::time::Instant
         beyond_config_space = s.beyond_config_space,
         rep_ptr_unserved = s.data_ptr_unsupported,
         completion_errors = s.completion_errors,
+        msis = s.msis_injected,
+        msi_errors = s.msi_errors,
         notifications = b.notifications,
         uptime = ?started.elapsed(),
         "summary"

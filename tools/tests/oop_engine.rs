@@ -433,3 +433,30 @@ fn servers_are_isolated_and_held_to_their_grants() {
     assert!(served.iter().all(|(_, n)| *n >= 20), "{served:?}");
     r.hv.check().unwrap();
 }
+
+/// An MSI a process model injects travels the whole way: the socket, the listener, the
+/// engine's control channel, the engine's backend, and the simulated hypervisor records it
+/// as the engine's server's. The model claims nothing: no grant is needed.
+#[test]
+fn an_out_of_process_msi_reaches_the_hypervisor() {
+    use ioreq_server::oop::client::Connection;
+    let mut r = Rig::new("msi", vec![policy("m", "00:05.0")]);
+    // Another server of the domain, so the recorded server id means something.
+    let _other = r.hv.create_server(BufioreqMode::Off).unwrap();
+    let path = r.path.clone();
+    let dm = std::thread::spawn(move || {
+        let mut c = Connection::connect(&path).unwrap();
+        let (id, _) = c.create("m", BufioreqMode::Off).unwrap();
+        c.inject_msi(id, 0xfee0_100c, 0x4071)
+    });
+    r.until("the MSI", |r| !r.hv.injected_msis().is_empty());
+    dm.join().unwrap().unwrap();
+    let msis = r.hv.injected_msis();
+    assert_eq!(msis.len(), 1);
+    assert_eq!(
+        (msis[0].server, msis[0].addr, msis[0].data),
+        (r.engine.backend().id(), 0xfee0_100c, 0x4071)
+    );
+    assert_eq!(r.engine.stats().msis_injected, 1);
+    r.hv.check().unwrap();
+}

@@ -69,6 +69,9 @@ pub(crate) fn dm_set_ioreq_server_state(
 pub(crate) fn dm_destroy_ioreq_server(l: &Libs, _: &DmRaw, _: u16, _: u16) -> Result<(), XenError> {
     match *l {}
 }
+pub(crate) fn dm_inject_msi(l: &Libs, _: &DmRaw, _: u16, _: u64, _: u32) -> Result<(), XenError> {
+    match *l {}
+}
 
 pub(crate) fn fm_open(l: &Libs) -> Result<FmRaw, XenError> {
     match *l {}

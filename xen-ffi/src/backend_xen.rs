@@ -271,6 +271,22 @@ pub(crate) fn dm_destroy_ioreq_server(
     Ok(())
 }
 
+pub(crate) fn dm_inject_msi(
+    l: &Libs,
+    h: &DmRaw,
+    domid: u16,
+    addr: u64,
+    data: u32,
+) -> Result<(), XenError> {
+    let f = sym!(l.dm, l.sonames[0], xendevicemodel_inject_msi);
+    // SAFETY: `h` is open; the other arguments are plain values (the library copies them into
+    // a `xen_dm_op_inject_msi` and makes the hypercall).
+    if unsafe { f(h.0.as_ptr(), domid, addr, data) } < 0 {
+        return Err(call_err("xendevicemodel_inject_msi"));
+    }
+    Ok(())
+}
+
 // ---- libxenforeignmemory -----------------------------------------------------------------
 
 pub(crate) fn fm_open(l: &Libs) -> Result<FmRaw, XenError> {

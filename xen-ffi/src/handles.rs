@@ -221,6 +221,14 @@ impl DeviceModelHandle {
     pub fn destroy_ioreq_server(&self, domid: u16, id: u16) -> Result<(), XenError> {
         backend::dm_destroy_ioreq_server(&self.libs.inner, &self.raw, domid, id)
     }
+
+    /// Sends `domid` a message-signalled interrupt: a write of `msi_data` to `msi_addr`
+    /// (`0xfeexxxxx` on x86) (`xendevicemodel_inject_msi`, `XEN_DMOP_inject_msi` 14 in
+    /// xen/include/public/hvm/dm_op.h). It concerns the domain, not an ioreq server: any
+    /// device model of the domain may send it.
+    pub fn inject_msi(&self, domid: u16, msi_addr: u64, msi_data: u32) -> Result<(), XenError> {
+        backend::dm_inject_msi(&self.libs.inner, &self.raw, domid, msi_addr, msi_data)
+    }
 }
 
 impl Drop for DeviceModelHandle {

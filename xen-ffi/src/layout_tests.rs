@@ -208,6 +208,36 @@ fn hand_written_constants_match_the_headers() {
     assert_eq!(t::XEN_DMOP_IO_RANGE_PCI, 2);
 }
 
+/// The device-model protocol's ops that carry Xen's DMOP numbers (docs/dm-protocol.md) do.
+#[test]
+fn protocol_ops_are_xen_dmop_numbers() {
+    use ioreq_server::oop::wire::op;
+    for (ours, xen) in [
+        (op::CREATE_IOREQ_SERVER, t::XEN_DMOP_create_ioreq_server),
+        (op::GET_IOREQ_SERVER_INFO, t::XEN_DMOP_get_ioreq_server_info),
+        (
+            op::MAP_IO_RANGE_TO_IOREQ_SERVER,
+            t::XEN_DMOP_map_io_range_to_ioreq_server,
+        ),
+        (
+            op::UNMAP_IO_RANGE_FROM_IOREQ_SERVER,
+            t::XEN_DMOP_unmap_io_range_from_ioreq_server,
+        ),
+        (
+            op::SET_IOREQ_SERVER_STATE,
+            t::XEN_DMOP_set_ioreq_server_state,
+        ),
+        (op::DESTROY_IOREQ_SERVER, t::XEN_DMOP_destroy_ioreq_server),
+        (op::INJECT_MSI, t::XEN_DMOP_inject_msi),
+    ] {
+        assert_eq!(u32::from(ours), xen, "{}", op::name(ours));
+    }
+    // What `xendevicemodel_inject_msi` sends: data, pad, then the 64-bit address.
+    assert_eq!(size_of::<t::xen_dm_op_inject_msi>(), 16);
+    assert_eq!(offset_of!(t::xen_dm_op_inject_msi, data), 0);
+    assert_eq!(offset_of!(t::xen_dm_op_inject_msi, addr), 8);
+}
+
 /// The [`IoreqPage`](crate::IoreqPage) view reads and writes the same bytes as the bindgen
 /// struct's fields and bitfield.
 #[test]

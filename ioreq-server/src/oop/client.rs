@@ -22,7 +22,7 @@ use super::sys::{Doorbell, SeqPacket, wait_readable};
 use super::wire::{self, Code, Info, Message, Notice, Reply, Request};
 use crate::bufioreq::BufioreqMode;
 use crate::ioreq::{Dir, Ioreq, IoreqType, size_mask};
-use crate::model::{BackendError, ClaimError, DeviceModel, DmControl};
+use crate::model::{BackendError, ClaimError, DeviceModel, DmControl, MsiError};
 use crate::range::{Claim, Position, RangeKind};
 use std::collections::HashMap;
 use std::io;
@@ -345,6 +345,12 @@ impl Connection {
         })
     }
 
+    /// `inject_msi`: the guest gets the MSI `data` at `addr`, through the multiplexer's
+    /// hypervisor.
+    pub fn inject_msi(&mut self, id: u16, addr: u64, data: u32) -> Result<(), ClientError> {
+        self.expect_done(Request::InjectMsi { id, addr, data })
+    }
+
     pub fn set_state(&mut self, id: u16, enabled: bool) -> Result<(), ClientError> {
         self.expect_done(Request::SetState { id, enabled })
     }
@@ -409,6 +415,24 @@ fn claim_error(e: ClientError, claim: &Claim, requester: &str) -> ClaimError {
     }
 }
 
+/// What the model is told when the multiplexer does not send its MSI: not supported (the
+/// hypervisor cannot, or a multiplexer older than the op) or refused.
+fn msi_error(e: ClientError, addr: u64, data: u32) -> MsiError {
+    let source = match e {
+        ClientError::Refused { code, message, .. } => match code {
+            Code::ENOSYS | Code::EOPNOTSUPP => {
+                return MsiError::Unsupported {
+                    why: format!("{code}: {message}"),
+                };
+            }
+            _ => BackendError::Other(format!("{code}: {message}")),
+        },
+        ClientError::Disconnected { .. } => BackendError::Disconnected,
+        other => BackendError::Other(other.to_string()),
+    };
+    MsiError::Backend { addr, data, source }
+}
+
 impl DmControl for Control<'_> {
     fn map(&mut self, claim: Claim) -> Result<(), ClaimError> {
         let name = self.conn.name.clone();
@@ -426,6 +450,12 @@ impl DmControl for Control<'_> {
 
     fn locate(&self, position: &Position) -> Option<u32> {
         self.conn.locate(position)
+    }
+
+    fn inject_msi(&mut self, addr: u64, data: u32) -> Result<(), MsiError> {
+        self.conn
+            .inject_msi(self.id, addr, data)
+            .map_err(|e| msi_error(e, addr, data))
     }
 }
 

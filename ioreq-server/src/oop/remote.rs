@@ -15,6 +15,7 @@
 //! reach the connection thread, which hands them here: they are applied with the `ctl` of
 //! the request being served, exactly as an in-process model's would be.
 
+use super::server::DmopError;
 use super::shm::SharedPages;
 use super::slots::{Collect, SlotWords};
 use super::spin::{Awaited, Outcome, Peer, SpinMode, Spinner, Ticket};
@@ -116,12 +117,32 @@ pub enum DmopKind {
     Unmap,
 }
 
+/// What a DMOP that goes to the engine asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Dmop {
+    Claim(DmopKind, Claim),
+    InjectMsi { addr: u64, data: u32 },
+}
+
+impl Dmop {
+    /// The refusal of a DMOP that cannot be applied: `why`, with `msi` the code an MSI gets
+    /// (a claim is refused as invalid, as before MSIs existed).
+    pub fn refused(&self, msi: Code, why: &str) -> DmopError {
+        match self {
+            Dmop::Claim(_, claim) => DmopError::from(ClaimError::Invalid {
+                claim: claim.clone(),
+                why: why.into(),
+            }),
+            Dmop::InjectMsi { .. } => DmopError::new(msi, format!("MSI not injected: {why}")),
+        }
+    }
+}
+
 /// A DMOP waiting for whoever holds the engine's `ctl` for this server.
 #[derive(Debug)]
 pub(crate) struct PendingOp {
-    pub kind: DmopKind,
-    pub claim: Claim,
-    pub reply: crossbeam_channel::Sender<Result<(), ClaimError>>,
+    pub op: Dmop,
+    pub reply: crossbeam_channel::Sender<Result<(), DmopError>>,
 }
 
 #[derive(Debug, Default)]
@@ -359,15 +380,22 @@ impl RemoteModel {
                         .counters
                         .dmops_in_request
                         .fetch_add(1, Ordering::Relaxed);
-                    match op.kind {
-                        DmopKind::Map => c.map(op.claim),
-                        DmopKind::Unmap => c.unmap(op.claim),
+                    match op.op {
+                        Dmop::Claim(DmopKind::Map, claim) => c.map(claim).map_err(DmopError::from),
+                        Dmop::Claim(DmopKind::Unmap, claim) => {
+                            c.unmap(claim).map_err(DmopError::from)
+                        }
+                        Dmop::InjectMsi { addr, data } => {
+                            c.inject_msi(addr, data).map_err(DmopError::from)
+                        }
                     }
                 }
-                None => Err(ClaimError::Invalid {
-                    claim: op.claim.clone(),
-                    why: "claims cannot change while the multiplexer waits for a broadcast".into(),
-                }),
+                // Serving a broadcast (INVALIDATE), the model has no `ctl`: nothing reaches
+                // the engine until it answers. An MSI may be sent again after that.
+                None => Err(op.op.refused(
+                    Code::EAGAIN,
+                    "DMOPs cannot be applied while the multiplexer waits for a broadcast",
+                )),
             };
             let _ = op.reply.send(r);
         }

@@ -8,13 +8,13 @@
 //! then its claims are released with [`Host::remove`].
 
 use super::remote::{
-    DmopKind, PendingOp, RemoteModel, RemoteOptions, RemoteStats, Resources, Shared,
+    Dmop, DmopKind, PendingOp, RemoteModel, RemoteOptions, RemoteStats, Resources, Shared,
 };
 use super::sys::{Doorbell, PeerCred, SeqListener, SeqPacket, wait_readable};
 use super::wire::{self, Code, Info, Message, Notice, Reply, Request};
 use crate::abi::SHARED_PAGE_SLOTS;
 use crate::bufioreq::BufioreqMode;
-use crate::model::{BackendError, ClaimError, DeviceModel};
+use crate::model::{BackendError, ClaimError, DeviceModel, MsiError};
 use crate::range::{Claim, IoRange};
 use std::collections::HashMap;
 use std::fmt;
@@ -80,6 +80,21 @@ impl From<ClaimError> for DmopError {
     }
 }
 
+/// The error code for an MSI that was not sent.
+pub fn msi_code(e: &MsiError) -> Code {
+    match e {
+        MsiError::Unsupported { .. } => Code::EOPNOTSUPP,
+        MsiError::NoModel { .. } => Code::ENOENT,
+        MsiError::Backend { .. } => Code::EIO,
+    }
+}
+
+impl From<MsiError> for DmopError {
+    fn from(e: MsiError) -> Self {
+        DmopError::new(msi_code(&e), e.to_string())
+    }
+}
+
 /// What the listener needs from the multiplexer: policy and the engine's control channel.
 /// Calls come from connection threads, never from the engine's thread.
 pub trait Host: Send + Sync + 'static {
@@ -94,6 +109,9 @@ pub trait Host: Send + Sync + 'static {
     fn map(&self, id: u16, claim: Claim) -> Result<(), DmopError>;
     /// A claim dropped outside a request.
     fn unmap(&self, id: u16, claim: Claim) -> Result<(), DmopError>;
+    /// An MSI injected outside a request ([`crate::DmControl::inject_msi`] of the server's
+    /// model). Every connected server may: Xen lets any device model of the domain.
+    fn inject_msi(&self, id: u16, addr: u64, data: u32) -> Result<(), DmopError>;
     /// The server is gone: release its claims. Called once per added server.
     fn remove(&self, id: u16);
     /// How the multiplexer serves the server called `name` (its deadline, say); `default`
@@ -519,22 +537,25 @@ impl Conn {
                 }),
                 fds: true,
             }),
-            Request::MapRange { range, .. } => self.dmop(DmopKind::Map, Claim::Range(range), op),
+            Request::MapRange { range, .. } => self.claim(DmopKind::Map, Claim::Range(range), op),
             Request::UnmapRange { range, .. } => {
-                self.dmop(DmopKind::Unmap, Claim::Range(range), op)
+                self.claim(DmopKind::Unmap, Claim::Range(range), op)
             }
             Request::MapPcidev { sbdf, .. } => {
-                self.dmop(DmopKind::Map, Claim::Range(IoRange::pci(sbdf)), op)
+                self.claim(DmopKind::Map, Claim::Range(IoRange::pci(sbdf)), op)
             }
             Request::UnmapPcidev { sbdf, .. } => {
-                self.dmop(DmopKind::Unmap, Claim::Range(IoRange::pci(sbdf)), op)
+                self.claim(DmopKind::Unmap, Claim::Range(IoRange::pci(sbdf)), op)
             }
             Request::MapPosition { position, .. } => {
-                self.dmop(DmopKind::Map, Claim::Position(position), op)
+                self.claim(DmopKind::Map, Claim::Position(position), op)
             }
             Request::UnmapPosition { position, .. } => {
-                self.dmop(DmopKind::Unmap, Claim::Position(position), op)
+                self.claim(DmopKind::Unmap, Claim::Position(position), op)
             }
+            Request::InjectMsi { addr, data, .. } => self
+                .dmop(Dmop::InjectMsi { addr, data })
+                .map(|()| Answer::done(op)),
             Request::SetState { enabled, .. } => {
                 let was = srv.shared.enabled.swap(enabled, Ordering::AcqRel);
                 if was != enabled {
@@ -621,9 +642,9 @@ impl Conn {
         Ok(Answer::plain(Reply::Created { id, nr_vcpus: nr }))
     }
 
-    /// A map or unmap: applied by the request in flight if there is one (the device model is
-    /// serving it and waits for this answer), else by the engine between requests.
-    fn dmop(&self, kind: DmopKind, claim: Claim, op: u16) -> Result<Answer, DmopError> {
+    /// A DMOP for the engine: applied by the request in flight if there is one (the device
+    /// model is serving it and waits for this answer), else by the engine between requests.
+    fn dmop(&self, op: Dmop) -> Result<(), DmopError> {
         let Some(srv) = &self.server else {
             return Err(DmopError::new(Code::ENOENT, "no ioreq server"));
         };
@@ -632,8 +653,7 @@ impl Conn {
             if ib.in_request {
                 let (tx, rx) = crossbeam_channel::bounded(1);
                 ib.ops.push_back(PendingOp {
-                    kind,
-                    claim: claim.clone(),
+                    op: op.clone(),
                     reply: tx,
                 });
                 srv.shared.has_ops.store(true, Ordering::Release);
@@ -642,22 +662,35 @@ impl Conn {
                 None
             }
         };
-        let r = match queued {
+        match queued {
             Some(rx) => {
                 let _ = srv.shared.wake.ring();
-                match rx.recv_timeout(self.opts.op_timeout) {
-                    Ok(r) => r.map_err(DmopError::from),
-                    Err(_) => Err(DmopError::new(
+                rx.recv_timeout(self.opts.op_timeout).unwrap_or_else(|_| {
+                    let what = match &op {
+                        Dmop::Claim(_, claim) => claim.to_string(),
+                        Dmop::InjectMsi { addr, data } => format!("MSI {data:#x} to {addr:#x}"),
+                    };
+                    Err(DmopError::new(
                         Code::ETIMEDOUT,
-                        format!("{claim} was not applied within {:?}", self.opts.op_timeout),
-                    )),
-                }
+                        format!("{what} was not applied within {:?}", self.opts.op_timeout),
+                    ))
+                })
             }
-            None => match kind {
-                DmopKind::Map => self.host.map(srv.id, claim.clone()),
-                DmopKind::Unmap => self.host.unmap(srv.id, claim.clone()),
+            None => match op {
+                Dmop::Claim(DmopKind::Map, claim) => self.host.map(srv.id, claim),
+                Dmop::Claim(DmopKind::Unmap, claim) => self.host.unmap(srv.id, claim),
+                Dmop::InjectMsi { addr, data } => self.host.inject_msi(srv.id, addr, data),
             },
+        }
+    }
+
+    /// A map or unmap ([`Conn::dmop`]); a position claimed or dropped is remembered for the
+    /// POSITION_MOVED notices.
+    fn claim(&self, kind: DmopKind, claim: Claim, op: u16) -> Result<Answer, DmopError> {
+        let Some(srv) = &self.server else {
+            return Err(DmopError::new(Code::ENOENT, "no ioreq server"));
         };
+        let r = self.dmop(Dmop::Claim(kind, claim.clone()));
         if r.is_ok() {
             if let Claim::Position(p) = &claim {
                 let mut ib = srv.shared.inbox();
@@ -679,10 +712,9 @@ impl Conn {
             self.host.remove(srv.id);
             let left: Vec<PendingOp> = srv.shared.inbox().ops.drain(..).collect();
             for op in left {
-                let _ = op.reply.send(Err(ClaimError::Invalid {
-                    claim: op.claim.clone(),
-                    why: "the server is gone".into(),
-                }));
+                let _ = op
+                    .reply
+                    .send(Err(op.op.refused(Code::ENOENT, "the server is gone")));
             }
             info!(server = %srv.shared.name, id = srv.id, why, "ioreq server removed; its claims are released");
             if let Some(r) = self.reg.lock().get_mut(&self.conn_id) {

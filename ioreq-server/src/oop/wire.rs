@@ -40,8 +40,8 @@ pub const MAX_HOPS: usize = 32;
 /// Longest text in an error reply or a goodbye notice.
 pub const MAX_TEXT: usize = 1024;
 
-/// Op numbers. 1..=6 are Xen's DMOP numbers (`XEN_DMOP_*`, public/hvm/dm_op.h); 0x101..
-/// are ioreq-mux's own. A successful reply has the request's op with bit 15 set.
+/// Op numbers. 1..=6 and 14 are Xen's DMOP numbers (`XEN_DMOP_*`, public/hvm/dm_op.h);
+/// 0x101.. are ioreq-mux's own. A successful reply has the request's op with bit 15 set.
 pub mod op {
     pub const CREATE_IOREQ_SERVER: u16 = 1;
     pub const GET_IOREQ_SERVER_INFO: u16 = 2;
@@ -49,6 +49,8 @@ pub mod op {
     pub const UNMAP_IO_RANGE_FROM_IOREQ_SERVER: u16 = 4;
     pub const SET_IOREQ_SERVER_STATE: u16 = 5;
     pub const DESTROY_IOREQ_SERVER: u16 = 6;
+    /// `XEN_DMOP_inject_msi` (14, public/hvm/dm_op.h).
+    pub const INJECT_MSI: u16 = 14;
     pub const MAP_PCIDEV_TO_IOREQ_SERVER: u16 = 0x101;
     pub const UNMAP_PCIDEV_FROM_IOREQ_SERVER: u16 = 0x102;
     pub const MAP_POSITION_TO_IOREQ_SERVER: u16 = 0x103;
@@ -62,7 +64,7 @@ pub mod op {
     pub const GOODBYE: u16 = 0x4002;
 
     /// Every request op, in order.
-    pub const REQUESTS: [u16; 10] = [
+    pub const REQUESTS: [u16; 11] = [
         CREATE_IOREQ_SERVER,
         GET_IOREQ_SERVER_INFO,
         MAP_IO_RANGE_TO_IOREQ_SERVER,
@@ -73,6 +75,7 @@ pub mod op {
         UNMAP_PCIDEV_FROM_IOREQ_SERVER,
         MAP_POSITION_TO_IOREQ_SERVER,
         UNMAP_POSITION_FROM_IOREQ_SERVER,
+        INJECT_MSI,
     ];
 
     /// A name for logs.
@@ -91,6 +94,7 @@ pub mod op {
             UNMAP_PCIDEV_FROM_IOREQ_SERVER => "UNMAP_PCIDEV_FROM_IOREQ_SERVER",
             MAP_POSITION_TO_IOREQ_SERVER => "MAP_POSITION_TO_IOREQ_SERVER",
             UNMAP_POSITION_FROM_IOREQ_SERVER => "UNMAP_POSITION_FROM_IOREQ_SERVER",
+            INJECT_MSI => "INJECT_MSI",
             _ => "unknown",
         }
     }
@@ -109,6 +113,8 @@ impl Code {
     pub const ENOENT: Code = Code(2);
     /// The multiplexer failed internally (its engine is gone).
     pub const EIO: Code = Code(5);
+    /// Not now: an MSI sent while the device model serves a broadcast (INVALIDATE).
+    pub const EAGAIN: Code = Code(11);
     /// The peer's uid is not the one configured for the server.
     pub const EACCES: Code = Code(13);
     /// Claimed by another server; the server name is connected already.
@@ -129,6 +135,9 @@ impl Code {
     pub const EMSGSIZE: Code = Code(90);
     /// Unsupported protocol version.
     pub const EPROTONOSUPPORT: Code = Code(93);
+    /// The op is known but the hypervisor behind the multiplexer cannot do it (INJECT_MSI
+    /// on a backend that cannot interrupt the guest).
+    pub const EOPNOTSUPP: Code = Code(95);
     /// Goodbye: the multiplexer is shutting down.
     pub const ESHUTDOWN: Code = Code(108);
     /// The engine did not apply the op in time; in a goodbye: a request exceeded its deadline.
@@ -140,6 +149,7 @@ impl Code {
             1 => "EPERM",
             2 => "ENOENT",
             5 => "EIO",
+            11 => "EAGAIN",
             13 => "EACCES",
             16 => "EBUSY",
             17 => "EEXIST",
@@ -149,6 +159,7 @@ impl Code {
             71 => "EPROTO",
             90 => "EMSGSIZE",
             93 => "EPROTONOSUPPORT",
+            95 => "EOPNOTSUPP",
             108 => "ESHUTDOWN",
             110 => "ETIMEDOUT",
             _ => "E?",
@@ -218,6 +229,13 @@ pub enum Request {
         id: u16,
         position: Position,
     },
+    /// `inject_msi`: the guest gets a message-signalled interrupt, a write of `data` to
+    /// `addr`. The multiplexer passes both to the hypervisor unchecked.
+    InjectMsi {
+        id: u16,
+        addr: u64,
+        data: u32,
+    },
 }
 
 impl Request {
@@ -233,6 +251,7 @@ impl Request {
             Request::UnmapPcidev { .. } => op::UNMAP_PCIDEV_FROM_IOREQ_SERVER,
             Request::MapPosition { .. } => op::MAP_POSITION_TO_IOREQ_SERVER,
             Request::UnmapPosition { .. } => op::UNMAP_POSITION_FROM_IOREQ_SERVER,
+            Request::InjectMsi { .. } => op::INJECT_MSI,
         }
     }
 
@@ -248,7 +267,8 @@ impl Request {
             | Request::MapPcidev { id, .. }
             | Request::UnmapPcidev { id, .. }
             | Request::MapPosition { id, .. }
-            | Request::UnmapPosition { id, .. } => Some(*id),
+            | Request::UnmapPosition { id, .. }
+            | Request::InjectMsi { id, .. } => Some(*id),
         }
     }
 }
@@ -534,6 +554,12 @@ fn encode_request(r: &Request) -> Result<Vec<u8>, WireError> {
             put_position_tail(&mut b, position);
             b.extend_from_slice(&[0, 0]);
             b.extend_from_slice(&position.path);
+        }
+        Request::InjectMsi { id, addr, data } => {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&[0, 0]);
+            b.extend_from_slice(&data.to_le_bytes());
+            b.extend_from_slice(&addr.to_le_bytes());
         }
     }
     Ok(b)
@@ -854,6 +880,15 @@ impl Body<'_> {
                     Request::UnmapPosition { id: id(), position }
                 }
             }
+            INJECT_MSI => {
+                self.size(16)?;
+                self.zero(2..4)?;
+                Request::InjectMsi {
+                    id: id(),
+                    data: self.u32_at(4),
+                    addr: le64(&self.b[8..]),
+                }
+            }
             o => return Err(WireError::UnknownOp(o)),
         })
     }
@@ -995,6 +1030,16 @@ mod tests {
                 id: 2,
                 position: pos(&[0x10]),
             },
+            Request::InjectMsi {
+                id: 2,
+                addr: 0xfee0_100c,
+                data: 0x4071,
+            },
+            Request::InjectMsi {
+                id: 9,
+                addr: u64::MAX,
+                data: u32::MAX,
+            },
         ];
         let mut m: Vec<Message> = reqs
             .into_iter()
@@ -1024,6 +1069,7 @@ mod tests {
             Reply::Done {
                 op: op::UNMAP_POSITION_FROM_IOREQ_SERVER,
             },
+            Reply::Done { op: op::INJECT_MSI },
             Reply::Error {
                 op: op::MAP_IO_RANGE_TO_IOREQ_SERVER,
                 code: Code::EPERM,
@@ -1107,6 +1153,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!(&b[16..], &[1, 0, 1, 0, 0x20, 2, 0, 0, 0x10, 0x08]);
+        // INJECT_MSI: op 14 (XEN_DMOP_inject_msi), id, pad, data, then the 64-bit address.
+        let b = encode(&Message::Request {
+            tag: 3,
+            req: Request::InjectMsi {
+                id: 0x0102,
+                addr: 0x1122_3344_fee0_100c,
+                data: 0x0a0b_4071,
+            },
+        })
+        .unwrap();
+        assert_eq!(&b[6..8], &[14, 0]);
+        assert_eq!(&b[12..16], &[16, 0, 0, 0]);
+        assert_eq!(
+            &b[16..],
+            &[
+                2, 1, 0, 0, 0x71, 0x40, 0x0b, 0x0a, 0x0c, 0x10, 0xe0, 0xfe, 0x44, 0x33, 0x22, 0x11
+            ]
+        );
         let b = encode(&Message::Reply {
             tag: 5,
             reply: Reply::Done {
@@ -1412,6 +1476,56 @@ mod tests {
                 Code::EINVAL,
             ),
             (
+                header(
+                    INJECT_MSI,
+                    1,
+                    &[1, 0, 0, 0, 0x71, 0x40, 0, 0, 0, 0, 0xe0, 0xfe],
+                ),
+                WireError::BodySize {
+                    op: 14,
+                    expected: 16,
+                    got: 12,
+                },
+                Code::EINVAL,
+            ),
+            (
+                header(
+                    INJECT_MSI,
+                    1,
+                    &[
+                        1, 0, 0, 0, 0x71, 0x40, 0, 0, 0, 0, 0xe0, 0xfe, 0, 0, 0, 0, 0,
+                    ],
+                ),
+                WireError::BodySize {
+                    op: 14,
+                    expected: 16,
+                    got: 17,
+                },
+                Code::EINVAL,
+            ),
+            (
+                header(
+                    INJECT_MSI,
+                    1,
+                    &[1, 0, 0, 2, 0x71, 0x40, 0, 0, 0, 0, 0xe0, 0xfe, 0, 0, 0, 0],
+                ),
+                WireError::Reserved {
+                    op: 14,
+                    offset: 3,
+                    value: 2,
+                },
+                Code::EINVAL,
+            ),
+            (
+                header(INJECT_MSI | REPLY, 1, &[0]),
+                WireError::BodySize {
+                    op: 0x800e,
+                    expected: 0,
+                    got: 1,
+                },
+                Code::EINVAL,
+            ),
+            (
                 header(ERROR, 1, &[1, 0, 0, 0, 3, 0, 0, 0, 0xff]),
                 WireError::Text,
                 Code::EINVAL,
@@ -1547,7 +1661,7 @@ mod tests {
             let _ = decode(&b);
             let mut h = header(op::MAP_POSITION_TO_IOREQ_SERVER, 1, &b);
             let _ = decode(&h);
-            for o in op::REQUESTS.iter().chain(&[op::ERROR, op::GOODBYE, op::POSITION_MOVED, 0x8001, 0x8002, 0x8003]) {
+            for o in op::REQUESTS.iter().chain(&[op::ERROR, op::GOODBYE, op::POSITION_MOVED, 0x8001, 0x8002, 0x8003, 0x800e]) {
                 h[6..8].copy_from_slice(&o.to_le_bytes());
                 if let Ok(m) = decode(&h) {
                     // Whatever decodes re-encodes to the same bytes.

@@ -7,7 +7,9 @@ use ioreq_server::oop::RemoteOptions;
 use ioreq_server::oop::server::{DmListener, DmopError, Host, ServerOptions};
 use ioreq_server::oop::sys::PeerCred;
 use ioreq_server::oop::wire::Code;
-use ioreq_server::{Claim, ClaimError, DeviceModel, DmControl, DmError, IoRange, Ioreq, Position};
+use ioreq_server::{
+    Claim, ClaimError, DeviceModel, DmControl, DmError, IoRange, Ioreq, MsiError, Position,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,10 @@ pub struct FakeHost {
     pub located: Mutex<HashMap<Position, u32>>,
     pub removed: Mutex<Vec<u16>>,
     pub nr_vcpus: u32,
+    /// (model index, address, data) of every MSI injected, in order.
+    pub msis: Mutex<Vec<(u16, u64, u32)>>,
+    /// Set: every MSI is refused with this error (the hypervisor cannot, say).
+    pub msi_refusal: Mutex<Option<MsiError>>,
 }
 
 fn allows(grant: &[Claim], c: &Claim) -> bool {
@@ -92,6 +98,14 @@ impl FakeHost {
         Ok(())
     }
 
+    fn do_inject_msi(&self, id: u16, addr: u64, data: u32) -> Result<(), MsiError> {
+        if let Some(e) = self.msi_refusal.lock().unwrap().clone() {
+            return Err(e);
+        }
+        self.msis.lock().unwrap().push((id, addr, data));
+        Ok(())
+    }
+
     /// What the engine does for one request: find the model and call it with a ctl.
     pub fn call(&self, id: u16, vcpu: u32, req: &Ioreq) -> Result<u64, DmError> {
         let mut st = self.state.lock().unwrap();
@@ -139,6 +153,10 @@ impl DmControl for Ctl<'_> {
     fn locate(&self, position: &Position) -> Option<u32> {
         self.host.located.lock().unwrap().get(position).copied()
     }
+
+    fn inject_msi(&mut self, addr: u64, data: u32) -> Result<(), MsiError> {
+        self.host.do_inject_msi(self.id, addr, data)
+    }
 }
 
 impl Host for FakeHost {
@@ -179,6 +197,10 @@ impl Host for FakeHost {
 
     fn unmap(&self, id: u16, claim: Claim) -> Result<(), DmopError> {
         self.do_unmap(id, claim).map_err(DmopError::from)
+    }
+
+    fn inject_msi(&self, id: u16, addr: u64, data: u32) -> Result<(), DmopError> {
+        self.do_inject_msi(id, addr, data).map_err(DmopError::from)
     }
 
     fn remove(&self, id: u16) {

@@ -7,7 +7,8 @@
 //! `owns` lists (the engine's [`Grant`]: a range claim must lie inside one granted range of
 //! its kind, a position claim must be granted as is). A claim outside the grant is refused
 //! with EPERM; the engine routes each access only to its owner, so a server never sees
-//! another server's accesses.
+//! another server's accesses. MSIs (INJECT_MSI) are outside the grant: any connected server
+//! may inject one, as Xen lets any device model of the domain.
 //!
 //! The socket machinery (accept, SO_PEERCRED, descriptor passing, the request path) is
 //! [`ioreq_server::oop`]; this module is the [`Host`] the listener calls.
@@ -104,11 +105,15 @@ impl EngineHost {
         DmopError::new(Code::EIO, "the multiplexer's engine has stopped")
     }
 
-    fn claim_op(
+    /// Sends the engine a DMOP and waits for its answer: a claim's or an MSI's error.
+    fn engine_op<E>(
         &self,
-        msg: impl FnOnce(crossbeam_channel::Sender<Result<(), ioreq_server::ClaimError>>) -> Control,
+        msg: impl FnOnce(crossbeam_channel::Sender<Result<(), E>>) -> Control,
         what: &str,
-    ) -> Result<(), DmopError> {
+    ) -> Result<(), DmopError>
+    where
+        DmopError: From<E>,
+    {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.control
             .send(msg(tx))
@@ -188,7 +193,7 @@ impl Host for EngineHost {
 
     fn map(&self, id: u16, claim: Claim) -> Result<(), DmopError> {
         let what = claim.to_string();
-        self.claim_op(
+        self.engine_op(
             |reply| Control::Map {
                 model: id,
                 claim,
@@ -200,13 +205,27 @@ impl Host for EngineHost {
 
     fn unmap(&self, id: u16, claim: Claim) -> Result<(), DmopError> {
         let what = claim.to_string();
-        self.claim_op(
+        self.engine_op(
             |reply| Control::Unmap {
                 model: id,
                 claim,
                 reply,
             },
             &what,
+        )
+    }
+
+    /// Not checked against the grant: an MSI claims nothing, and Xen lets any device model
+    /// of the domain inject one.
+    fn inject_msi(&self, id: u16, addr: u64, data: u32) -> Result<(), DmopError> {
+        self.engine_op(
+            |reply| Control::InjectMsi {
+                model: id,
+                addr,
+                data,
+                reply,
+            },
+            &format!("MSI {data:#x} to {addr:#x}"),
         )
     }
 
@@ -351,6 +370,48 @@ device = 0x29c0
         // Nobody polls the engine: a claim times out with ETIMEDOUT, not a hang.
         let e = h.map(1, Claim::Range(IoRange::ports(1, 1))).unwrap_err();
         assert_eq!(e.code, Code::ETIMEDOUT);
+    }
+
+    /// An MSI becomes an engine control message for the server, whatever its grant; the
+    /// engine's refusal comes back as its errno.
+    #[test]
+    fn an_msi_goes_to_the_engine() {
+        use ioreq_server::{BackendError, MsiError};
+        let (tx, rx) = ControlSender::detached().unwrap();
+        let h = EngineHost::new(tx, vec![], 1, Duration::from_secs(5));
+        let engine = std::thread::spawn(move || {
+            let mut seen = vec![];
+            for answer in [
+                Ok(()),
+                Err(MsiError::Unsupported { why: "no".into() }),
+                Err(MsiError::Backend {
+                    addr: 1,
+                    data: 2,
+                    source: BackendError::Disconnected,
+                }),
+                Err(MsiError::NoModel { index: 3 }),
+            ] {
+                match rx.recv().unwrap() {
+                    Control::InjectMsi {
+                        model,
+                        addr,
+                        data,
+                        reply,
+                    } => {
+                        seen.push((model, addr, data));
+                        reply.send(answer).unwrap();
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            seen
+        });
+        assert_eq!(h.inject_msi(3, 0xfee0_0000, 0x41), Ok(()));
+        let code = |r: Result<(), DmopError>| r.unwrap_err().code;
+        assert_eq!(code(h.inject_msi(3, 1, 2)), Code::EOPNOTSUPP);
+        assert_eq!(code(h.inject_msi(3, 1, 2)), Code::EIO);
+        assert_eq!(code(h.inject_msi(3, 1, 2)), Code::ENOENT);
+        assert_eq!(engine.join().unwrap()[0], (3, 0xfee0_0000, 0x41));
     }
 
     /// QEMU's entry of the front-of-QEMU configuration: guest memory and its own deadline

@@ -5,7 +5,7 @@
 use crate::*;
 use bdf_router::{Router, Sbdf, ServerIdx};
 use ioreq_server::{
-    Backend, BackendError, Claim, ClaimError, DmControl, IoRange, Position, RangeKind,
+    Backend, BackendError, Claim, ClaimError, DmControl, IoRange, MsiError, Position, RangeKind,
 };
 use tracing::{debug, warn};
 
@@ -146,6 +146,26 @@ impl<B: Backend> DmControl for Ctl<'_, B> {
             .find(|p| p.position == *position)
             .and_then(|p| p.resolved)
             .map(Sbdf::to_xen)
+    }
+
+    /// Straight to the hypervisor: an MSI concerns the domain, not a claim, so no grant or
+    /// ownership applies (any device model of a Xen domain may inject one).
+    fn inject_msi(&mut self, addr: u64, data: u32) -> Result<(), MsiError> {
+        let model = self.router.server_name(self.owner);
+        match self.backend.inject_msi(addr, data) {
+            Ok(()) => {
+                self.stats.msis_injected += 1;
+                debug!(model, addr, data, "MSI injected");
+                Ok(())
+            }
+            Err(source) => {
+                self.stats.msi_errors += 1;
+                // Counted, and the model is told: a model that keeps trying must not flood
+                // the log.
+                debug!(model, addr, data, error = %source, "MSI refused");
+                Err(MsiError::from_backend(addr, data, source))
+            }
+        }
     }
 }
 

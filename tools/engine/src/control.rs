@@ -6,7 +6,9 @@ use crate::claims::Ctl;
 use crate::*;
 use bdf_router::{Sbdf, ServerIdx};
 use ioreq_server::oop::sys::Doorbell;
-use ioreq_server::{Backend, Claim, ClaimError, DeviceModel, DmControl, IoRange, RangeKind};
+use ioreq_server::{
+    Backend, Claim, ClaimError, DeviceModel, DmControl, IoRange, MsiError, RangeKind,
+};
 use tracing::{info, warn};
 
 /// Messages from outside the engine thread (the control socket of out-of-process models),
@@ -32,6 +34,13 @@ pub enum Control {
     },
     /// The model went away: its claims are released.
     Remove { model: ServerIdx },
+    /// An MSI a model injects outside a request.
+    InjectMsi {
+        model: ServerIdx,
+        addr: u64,
+        data: u32,
+        reply: crossbeam_channel::Sender<Result<(), MsiError>>,
+    },
 }
 
 /// The sending end of the engine's control channel: every message also rings the engine's
@@ -68,6 +77,9 @@ impl std::fmt::Debug for Control {
             Control::Map { model, claim, .. } => write!(f, "Map({model}, {claim})"),
             Control::Unmap { model, claim, .. } => write!(f, "Unmap({model}, {claim})"),
             Control::Remove { model } => write!(f, "Remove({model})"),
+            Control::InjectMsi {
+                model, addr, data, ..
+            } => write!(f, "InjectMsi({model}, {addr:#x}, {data:#x})"),
         }
     }
 }
@@ -179,6 +191,14 @@ impl<B: Backend> Engine<B> {
                 Control::Remove { model } => {
                     self.remove_model(model);
                 }
+                Control::InjectMsi {
+                    model,
+                    addr,
+                    data,
+                    reply,
+                } => {
+                    let _ = reply.send(self.model_msi(model, addr, data));
+                }
             }
         }
     }
@@ -200,6 +220,16 @@ impl<B: Backend> Engine<B> {
             stats: &mut self.stats,
         };
         f(&mut ctl)
+    }
+
+    /// Model `idx`'s MSI, through its [`DmControl`] as during a request.
+    fn model_msi(&mut self, idx: ServerIdx, addr: u64, data: u32) -> Result<(), MsiError> {
+        let mut r = Err(MsiError::NoModel { index: idx });
+        let _ = self.model_ctl(idx, |ctl| {
+            r = ctl.inject_msi(addr, data);
+            Ok(())
+        });
+        r
     }
 
     /// Removes a device model (it crashed or left): its claims are released.

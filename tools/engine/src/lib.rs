@@ -134,9 +134,10 @@ pub struct EngineStats {
     /// Rep string accesses through a guest buffer handed to a model that maps guest memory
     /// ([`Grant::guest_memory`]).
     pub data_ptr_forwarded: u64,
-    /// MSIs the hosted ports sent through the hypervisor.
+    /// MSIs sent through the hypervisor: by models (`DmControl::inject_msi`) and by the
+    /// hosted ports.
     pub msis_injected: u64,
-    /// MSIs the hypervisor refused.
+    /// MSIs the hypervisor refused (or cannot send).
     pub msi_errors: u64,
 }
 

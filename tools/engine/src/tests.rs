@@ -7,7 +7,7 @@ use chipset_intercept::Phase;
 use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::sim::{Issued, SimBackend, SimHypervisor};
 use ioreq_server::{
-    Dir, DmControl, DmError, Ioreq, IoreqType, Position, RangeKind, abi, size_mask,
+    Dir, DmControl, DmError, Ioreq, IoreqType, MsiError, Position, RangeKind, abi, size_mask,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -441,6 +441,144 @@ fn a_removed_model_releases_its_claims() {
         e.remove_model(idx).is_empty(),
         "removing twice does nothing"
     );
+}
+
+/// A device that raises an MSI when the guest writes its 32-bit register at `port`: the value
+/// is the Message Data, sent to a fixed Message Address; what `inject_msi` answered is kept.
+struct MsiDevice {
+    port: u16,
+    sent: Sent,
+}
+
+/// The Message Address Linux programs for vector delivery to APIC 1 (0xfee0_100c).
+const MSI_ADDR: u64 = 0xfee0_100c;
+
+impl DeviceModel for MsiDevice {
+    fn name(&self) -> &str {
+        "doorbell"
+    }
+    fn attach(&mut self, ctl: &mut dyn DmControl) -> Result<(), ClaimError> {
+        ctl.map(Claim::Range(IoRange::ports(self.port, self.port + 3)))
+    }
+    fn handle(&mut self, _: u32, req: &Ioreq, ctl: &mut dyn DmControl) -> Result<u64, DmError> {
+        if req.dir == Dir::Write {
+            let r = ctl.inject_msi(MSI_ADDR, req.data as u32);
+            self.sent.lock().unwrap().push(r);
+        }
+        Ok(0)
+    }
+}
+
+type Sent = Arc<Mutex<Vec<Result<(), MsiError>>>>;
+
+fn msi_device(port: u16) -> (Box<dyn DeviceModel>, Sent) {
+    let sent = Arc::new(Mutex::new(vec![]));
+    let d = MsiDevice {
+        port,
+        sent: sent.clone(),
+    };
+    (Box::new(d), sent)
+}
+
+/// An MSI a model injects while it serves a request reaches the hypervisor as the engine's
+/// server's (not another server of the domain), is counted, and so is one sent outside a
+/// request through the control channel; a model that left cannot send one.
+#[test]
+fn a_model_injects_msis_through_the_engine_server() {
+    let (hv, mut e) = engine(Phase::After);
+    let _other = hv.create_server(BufioreqMode::Off).unwrap();
+    let (m, sent) = msi_device(0x710);
+    let idx = e.add_model(m).unwrap();
+    let ring = |v| Ioreq::new(IoreqType::Pio, Dir::Write, 0x710, 4, v);
+    access(&hv, &mut e, ring(0x4071));
+    access(&hv, &mut e, ring(0x4072));
+    assert_eq!(*sent.lock().unwrap(), vec![Ok(()), Ok(())]);
+    let tx = e.control();
+    let (reply, answer) = crossbeam_channel::bounded(2);
+    let msg = |model, data| Control::InjectMsi {
+        model,
+        addr: MSI_ADDR,
+        data,
+        reply: reply.clone(),
+    };
+    tx.send(msg(idx, 0x4073)).unwrap();
+    tx.send(msg(99, 0x4074)).unwrap();
+    e.poll(Some(Duration::ZERO)).unwrap();
+    assert_eq!(answer.try_recv().unwrap(), Ok(()));
+    assert_eq!(
+        answer.try_recv().unwrap(),
+        Err(MsiError::NoModel { index: 99 })
+    );
+    let server = e.backend().id();
+    let got: Vec<(u16, u64, u32)> = hv
+        .injected_msis()
+        .iter()
+        .map(|m| (m.server, m.addr, m.data))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (server, MSI_ADDR, 0x4071),
+            (server, MSI_ADDR, 0x4072),
+            (server, MSI_ADDR, 0x4073)
+        ]
+    );
+    assert_eq!((e.stats().msis_injected, e.stats().msi_errors), (3, 0));
+    assert!(hv.check().is_ok());
+}
+
+/// The hypervisor's refusal reaches the model typed: a backend that cannot interrupt the
+/// guest is "not supported", a server that is gone is the backend's error; both counted.
+#[test]
+fn a_refused_msi_tells_the_model_why() {
+    /// The simulated backend without MSIs: `Backend::inject_msi`'s default.
+    struct NoMsi(SimBackend);
+    impl Backend for NoMsi {
+        fn nr_vcpus(&self) -> u32 {
+            self.0.nr_vcpus()
+        }
+        fn map_range(&mut self, r: IoRange) -> Result<(), BackendError> {
+            self.0.map_range(r)
+        }
+        fn unmap_range(&mut self, r: IoRange) -> Result<(), BackendError> {
+            self.0.unmap_range(r)
+        }
+        fn wait(
+            &mut self,
+            t: Option<Duration>,
+            out: &mut Vec<BackendEvent>,
+        ) -> Result<(), BackendError> {
+            self.0.wait(t, out)
+        }
+        fn complete(&mut self, vcpu: u32, data: u64) -> Result<(), BackendError> {
+            self.0.complete(vcpu, data)
+        }
+    }
+    let hv = SimHypervisor::new(1, Duration::from_secs(5));
+    let backend = NoMsi(hv.create_server(BufioreqMode::Off).unwrap());
+    let (m, sent) = msi_device(0x720);
+    let mut e = Engine::new(backend, vec![m], &EngineConfig::default()).unwrap();
+    e.handle(0, &Ioreq::new(IoreqType::Pio, Dir::Write, 0x720, 4, 1));
+    let r = sent.lock().unwrap().pop().unwrap();
+    assert!(matches!(r, Err(MsiError::Unsupported { .. })), "{r:?}");
+    assert!(hv.injected_msis().is_empty());
+    assert_eq!(e.stats().msi_errors, 1);
+
+    let (hv, mut e) = engine(Phase::After);
+    let (m, sent) = msi_device(0x730);
+    e.add_model(m).unwrap();
+    hv.destroy_server(e.backend().id()).unwrap();
+    e.handle(0, &Ioreq::new(IoreqType::Pio, Dir::Write, 0x730, 4, 2));
+    let r = sent.lock().unwrap().pop().unwrap();
+    assert_eq!(
+        r,
+        Err(MsiError::Backend {
+            addr: MSI_ADDR,
+            data: 2,
+            source: BackendError::Disconnected
+        })
+    );
+    assert_eq!((e.stats().msis_injected, e.stats().msi_errors), (0, 1));
 }
 
 // --- dispatch.rs -------------------------------------------------------------------------

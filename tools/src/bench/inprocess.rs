@@ -26,7 +26,7 @@ use ioreq_server::bufioreq::BufioreqMode;
 use ioreq_server::sim::{Issued, SimBackend, SimHypervisor};
 use ioreq_server::{
     Backend, BackendEvent, Claim, ClaimError, DeviceModel, Dir, DmControl, IoRange, Ioreq,
-    IoreqType, Position, size_mask,
+    IoreqType, MsiError, Position, size_mask,
 };
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -470,6 +470,12 @@ impl DmControl for DirectCtl<'_> {
 
     fn locate(&self, _position: &Position) -> Option<u32> {
         None
+    }
+
+    fn inject_msi(&mut self, addr: u64, data: u32) -> Result<(), MsiError> {
+        self.backend
+            .inject_msi(addr, data)
+            .map_err(|source| MsiError::from_backend(addr, data, source))
     }
 }
 

@@ -25,6 +25,15 @@
 //! "The multiplexed server" is the (domain, id) pair the create returned; any other id,
 //! domain or resource type goes to Xen.
 //!
+//! Interrupts are not intercepted. QEMU raises its emulated devices' MSIs with
+//! `xendevicemodel_inject_msi` on its own devicemodel handle (an MSI write lands in its Xen
+//! APIC region, whose handler `xen_apic_mem_write`, hw/i386/xen/xen_apic.c, calls
+//! `xen_hvm_inject_msi`). `XEN_DMOP_inject_msi` is an operation on the domain, allowed to
+//! any device model of it and tied to no ioreq server, so the call reaches Xen unchanged and
+//! works behind the multiplexer as without it; nothing here needs to change. (The protocol's
+//! INJECT_MSI is for device models without a Xen handle of their own.) The same holds for
+//! INTx levels, ISA IRQs and link routes.
+//!
 //! # Event channels: classified by handle
 //!
 //! QEMU's PV backends open event-channel handles of their own, and port numbers are only
