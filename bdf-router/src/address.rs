@@ -10,7 +10,8 @@
 //! | 2:0   | function |
 //!
 //! The text form is `SSSS:BB:DD.F` (segment optional: `BB:DD.F` means segment 0), in hex, as
-//! `lspci -D` prints it.
+//! `lspci -D` prints it. [`Sbdf::short`] prints `BB:DD.F` for segment 0, as `lspci` without
+//! `-D` does; both forms parse back.
 
 use ioreq_server::abi;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -123,6 +124,40 @@ impl Sbdf {
     pub const fn bdf(self) -> u16 {
         ((self.bus as u16) << 8) | self.devfn() as u16
     }
+
+    /// Whether `device` and `function` are in range ([`Sbdf::new`] and the parsers check
+    /// this; a struct literal may not).
+    pub const fn is_valid(self) -> bool {
+        self.device < DEVICES_PER_BUS && self.function < FUNCTIONS_PER_DEVICE
+    }
+
+    /// The short text form: `BB:DD.F` in segment 0, the full `SSSS:BB:DD.F` elsewhere (the
+    /// segment is left out only where it says nothing). This is how the trace tools print a
+    /// function (replay reports and divergences, import warnings), since a QEMU trace only
+    /// knows segment 0; it parses back to the same `Sbdf`.
+    ///
+    /// ```
+    /// use bdf_router::Sbdf;
+    /// assert_eq!(Sbdf::new(0, 5, 0, 0).unwrap().short().to_string(), "05:00.0");
+    /// assert_eq!(Sbdf::new(1, 5, 0, 0).unwrap().short().to_string(), "0001:05:00.0");
+    /// ```
+    pub const fn short(self) -> ShortSbdf {
+        ShortSbdf(self)
+    }
+}
+
+/// [`Sbdf::short`]: displays `BB:DD.F` when the segment is 0, `SSSS:BB:DD.F` otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ShortSbdf(pub Sbdf);
+
+impl fmt::Display for ShortSbdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        if s.segment != 0 {
+            return s.fmt(f);
+        }
+        write!(f, "{:02x}:{:02x}.{}", s.bus, s.device, s.function)
+    }
 }
 
 impl fmt::Display for Sbdf {
@@ -205,6 +240,16 @@ pub enum ConfigPath {
     Cf8,
     /// Memory-mapped ECAM (MMCONFIG) window.
     Ecam,
+}
+
+impl fmt::Display for ConfigPath {
+    /// `cf8` or `ecam`, as the serde form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConfigPath::Cf8 => "cf8",
+            ConfigPath::Ecam => "ecam",
+        })
+    }
 }
 
 /// One configuration access to one function: register `reg`, `size` bytes.
@@ -327,6 +372,24 @@ mod tests {
     }
 
     #[test]
+    fn config_path_text_is_its_serde_form() {
+        for p in [ConfigPath::Cf8, ConfigPath::Ecam] {
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+        }
+    }
+
+    #[test]
+    fn is_valid_catches_struct_literals() {
+        let mut s = Sbdf::default();
+        assert!(s.is_valid());
+        s.device = 32;
+        assert!(!s.is_valid());
+        s.device = 0;
+        s.function = 8;
+        assert!(!s.is_valid());
+    }
+
+    #[test]
     fn serde_as_text() {
         let s = Sbdf::new(1, 2, 3, 4).unwrap();
         let j = serde_json::to_string(&s).unwrap();
@@ -342,6 +405,19 @@ mod tests {
             prop_assert_eq!(s.to_xen(), v);
             prop_assert_eq!(s.to_string().parse::<Sbdf>().unwrap(), s);
             prop_assert_eq!(Sbdf::from_devfn(s.segment, s.bus, s.devfn()), s);
+            prop_assert_eq!(s.short().to_string().parse::<Sbdf>().unwrap(), s);
+            prop_assert!(s.is_valid());
+        }
+
+        #[test]
+        fn short_form_leaves_out_segment_0_only(v in any::<u32>()) {
+            let s = Sbdf::from_xen(v);
+            let short = s.short().to_string();
+            if s.segment == 0 {
+                prop_assert_eq!(format!("0000:{short}"), s.to_string());
+            } else {
+                prop_assert_eq!(short, s.to_string());
+            }
         }
 
         #[test]

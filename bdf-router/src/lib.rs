@@ -11,7 +11,7 @@ pub mod ecam;
 pub mod router;
 pub mod tables;
 
-pub use address::{AddressError, ConfigAccess, ConfigPath, Sbdf};
+pub use address::{AddressError, ConfigAccess, ConfigPath, Sbdf, ShortSbdf};
 pub use bridges::{BridgeInfo, BusNumbers};
 pub use ecam::{Cf8Latch, EcamAccess, EcamReject, EcamWindow, WindowError, decode_ecam};
 pub use router::{Moved, PositionClaim, Router, RouterStats};

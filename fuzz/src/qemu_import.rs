@@ -43,7 +43,7 @@ pub fn run(data: &[u8]) {
             }
             assert_eq!(access.space == Space::Port, access.addr < 0x1_0000);
             if let Some(c) = access.config {
-                assert!(c.bdf.is_valid());
+                assert!(c.sbdf.is_valid() && c.sbdf.segment == 0, "{access:?}");
                 assert!(c.reg < 0x1000, "{access:?}");
             }
         }

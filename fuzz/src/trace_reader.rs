@@ -13,8 +13,8 @@
 
 use crate::Bytes;
 use ioreq_mux_trace::{
-    Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, FORMAT_VERSION,
-    HEADER_FRAME_MAGIC, MAGIC, Record, Space, StrId, TraceMeta, TraceReader, TraceWriter,
+    Access, BarEvent, BarEventKind, ConfigAnnotation, ConfigPath, Dir, FORMAT_VERSION,
+    HEADER_FRAME_MAGIC, MAGIC, Record, Sbdf, Space, StrId, TraceMeta, TraceReader, TraceWriter,
 };
 use std::io::Read;
 
@@ -49,6 +49,25 @@ pub fn header(json: &[u8]) -> Vec<u8> {
     h
 }
 
+/// Whether the format can store the function: in range, segment 0 (it stores bus and devfn).
+fn storable(s: Sbdf) -> bool {
+    s.is_valid() && s.segment == 0
+}
+
+/// A function from three bytes (bus, device, function), now and then out of range or in
+/// another segment than 0, which the writer must refuse.
+fn function(b: &mut Bytes<'_>) -> Sbdf {
+    let bus = b.u8();
+    let device = b.u8() % 34;
+    let f = b.u8();
+    Sbdf {
+        segment: u16::from(f >= 0xf8),
+        bus,
+        device,
+        function: f % 9,
+    }
+}
+
 fn check_record<R: Read>(rd: &TraceReader<R>, rec: &Record) -> u64 {
     let defined = |id: Option<StrId>| {
         if let Some(id) = id {
@@ -64,13 +83,13 @@ fn check_record<R: Read>(rd: &TraceReader<R>, rec: &Record) -> u64 {
             assert!(*repeat >= 1 && access.rep >= 1, "{rec:?}");
             defined(access.region);
             if let Some(c) = &access.config {
-                assert!(c.bdf.is_valid());
+                assert!(storable(c.sbdf), "{rec:?}");
                 defined(c.device);
             }
             *repeat
         }
         Record::Bar(ev) => {
-            assert!(ev.bdf.is_valid());
+            assert!(storable(ev.sbdf), "{rec:?}");
             defined(ev.device);
             0
         }
@@ -156,17 +175,13 @@ fn round_trip(b: &mut Bytes<'_>) {
                     rep: if f & 8 != 0 { b.u32() } else { 1 },
                     data: b.u64(),
                     region: id(b),
-                    config: (f & 16 != 0).then(|| ConfigAccess {
+                    config: (f & 16 != 0).then(|| ConfigAnnotation {
                         path: if f & 32 != 0 {
                             ConfigPath::Ecam
                         } else {
                             ConfigPath::Cf8
                         },
-                        bdf: Bdf {
-                            bus: b.u8(),
-                            dev: b.u8() % 34,
-                            func: b.u8() % 9,
-                        },
+                        sbdf: function(b),
                         reg: b.u16(),
                         device: id(b),
                     }),
@@ -183,7 +198,7 @@ fn round_trip(b: &mut Bytes<'_>) {
                     && valid_id(access.region)
                     && access
                         .config
-                        .is_none_or(|c| c.bdf.is_valid() && valid_id(c.device));
+                        .is_none_or(|c| storable(c.sbdf) && valid_id(c.device));
                 let rec = Record::Access { access, repeat };
                 let got = w.write(&rec);
                 assert_eq!(got.is_ok(), valid, "write {rec:?}: {got:?}");
@@ -208,11 +223,7 @@ fn round_trip(b: &mut Bytes<'_>) {
                         BarEventKind::Map
                     },
                     device: (k & 0x20 != 0).then(|| StrId(u32::from(b.u8() % 8))),
-                    bdf: Bdf {
-                        bus: b.u8(),
-                        dev: b.u8() % 34,
-                        func: b.u8() % 9,
-                    },
+                    sbdf: function(b),
                     bar: b.u8(),
                     space: if k & 0x40 != 0 {
                         Space::Port
@@ -223,7 +234,7 @@ fn round_trip(b: &mut Bytes<'_>) {
                     size: b.u64(),
                 };
                 let valid =
-                    ev.bdf.is_valid() && ev.device.is_none_or(|i| (i.0 as usize) < names.len());
+                    storable(ev.sbdf) && ev.device.is_none_or(|i| (i.0 as usize) < names.len());
                 let got = w.write(&Record::Bar(ev));
                 assert_eq!(got.is_ok(), valid, "write {ev:?}: {got:?}");
                 if valid {

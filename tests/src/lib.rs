@@ -263,7 +263,7 @@ impl Recorder {
 
     /// One access through the guest, recorded.
     pub fn access(&mut self, req: Ioreq) -> u64 {
-        use ioreq_mux_trace::{Access, Bdf, ConfigAccess, ConfigPath, Space};
+        use ioreq_mux_trace::{Access, ConfigAnnotation, ConfigPath, Space};
         let before = self.log.lock().map(|l| l.len()).unwrap_or(0);
         let v = self.guest.access(req);
         let delivered = self
@@ -281,7 +281,7 @@ impl Recorder {
             && (0xcfc..0xd00).contains(&req.addr)
             && self.cf8 & 0x8000_0000 != 0
         {
-            let bdf = Bdf::from_devfn((self.cf8 >> 16) as u8, (self.cf8 >> 8) as u8);
+            let bdf = Sbdf::from_devfn(0, (self.cf8 >> 16) as u8, (self.cf8 >> 8) as u8);
             config = Some((
                 ConfigPath::Cf8,
                 bdf,
@@ -290,7 +290,7 @@ impl Recorder {
         }
         if req.ty == IoreqType::Copy {
             if let Some((s, reg)) = self.guest.ecam.and_then(|w| w.decode(req.addr)) {
-                config = Some((ConfigPath::Ecam, Bdf::from_devfn(s.bus, s.devfn()), reg));
+                config = Some((ConfigPath::Ecam, s, reg));
             }
         }
         if req.ty == IoreqType::Pio && req.addr == 0xcf8 && req.size == 4 && req.dir == Dir::Write {
@@ -313,9 +313,9 @@ impl Recorder {
             rep: 1,
             data: if req.dir == Dir::Read { v } else { req.data },
             region: if config.is_none() { device } else { None },
-            config: config.map(|(path, bdf, reg)| ConfigAccess {
+            config: config.map(|(path, sbdf, reg)| ConfigAnnotation {
                 path,
-                bdf,
+                sbdf,
                 reg,
                 device,
             }),
@@ -335,7 +335,7 @@ impl Recorder {
                 let ev = ioreq_mux_trace::BarEvent {
                     kind,
                     device: Some(dev),
-                    bdf: Bdf::new(0, 0, 0),
+                    sbdf: Sbdf::default(),
                     bar: 0,
                     space: if r.kind == ioreq_server::RangeKind::Port {
                         Space::Port

@@ -6,7 +6,7 @@ use ioreq_mux::qemu_import::{
     ImportArgs, ImportError, ImportOptions, ImportStats, import_file, import_reader,
 };
 use ioreq_mux::trace::{
-    Access, BarEvent, BarEventKind, Bdf, ConfigPath, Dir, Record, Space, TraceReader,
+    Access, BarEvent, BarEventKind, ConfigPath, Dir, Record, Sbdf, Space, TraceReader,
 };
 use std::path::PathBuf;
 
@@ -52,7 +52,12 @@ fn import(log: &str, lenient: bool) -> Result<(Vec<u8>, ImportStats), ImportErro
 }
 
 /// A config annotation with the device name resolved.
-type Cfg = Option<(ConfigPath, Bdf, u16, Option<String>)>;
+type Cfg = Option<(ConfigPath, Sbdf, u16, Option<String>)>;
+
+/// A function in segment 0 (the only one a QEMU trace knows).
+fn function(bus: u8, device: u8, function: u8) -> Sbdf {
+    Sbdf::new(0, bus, device, function).unwrap()
+}
 
 /// Records with names resolved, for readable assertions.
 #[derive(Debug, PartialEq)]
@@ -70,7 +75,7 @@ fn read(bytes: &[u8]) -> Vec<R> {
                 let region = r.string(access.region.unwrap()).unwrap().to_string();
                 let cfg = access.config.map(|c| {
                     let dev = c.device.map(|d| r.string(d).unwrap().to_string());
-                    (c.path, c.bdf, c.reg, dev)
+                    (c.path, c.sbdf, c.reg, dev)
                 });
                 out.push(R::A(access, repeat, region, cfg));
             }
@@ -104,7 +109,7 @@ fn snippet_every_field() {
     use Dir::{Read, Write};
     use Space::{Mmio, Port};
     let cfg = |path, b, d, f, reg, dev: Option<&str>| {
-        Some((path, Bdf::new(b, d, f), reg, dev.map(String::from)))
+        Some((path, function(b, d, f), reg, dev.map(String::from)))
     };
     // (access fields, repeat, region, config)
     let want: Vec<(Access, u64, &str, Cfg)> = vec![
@@ -186,7 +191,7 @@ fn snippet_every_field() {
     let bar = |bar, space, base, size| BarEvent {
         kind: BarEventKind::Map,
         device: None,
-        bdf: Bdf::new(8, 1, 0),
+        sbdf: function(8, 1, 0),
         bar,
         space,
         base,
@@ -212,7 +217,7 @@ fn snippet_every_field() {
     };
     assert_eq!(
         (a.dir, a.addr, *bdf, region.as_str()),
-        (Write, 0xb0f0_0000, Bdf::new(15, 0, 0), "pcie-mmcfg-mmio")
+        (Write, 0xb0f0_0000, function(15, 0, 0), "pcie-mmcfg-mmio")
     );
     // Port in an I/O BAR, 64-bit all-ones logged for a 1-byte read: masked.
     let R::A(a, 1, region, None) = rest[1] else {

@@ -7,8 +7,8 @@
 mod common;
 use common::{bin, repo};
 use ioreq_mux::trace::{
-    Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, Record, Space, TraceMeta,
-    TraceWriter,
+    Access, BarEvent, BarEventKind, ConfigAnnotation, ConfigPath, Dir, Record, Sbdf, Space,
+    TraceMeta, TraceWriter,
 };
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -192,7 +192,7 @@ fn trace(name: &str, devices: &[&str]) -> PathBuf {
     let mut w = TraceWriter::new(f, &TraceMeta::default()).unwrap();
     for (i, d) in devices.iter().enumerate() {
         let device = Some(w.intern(d).unwrap());
-        let bdf = Bdf::new(0, i as u8, 0);
+        let sbdf = Sbdf::new(0, 0, i as u8, 0).unwrap();
         w.write_access(&Access {
             vcpu: 0,
             space: Space::Mmio,
@@ -202,9 +202,9 @@ fn trace(name: &str, devices: &[&str]) -> PathBuf {
             rep: 1,
             data: 0x1234_8086,
             region: None,
-            config: Some(ConfigAccess {
+            config: Some(ConfigAnnotation {
                 path: ConfigPath::Ecam,
-                bdf,
+                sbdf,
                 reg: 0,
                 device,
             }),
@@ -213,7 +213,7 @@ fn trace(name: &str, devices: &[&str]) -> PathBuf {
         w.write(&Record::Bar(BarEvent {
             kind: BarEventKind::Map,
             device,
-            bdf,
+            sbdf,
             bar: 0,
             space: Space::Mmio,
             base: 0xfe00_0000,

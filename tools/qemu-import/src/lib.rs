@@ -35,12 +35,12 @@ pub use stats::{
 };
 
 use bdf_router::ecam::ECAM_BUS_SIZE;
-use bdf_router::{Cf8Latch, EcamWindow, Sbdf};
+use bdf_router::{Cf8Latch, EcamWindow};
 use chipset_intercept::q35::pciexbar_window;
 use chipset_intercept::registers::{MCH_PCIEXBAR, MCH_PCIEXBAR_SIZE, Q35_MCH_DEVFN};
 use ioreq_mux_trace::{
-    Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, ProgressHandle, Record,
-    Space, StrId, Thousands, TraceError, TraceMeta, TraceWriter,
+    Access, BarEvent, BarEventKind, ConfigAnnotation, ConfigPath, Dir, ProgressHandle, Record,
+    Sbdf, Space, StrId, Thousands, TraceError, TraceMeta, TraceWriter,
 };
 use ioreq_server::abi::PCI_CONFIG_DATA_PORT;
 use parse::Event;
@@ -452,7 +452,7 @@ struct Region {
 /// A `pci_cfg_read` line waiting for its ops line.
 struct PendingCfgRead {
     device: StrId,
-    bdf: Bdf,
+    bdf: Sbdf,
     reg: u16,
     value: u64,
     line: u64,
@@ -486,7 +486,7 @@ enum Pciexbar {
 
 struct ActiveBar {
     device: String,
-    bdf: Bdf,
+    bdf: Sbdf,
     bar: u8,
     space: Space,
     base: u64,
@@ -506,9 +506,9 @@ struct Importer<W: Write> {
     ecam: Pciexbar,
     pending_read: Option<PendingCfgRead>,
     pending_write: Option<PendingWrite>,
-    bar_kinds: HashMap<Bdf, [BarKind; 6]>,
+    bar_kinds: HashMap<Sbdf, [BarKind; 6]>,
     active_bars: Vec<ActiveBar>,
-    present: HashSet<Bdf>,
+    present: HashSet<Sbdf>,
     after_cfg_write: bool,
 }
 
@@ -600,11 +600,15 @@ impl<W: Write> Importer<W> {
                 match self.pending_write.take() {
                     Some(mut pw) => {
                         if let Some(c) = &mut pw.access.config {
-                            if c.bdf != bdf || c.reg != reg || pw.access.data != value {
+                            if c.sbdf != bdf || c.reg != reg || pw.access.data != value {
                                 let msg = format!(
-                                    "pci_cfg_write {bdf} @{reg:#x} <- {value:#x} pairs with a \
+                                    "pci_cfg_write {} @{reg:#x} <- {value:#x} pairs with a \
                                      {} write of {:#x} to {} @{:#x}",
-                                    c.path, pw.access.data, c.bdf, c.reg
+                                    bdf.short(),
+                                    c.path,
+                                    pw.access.data,
+                                    c.sbdf.short(),
+                                    c.reg
                                 );
                                 self.anomaly(|a| &mut a.pci_cfg_mismatch, msg);
                             }
@@ -616,8 +620,9 @@ impl<W: Write> Importer<W> {
                     }
                     None => {
                         let msg = format!(
-                            "pci_cfg_write {bdf} @{reg:#x} <- {value:#x} does not follow a \
-                             config write"
+                            "pci_cfg_write {} @{reg:#x} <- {value:#x} does not follow a \
+                             config write",
+                            bdf.short()
                         );
                         self.anomaly(|a| &mut a.orphan_pci_cfg_write, msg);
                     }
@@ -650,7 +655,10 @@ impl<W: Write> Importer<W> {
     fn orphan_read(&mut self, p: &PendingCfgRead) {
         let msg = format!(
             "pci_cfg_read {} @{:#x} -> {:#x} (line {}) is not followed by a config read",
-            p.bdf, p.reg, p.value, p.line
+            p.bdf.short(),
+            p.reg,
+            p.value,
+            p.line
         );
         self.anomaly(|a| &mut a.orphan_pci_cfg_read, msg);
     }
@@ -754,8 +762,12 @@ impl<W: Write> Importer<W> {
                         if p.bdf != bdf || p.reg != reg || p.value != data {
                             let msg = format!(
                                 "pci_cfg_read {} @{:#x} -> {:#x} (line {}) pairs with a {path} \
-                                 read of {data:#x} from {bdf} @{reg:#x}",
-                                p.bdf, p.reg, p.value, p.line
+                                 read of {data:#x} from {} @{reg:#x}",
+                                p.bdf.short(),
+                                p.reg,
+                                p.value,
+                                p.line,
+                                bdf.short()
                             );
                             self.anomaly(|a| &mut a.pci_cfg_mismatch, msg);
                         }
@@ -765,9 +777,9 @@ impl<W: Write> Importer<W> {
                     }
                     None => None,
                 };
-                access.config = Some(ConfigAccess {
+                access.config = Some(ConfigAnnotation {
                     path,
-                    bdf,
+                    sbdf: bdf,
                     reg,
                     device,
                 });
@@ -777,9 +789,9 @@ impl<W: Write> Importer<W> {
                 if let Some(old) = self.pending_read.take() {
                     self.orphan_read(&old);
                 }
-                access.config = Some(ConfigAccess {
+                access.config = Some(ConfigAnnotation {
                     path,
-                    bdf,
+                    sbdf: bdf,
                     reg,
                     device: None,
                 });
@@ -820,7 +832,7 @@ impl<W: Write> Importer<W> {
         match same {
             Some(b) => {
                 if self.regions[ri].stats.bar.is_none() {
-                    let desc = format!("{} {} BAR{} ({})", b.device, b.bdf, b.bar, b.space);
+                    let desc = format!("{} {} BAR{} ({})", b.device, b.bdf.short(), b.bar, b.space);
                     self.regions[ri].stats.bar = Some(desc);
                 }
             }
@@ -833,7 +845,11 @@ impl<W: Write> Importer<W> {
                     let msg = format!(
                         "{space} access to {addr:#x} (region '{name}') lies in {} BAR{} of {} \
                          {} mapped as {}",
-                        b.space, b.bar, b.device, b.bdf, b.space
+                        b.space,
+                        b.bar,
+                        b.device,
+                        b.bdf.short(),
+                        b.space
                     );
                     self.anomaly(|a| &mut a.space_conflict, msg);
                 }
@@ -851,7 +867,7 @@ impl<W: Write> Importer<W> {
         addr: u64,
         size: u8,
         data: u64,
-    ) -> Option<(ConfigPath, Bdf, u16)> {
+    ) -> Option<(ConfigPath, Sbdf, u16)> {
         let kind = self.regions[ri].kind;
         match space {
             Space::Port => {
@@ -872,7 +888,7 @@ impl<W: Write> Importer<W> {
                         self.anomaly(|a| &mut a.config_region_mismatch, msg);
                         return None;
                     };
-                    return Some((ConfigPath::Cf8, trace_bdf(c.sbdf), c.reg));
+                    return Some((ConfigPath::Cf8, c.sbdf, c.reg));
                 }
                 if kind == RegionKind::Cf8Data {
                     let msg = format!("region 'pci-conf-data' answered port {addr:#x}");
@@ -906,7 +922,7 @@ impl<W: Write> Importer<W> {
                         );
                         self.anomaly(|a| &mut a.config_region_mismatch, msg);
                     }
-                    return Some((ConfigPath::Ecam, trace_bdf(sbdf), reg));
+                    return Some((ConfigPath::Ecam, sbdf, reg));
                 }
                 if kind != RegionKind::Ecam {
                     return None;
@@ -922,7 +938,7 @@ impl<W: Write> Importer<W> {
                 }
                 let guess = EcamWindow::new(0, addr & !(ECAM_MAX_SIZE - 1), 0, 0xff).ok()?;
                 let (sbdf, reg) = guess.decode(addr)?;
-                Some((ConfigPath::Ecam, trace_bdf(sbdf), reg))
+                Some((ConfigPath::Ecam, sbdf, reg))
             }
         }
     }
@@ -943,7 +959,7 @@ impl<W: Write> Importer<W> {
     }
 
     /// Remembers the I/O-vs-memory bit of BAR registers read through config space.
-    fn note_bar_read(&mut self, bdf: Bdf, reg: u16, data: u64) {
+    fn note_bar_read(&mut self, bdf: Sbdf, reg: u16, data: u64) {
         if !(0x10..0x28).contains(&reg) || reg & 3 != 0 {
             return;
         }
@@ -964,8 +980,8 @@ impl<W: Write> Importer<W> {
 
     /// Tracks writes to PCIEXBAR (MCH 00:00.0, [`MCH_PCIEXBAR`], 8 bytes); the window it
     /// opens comes from the intercept's own decoder, [`pciexbar_window`].
-    fn note_config_write(&mut self, c: &ConfigAccess, size: u8, data: u64) {
-        if c.bdf != Bdf::new(0, 0, Q35_MCH_DEVFN) {
+    fn note_config_write(&mut self, c: &ConfigAnnotation, size: u8, data: u64) {
+        if c.sbdf != Sbdf::from_devfn(0, 0, Q35_MCH_DEVFN) {
             return;
         }
         let mut changed = false;
@@ -1003,7 +1019,7 @@ impl<W: Write> Importer<W> {
         kind: BarEventKind,
         device: StrId,
         name: String,
-        bdf: Bdf,
+        bdf: Sbdf,
         bar: u8,
         base: u64,
         size: u64,
@@ -1047,8 +1063,9 @@ impl<W: Write> Importer<W> {
             || (space == Space::Mmio && base < PORT_SPACE_END)
         {
             let msg = format!(
-                "{name} {bdf} BAR{bar} is a {space} BAR at {base:#x}+{size:#x}: accesses there \
+                "{name} {} BAR{bar} is a {space} BAR at {base:#x}+{size:#x}: accesses there \
                  would be classified as {}",
+                bdf.short(),
                 if space == Space::Port {
                     "MMIO"
                 } else {
@@ -1073,7 +1090,7 @@ impl<W: Write> Importer<W> {
         self.w.write(&Record::Bar(BarEvent {
             kind,
             device: Some(device),
-            bdf,
+            sbdf: bdf,
             bar,
             space,
             base,
@@ -1125,7 +1142,7 @@ impl<W: Write> Importer<W> {
                 p.answered += 1;
             } else {
                 p.unanswered += 1;
-                if self.present.contains(&c.bdf) {
+                if self.present.contains(&c.sbdf) {
                     s.config.unanswered_on_present_function += 1;
                 }
             }
@@ -1156,9 +1173,4 @@ impl<W: Write> Importer<W> {
         stats.trace = summary;
         Ok((w, stats))
     }
-}
-
-/// The trace's function address of a decoded one (traces are of segment 0).
-fn trace_bdf(s: Sbdf) -> Bdf {
-    Bdf::new(s.bus, s.device, s.function)
 }

@@ -1,7 +1,7 @@
 //! Parsing one line of QEMU's `log` trace backend output (hand-written for speed: the SeaBIOS
 //! log is 13.8 M lines).
 
-use ioreq_mux_trace::{BarEventKind, Bdf, Dir};
+use ioreq_mux_trace::{BarEventKind, Dir, Sbdf};
 
 /// One parsed line. Byte slices borrow from the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub(crate) enum Event<'a> {
     Cfg {
         dir: Dir,
         device: &'a [u8],
-        bdf: Bdf,
+        bdf: Sbdf,
         reg: u16,
         value: u64,
     },
@@ -28,7 +28,7 @@ pub(crate) enum Event<'a> {
     Mapping {
         kind: BarEventKind,
         device: &'a [u8],
-        bdf: Bdf,
+        bdf: Sbdf,
         bar: u8,
         base: u64,
         size: u64,
@@ -195,8 +195,8 @@ fn parse_dec(t: &[u8]) -> Option<u64> {
     Some(v)
 }
 
-/// `BB:DD.F` in hex.
-fn parse_bdf(t: &[u8]) -> Option<Bdf> {
+/// `BB:DD.F` in hex (QEMU's `%02x:%02x.%x`): a function in segment 0.
+fn parse_bdf(t: &[u8]) -> Option<Sbdf> {
     let colon = t.iter().position(|&b| b == b':')?;
     let dot = t.iter().rposition(|&b| b == b'.')?;
     if dot < colon {
@@ -205,10 +205,7 @@ fn parse_bdf(t: &[u8]) -> Option<Bdf> {
     let bus = u8::try_from(parse_bare_hex(&t[..colon])?).ok()?;
     let dev = parse_bare_hex(&t[colon + 1..dot])?;
     let func = parse_bare_hex(&t[dot + 1..])?;
-    if dev > 31 || func > 7 {
-        return None;
-    }
-    Some(Bdf::new(bus, dev as u8, func as u8))
+    Sbdf::new(0, bus, u8::try_from(dev).ok()?, u8::try_from(func).ok()?).ok()
 }
 
 fn parse_ops<'a>(rest: &'a [u8], dir: Dir, event: &'static str) -> Result<Event<'a>, ParseError> {
@@ -388,7 +385,7 @@ mod tests {
             Event::Cfg {
                 dir: Dir::Read,
                 device: b"mch",
-                bdf: Bdf::new(0, 0, 0),
+                bdf: Sbdf::new(0, 0, 0, 0).unwrap(),
                 reg: 0,
                 value: 0x29c0_8086
             }
@@ -398,7 +395,7 @@ mod tests {
             Event::Cfg {
                 dir: Dir::Write,
                 device: b"ICH9-LPC",
-                bdf: Bdf::new(0, 0x1f, 0),
+                bdf: Sbdf::new(0, 0, 0x1f, 0).unwrap(),
                 reg: 0x40,
                 value: 0x601
             }
@@ -408,7 +405,7 @@ mod tests {
             Event::Mapping {
                 kind: BarEventKind::Unmap,
                 device: b"e1000e",
-                bdf: Bdf::new(1, 0, 0),
+                bdf: Sbdf::new(0, 1, 0, 0).unwrap(),
                 bar: 2,
                 base: 0xb000,
                 size: 0x20

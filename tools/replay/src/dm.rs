@@ -382,7 +382,7 @@ fn matches(req: &Ioreq, a: &Access) -> bool {
     match (req.ty, a.config) {
         (IoreqType::PciConfig, Some(c)) => {
             let (sbdf, reg) = abi::split_pci_config_addr(req.addr);
-            sbdf == abi::pack_sbdf(0, c.bdf.bus, c.bdf.dev, c.bdf.func) && reg == u32::from(c.reg)
+            sbdf == c.sbdf.to_xen() && reg == u32::from(c.reg)
         }
         (IoreqType::Pio, None) => a.space == Space::Port && req.addr == a.addr,
         (IoreqType::Copy, None) => a.space == Space::Mmio && req.addr == a.addr,

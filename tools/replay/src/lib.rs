@@ -378,7 +378,7 @@ impl Harness {
     /// access, else QEMU's region.
     fn target(&self, a: &Access) -> String {
         match (a.config, a.region) {
-            (Some(c), _) => format!("config of {}", c.bdf),
+            (Some(c), _) => format!("config of {}", c.sbdf.short()),
             (None, Some(r)) => format!("{} region '{}'", a.space, self.string(r)),
             (None, None) => format!("{} {:#x}", a.space, a.addr),
         }
@@ -390,9 +390,7 @@ impl Harness {
     fn routed_by(&self, m: u16, a: &Access) -> Option<ConfigPlace> {
         let idx = self.engine_idx[usize::from(m)];
         let router = self.engine.router();
-        let bdf = a
-            .config
-            .map(|c| Sbdf::from_devfn(0, c.bdf.bus, c.bdf.devfn()));
+        let bdf = a.config.map(|c| c.sbdf);
         let space = match a.space {
             Space::Port => RangeKind::Port,
             Space::Mmio => RangeKind::Mmio,
@@ -450,7 +448,7 @@ impl Harness {
             region: a.region.map(|r| self.string(r)),
             config: a.config.map(|c| report::RecordedConfig {
                 path: c.path,
-                bdf: c.bdf,
+                bdf: c.sbdf,
                 reg: c.reg,
                 device: c.device.map(|d| self.string(d)),
             }),
@@ -677,11 +675,11 @@ impl Harness {
         &mut self,
         n: u64,
         a: &Access,
-        c: &trace::ConfigAccess,
+        c: &trace::ConfigAnnotation,
         handler: Option<u16>,
         first_delivery: Option<u64>,
     ) {
-        let bdf = Sbdf::from_devfn(0, c.bdf.bus, c.bdf.devfn());
+        let bdf = c.sbdf;
         if self.is_hidden(bdf, c.reg, a.size) {
             if handler.is_some() {
                 let name = self.name_of(handler);

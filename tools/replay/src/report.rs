@@ -5,7 +5,7 @@
 use chipset_intercept::LayoutEvent;
 use ioreq_mux_engine::EngineStats;
 use ioreq_mux_trace::Thousands;
-use ioreq_mux_trace::{Bdf, ConfigPath, Space};
+use ioreq_mux_trace::{ConfigPath, Sbdf, Space};
 use ioreq_server::Dir;
 use ioreq_server::sim::{SimStats, Violation};
 use serde::{Deserialize, Serialize};
@@ -123,15 +123,16 @@ pub struct RecordedAccess {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RecordedConfig {
     pub path: ConfigPath,
-    #[serde(serialize_with = "display")]
-    pub bdf: Bdf,
+    /// Printed (and in the JSON) in the short form, `05:00.0` ([`Sbdf::short`]).
+    #[serde(serialize_with = "short")]
+    pub bdf: Sbdf,
     pub reg: u16,
     /// QEMU's device that answered.
     pub device: Option<String>,
 }
 
-fn display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
+fn short<S: serde::Serializer>(v: &Sbdf, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&v.short())
 }
 
 impl fmt::Display for RecordedAccess {
@@ -149,7 +150,13 @@ impl fmt::Display for RecordedAccess {
         )?;
         if let Some(c) = &self.config {
             let dev = c.device.as_deref().unwrap_or("none");
-            write!(f, " [config {} {} @{:#x} -> {dev}]", c.path, c.bdf, c.reg)?;
+            write!(
+                f,
+                " [config {} {} @{:#x} -> {dev}]",
+                c.path,
+                c.bdf.short(),
+                c.reg
+            )?;
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! Binary encoding of the records inside the zstd stream (see `docs/trace-format.md`).
 
-use super::{Access, BarEvent, BarEventKind, Bdf, ConfigAccess, ConfigPath, Dir, Space, StrId};
+use super::{
+    Access, BarEvent, BarEventKind, ConfigAnnotation, ConfigPath, Dir, Sbdf, Space, StrId,
+};
 
 /// Record tags below 0x80; an access record's tag has bit 7 set and carries flags.
 pub(crate) const TAG_DEFINE_STRING: u8 = 0x01;
@@ -110,8 +112,8 @@ pub(crate) fn encode_access(buf: &mut Vec<u8>, a: &Access, repeat: u64) {
             flags |= CFG_DEVICE;
         }
         buf.push(flags);
-        buf.push(c.bdf.bus);
-        buf.push(c.bdf.devfn());
+        buf.push(c.sbdf.bus);
+        buf.push(c.sbdf.devfn());
         put_varint(buf, u64::from(c.reg));
         if let Some(StrId(d)) = c.device {
             put_varint(buf, u64::from(d));
@@ -138,8 +140,8 @@ pub(crate) fn encode_bar(buf: &mut Vec<u8>, e: &BarEvent) {
     if let Some(StrId(d)) = e.device {
         put_varint(buf, u64::from(d));
     }
-    buf.push(e.bdf.bus);
-    buf.push(e.bdf.devfn());
+    buf.push(e.sbdf.bus);
+    buf.push(e.sbdf.devfn());
     buf.push(e.bar);
     put_varint(buf, e.base);
     put_varint(buf, e.size);
@@ -271,13 +273,13 @@ pub(crate) fn decode_access(
         } else {
             None
         };
-        Some(ConfigAccess {
+        Some(ConfigAnnotation {
             path: if flags & CFG_ECAM != 0 {
                 ConfigPath::Ecam
             } else {
                 ConfigPath::Cf8
             },
-            bdf: Bdf::from_devfn(bus, devfn),
+            sbdf: Sbdf::from_devfn(0, bus, devfn),
             reg,
             device,
         })
@@ -332,7 +334,7 @@ pub(crate) fn decode_bar(c: &mut Cursor<'_>, n_strings: usize) -> Result<BarEven
             BarEventKind::Map
         },
         device,
-        bdf: Bdf::from_devfn(bus, devfn),
+        sbdf: Sbdf::from_devfn(0, bus, devfn),
         bar,
         space: if flags & BAR_PORT != 0 {
             Space::Port

@@ -69,81 +69,31 @@ impl fmt::Display for Space {
 /// Direction of an access: the multiplexer's own (a trace records what an ioreq carries).
 pub use ioreq_server::Dir;
 
-/// How a PCI config access reached the config space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConfigPath {
-    /// Configuration mechanism #1: address latched at port 0xcf8, data at ports 0xcfc-0xcff.
-    Cf8,
-    /// PCIe enhanced configuration access (memory-mapped window, "MMCONFIG").
-    Ecam,
-}
+/// A PCI function: the router's own address type. A trace stores segment 0 only (bus and
+/// devfn, docs/trace-format.md); tools print it in the short form [`Sbdf::short`] (`05:00.0`).
+pub use bdf_router::Sbdf;
 
-impl fmt::Display for ConfigPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ConfigPath::Cf8 => "cf8",
-            ConfigPath::Ecam => "ecam",
-        })
-    }
-}
-
-/// A PCI function address in segment 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Bdf {
-    pub bus: u8,
-    /// Device (slot) number, 0..=31.
-    pub dev: u8,
-    /// Function number, 0..=7.
-    pub func: u8,
-}
-
-impl Bdf {
-    /// A function address; `dev` and `func` are masked to 5 and 3 bits.
-    pub const fn new(bus: u8, dev: u8, func: u8) -> Self {
-        Bdf {
-            bus,
-            dev: dev & 0x1f,
-            func: func & 0x7,
-        }
-    }
-
-    /// The function from a bus number and a `dev << 3 | func` byte.
-    pub const fn from_devfn(bus: u8, devfn: u8) -> Self {
-        Bdf {
-            bus,
-            dev: devfn >> 3,
-            func: devfn & 7,
-        }
-    }
-
-    /// `dev << 3 | func`.
-    pub const fn devfn(self) -> u8 {
-        (self.dev << 3) | (self.func & 7)
-    }
-
-    /// Whether `dev` and `func` are in range (a [`Bdf`] built with a struct literal may not be).
-    pub const fn is_valid(self) -> bool {
-        self.dev < 32 && self.func < 8
-    }
-}
-
-impl fmt::Display for Bdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:02x}:{:02x}.{:x}", self.bus, self.dev, self.func)
-    }
-}
+/// How a PCI config access reached the config space: the router's own
+/// ([`ConfigPath::Cf8`], [`ConfigPath::Ecam`]).
+pub use bdf_router::ConfigPath;
 
 /// Index of an interned string (region or device name) in a trace's string table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StrId(pub u32);
 
-/// What a config access addressed, and who answered it.
+/// What a recorded config access addressed, and who answered it: the annotation of an
+/// [`Access`] that is a config access.
+///
+/// Not [`bdf_router::ConfigAccess`], which is the router's *decoded* access (function,
+/// register and a 1/2/4-byte size inside the 4 KiB space, ready to route). This is what a
+/// recording saw: the access's size is [`Access::size`] (an 8-byte ECAM access is one record
+/// here and two decoded accesses in the router), and it adds the device that answered. The
+/// function and path are the router's types, so the two agree on what they share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ConfigAccess {
+pub struct ConfigAnnotation {
     pub path: ConfigPath,
-    /// The function the guest addressed (segment 0).
-    pub bdf: Bdf,
+    /// The function the guest addressed; always segment 0 (the format stores bus and devfn).
+    pub sbdf: Sbdf,
     /// Config-space register offset of the access's first byte (0..=0xfff).
     pub reg: u16,
     /// Name of the device model that answered; `None` when no function answered (master
@@ -169,7 +119,7 @@ pub struct Access {
     /// The device-model region that answered (QEMU memory-region name), if known.
     pub region: Option<StrId>,
     /// Present when the access is a PCI config access (CF8/CFC data port or ECAM window).
-    pub config: Option<ConfigAccess>,
+    pub config: Option<ConfigAnnotation>,
 }
 
 /// Whether a BAR was placed or removed.
@@ -189,7 +139,8 @@ pub struct BarEvent {
     pub kind: BarEventKind,
     /// Name of the device model owning the BAR.
     pub device: Option<StrId>,
-    pub bdf: Bdf,
+    /// The BAR's function; always segment 0 (the format stores bus and devfn).
+    pub sbdf: Sbdf,
     /// BAR index: 0..=5 for the BAR registers, 6 for the expansion ROM.
     pub bar: u8,
     /// [`Space::Port`] for an I/O BAR, [`Space::Mmio`] for a memory BAR or the ROM.

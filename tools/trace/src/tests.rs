@@ -10,6 +10,10 @@ fn meta() -> TraceMeta {
     }
 }
 
+fn sbdf(bus: u8, device: u8, function: u8) -> Sbdf {
+    Sbdf::new(0, bus, device, function).unwrap()
+}
+
 fn access(addr: u64, data: u64) -> Access {
     Access {
         vcpu: 0,
@@ -91,9 +95,9 @@ fn round_trip_with_names_and_meta() {
         rep: 1,
         data: 0x29c0,
         region: Some(data),
-        config: Some(ConfigAccess {
+        config: Some(ConfigAnnotation {
             path: ConfigPath::Cf8,
-            bdf: Bdf::new(0, 0, 0),
+            sbdf: sbdf(0, 0, 0),
             reg: 2,
             device: Some(mch),
         }),
@@ -101,7 +105,7 @@ fn round_trip_with_names_and_meta() {
     let ev = BarEvent {
         kind: BarEventKind::Map,
         device: Some(mch),
-        bdf: Bdf::new(1, 2, 3),
+        sbdf: sbdf(1, 2, 3),
         bar: 6,
         space: Space::Mmio,
         base: 0xfe00_0000,
@@ -176,7 +180,7 @@ fn bar_event_breaks_a_fold() {
     let ev = Record::Bar(BarEvent {
         kind: BarEventKind::Unmap,
         device: None,
-        bdf: Bdf::new(0, 3, 0),
+        sbdf: sbdf(0, 3, 0),
         bar: 0,
         space: Space::Port,
         base: 0xe040,
@@ -205,6 +209,37 @@ fn writer_rejects_bad_records() {
         })
         .unwrap_err();
     assert!(e.to_string().contains("repeat count 0"), "{e}");
+    // Functions the format cannot store: a device past 31 (a struct literal), and a
+    // segment other than 0 (the format stores bus and devfn only).
+    let bad_device = Sbdf {
+        device: 32,
+        ..Sbdf::default()
+    };
+    let other_segment = Sbdf::new(1, 0, 3, 0).unwrap();
+    for (s, what) in [
+        (bad_device, "out of range"),
+        (other_segment, "segment 0 only"),
+    ] {
+        a.config = Some(ConfigAnnotation {
+            path: ConfigPath::Ecam,
+            sbdf: s,
+            reg: 0,
+            device: None,
+        });
+        let e = w.write_access(&a).unwrap_err();
+        assert!(e.to_string().contains(what), "{e}");
+        let ev = BarEvent {
+            kind: BarEventKind::Map,
+            device: None,
+            sbdf: s,
+            bar: 0,
+            space: Space::Mmio,
+            base: 0,
+            size: 0x1000,
+        };
+        let e = w.write(&Record::Bar(ev)).unwrap_err();
+        assert!(e.to_string().contains(what), "{e}");
+    }
 }
 
 #[test]
@@ -352,8 +387,9 @@ fn arb_dir() -> impl Strategy<Value = Dir> {
     prop_oneof![Just(Dir::Read), Just(Dir::Write)]
 }
 
-fn arb_bdf() -> impl Strategy<Value = Bdf> {
-    (any::<u8>(), 0u8..32, 0u8..8).prop_map(|(b, d, f)| Bdf::new(b, d, f))
+/// Any function a trace can hold: segment 0 (the format stores bus and devfn).
+fn arb_sbdf() -> impl Strategy<Value = Sbdf> {
+    (any::<u8>(), any::<u8>()).prop_map(|(bus, devfn)| Sbdf::from_devfn(0, bus, devfn))
 }
 
 fn arb_id(n: u32) -> impl Strategy<Value = Option<StrId>> {
@@ -364,13 +400,13 @@ fn arb_access(n: u32) -> impl Strategy<Value = Access> {
     let config = proptest::option::of(
         (
             prop_oneof![Just(ConfigPath::Cf8), Just(ConfigPath::Ecam)],
-            arb_bdf(),
+            arb_sbdf(),
             any::<u16>(),
             arb_id(n),
         )
-            .prop_map(|(path, bdf, reg, device)| ConfigAccess {
+            .prop_map(|(path, sbdf, reg, device)| ConfigAnnotation {
                 path,
-                bdf,
+                sbdf,
                 reg,
                 device,
             }),
@@ -405,16 +441,16 @@ fn arb_bar(n: u32) -> impl Strategy<Value = BarEvent> {
     (
         prop_oneof![Just(BarEventKind::Map), Just(BarEventKind::Unmap)],
         arb_id(n),
-        arb_bdf(),
+        arb_sbdf(),
         0u8..7,
         arb_space(),
         any::<u64>(),
         any::<u64>(),
     )
-        .prop_map(|(kind, device, bdf, bar, space, base, size)| BarEvent {
+        .prop_map(|(kind, device, sbdf, bar, space, base, size)| BarEvent {
             kind,
             device,
-            bdf,
+            sbdf,
             bar,
             space,
             base,
@@ -440,6 +476,46 @@ fn arb_records() -> impl Strategy<Value = (Vec<String>, Vec<Record>)> {
 }
 
 proptest! {
+    /// A function is stored as its bus byte and devfn byte, segment 0, as when the trace had
+    /// its own `Bdf` type: the bytes are those two, and they decode to the same `Sbdf`.
+    #[test]
+    fn prop_function_on_disk_is_bus_and_devfn(
+        bus in any::<u8>(),
+        devfn in any::<u8>(),
+        reg in any::<u16>(),
+        ecam in any::<bool>(),
+    ) {
+        let sbdf = Sbdf::from_devfn(0, bus, devfn);
+        let path = if ecam { ConfigPath::Ecam } else { ConfigPath::Cf8 };
+        let a = Access {
+            config: Some(ConfigAnnotation { path, sbdf, reg, device: None }),
+            ..access(0xcfc, 0)
+        };
+        let mut buf = Vec::new();
+        codec::encode_access(&mut buf, &a, 1);
+        // tag, ext (no region), addr 0xcfc (2-byte varint), data 0 (1 byte), then the config
+        // annotation: flags, bus, devfn.
+        prop_assert_eq!(&buf[5..8], &[u8::from(ecam), bus, devfn][..]);
+        let mut c = codec::Cursor::new(&buf[1..]);
+        prop_assert_eq!(codec::decode_access(&mut c, buf[0], 0), Ok((a, 1)));
+
+        let ev = BarEvent {
+            kind: BarEventKind::Map,
+            device: None,
+            sbdf,
+            bar: 2,
+            space: Space::Mmio,
+            base: 0,
+            size: 0,
+        };
+        let mut buf = Vec::new();
+        codec::encode_bar(&mut buf, &ev);
+        // tag, flags, bus, devfn, bar.
+        prop_assert_eq!(&buf[2..5], &[bus, devfn, 2][..]);
+        let mut c = codec::Cursor::new(&buf[1..]);
+        prop_assert_eq!(codec::decode_bar(&mut c, 0), Ok(ev));
+    }
+
     #[test]
     fn prop_round_trip((names, records) in arb_records()) {
         let mut w = TraceWriter::new(Vec::new(), &meta()).unwrap();
@@ -500,7 +576,7 @@ proptest! {
         // sees the damage.
         let clean: Vec<Record> = records.iter().map(|r| match r {
             Record::Access { access, repeat } => Record::Access {
-                access: Access { region: None, config: access.config.map(|c| ConfigAccess { device: None, ..c }), ..*access },
+                access: Access { region: None, config: access.config.map(|c| ConfigAnnotation { device: None, ..c }), ..*access },
                 repeat: *repeat,
             },
             Record::Bar(e) => Record::Bar(BarEvent { device: None, ..*e }),

@@ -3,7 +3,7 @@
 use super::codec::{self, TAG_DEFINE_STRING, TAG_END};
 use super::{
     Access, BarEvent, FORMAT_VERSION, HEADER_FRAME_MAGIC, MAGIC, MAX_JSON_LEN, MAX_STRING_LEN,
-    Record, StrId, TraceError, TraceMeta,
+    Record, Sbdf, StrId, TraceError, TraceMeta,
 };
 use serde::Serialize;
 use std::collections::HashMap;
@@ -258,11 +258,8 @@ impl<W: Write> TraceWriter<W> {
         }
         self.check_id(index, a.region, "region")?;
         if let Some(c) = &a.config {
-            if !c.bdf.is_valid() {
-                return Err(bad(format!(
-                    "config BDF dev {} func {} out of range",
-                    c.bdf.dev, c.bdf.func
-                )));
+            if let Some(why) = unstorable(c.sbdf) {
+                return Err(bad(format!("config function {why}")));
             }
             self.check_id(index, c.device, "config device")?;
         }
@@ -270,15 +267,26 @@ impl<W: Write> TraceWriter<W> {
     }
 
     fn validate_bar(&self, index: u64, e: &BarEvent) -> Result<(), TraceError> {
-        if !e.bdf.is_valid() {
+        if let Some(why) = unstorable(e.sbdf) {
             return Err(TraceError::InvalidRecord {
                 record: index,
-                what: format!(
-                    "BAR event BDF dev {} func {} out of range",
-                    e.bdf.dev, e.bdf.func
-                ),
+                what: format!("BAR event function {why}"),
             });
         }
         self.check_id(index, e.device, "BAR device")
+    }
+}
+
+/// Why the format cannot store this function (it stores bus and devfn, segment 0), if it cannot.
+fn unstorable(s: Sbdf) -> Option<String> {
+    if !s.is_valid() {
+        Some(format!(
+            "{}: device {} function {} out of range",
+            s, s.device, s.function
+        ))
+    } else if s.segment != 0 {
+        Some(format!("{s}: a trace stores segment 0 only"))
+    } else {
+        None
     }
 }
