@@ -197,23 +197,6 @@ if create /e2e/linux-front.cfg /tmp/xl-f.log; then
   say "phase F: process model bridge-ep joined (waited ${WAITED}s)"
   say "phase F: unpause"
   xl unpause e2e-linux-front
-  # Hot-plug below the multiplexer's root port 00:07.0: a process model joins when the guest
-  # is ready for it, and stops once the guest saw its function.
-  if wait_until 900 2 "guest_said $DOMF 'GUESTF: hotplug: ready for a card'"; then
-    say "phase F: guest ready for a card (waited ${WAITED}s); starting hp-ep"
-    ioreq-mux dm --socket /run/ioreq-mux/$DOMF.sock --server hp-ep --at 00:07.0/00.0 \
-      --vendor 0x1af4 --device 0x1339 --class 0xff0000 > /tmp/dm-hp.log 2>&1 &
-    DMHP=$!
-    if wait_until 600 2 "guest_said $DOMF 'GUESTF: hotplug: ready for removal' || guest_said $DOMF 'GUESTF: hotplug: no card arrived'"; then
-      say "phase F: guest done waiting for the card (waited ${WAITED}s); stopping hp-ep"
-    else
-      say "FAIL: phase F: the guest said nothing of the card after ${WAITED}s"
-    fi
-    kill -TERM "$DMHP" 2>/dev/null
-    wait_gone "$DMHP" 10 || kill -KILL "$DMHP"
-  else
-    say "FAIL: phase F: the guest was not ready for a card after ${WAITED}s"
-  fi
   # The kill must come after the guest's reads (the checks compare them with what QEMU
   # served): a guest that is not ready in time is a failure of its own, not a reason to kill.
   if wait_until 900 2 "guest_said $DOMF 'GUESTF: ready for the QEMU kill'"; then
@@ -238,7 +221,6 @@ if create /e2e/linux-front.cfg /tmp/xl-f.log; then
   dump_mux_reads MUXF /var/log/xen/ioreq-mux-$DOMF.log
   dump_mux_config MUXF /var/log/xen/ioreq-mux-$DOMF.log 'via ECAM .* dir=write'
   sed 's/^/DMF: /' /tmp/dm-f.log
-  sed 's/^/DMHP: /' /tmp/dm-hp.log 2>/dev/null
 fi
 for f in /var/log/xen/ioreq-mux-*.log; do [ -f "$f" ] && [ -z "${DOMF:-}" ] && dump MUXF "$f"; done
 sed 's/^/QEMUF: /' /var/log/xen/qemu-dm-e2e-linux-front.log
