@@ -484,6 +484,8 @@ pub fn run(data: &[u8]) {
         // Sometimes a configured window of segment 1 (16 MiB at 0xc0000000), next to the
         // guest's PCIEXBAR window.
         ecam: configured.into_iter().collect(),
+        // No hosted ports: the pcie_port target covers their registers.
+        ports: vec![],
     };
     let hv = SimHypervisor::new(2, Duration::from_secs(5));
     let backend = hv
